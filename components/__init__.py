@@ -1,0 +1,6 @@
+"""One ComponentResource per concern; each builds its objects with `ml_serving.specs` and only wires them."""
+
+from components.model_deployment import ModelDeployment, ModelDeploymentArgs
+from components.platform import ServingPlatform, ServingPlatformArgs
+
+__all__ = ["ModelDeployment", "ModelDeploymentArgs", "ServingPlatform", "ServingPlatformArgs"]

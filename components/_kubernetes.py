@@ -1,0 +1,38 @@
+"""Turning spec dicts into pulumi-kubernetes resources, the one place that knows which class takes which dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from ml_serving.specs.platform import HelmChart
+
+
+def custom_resource(name: str, obj: dict[str, Any], opts: pulumi.ResourceOptions) -> k8s.apiextensions.CustomResource:
+    extra = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
+    return k8s.apiextensions.CustomResource(
+        name, api_version=obj["apiVersion"], kind=obj["kind"], metadata=obj["metadata"], opts=opts, **extra
+    )
+
+
+def namespace(name: str, obj: dict[str, Any], opts: pulumi.ResourceOptions) -> k8s.core.v1.Namespace:
+    return k8s.core.v1.Namespace(name, metadata=obj["metadata"], opts=opts)
+
+
+def helm_release(chart: HelmChart, opts: pulumi.ResourceOptions) -> k8s.helm.v3.Release:
+    return k8s.helm.v3.Release(
+        chart.release,
+        k8s.helm.v3.ReleaseArgs(
+            name=chart.release,
+            chart=chart.chart,
+            version=chart.version,
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=chart.repository),
+            namespace=chart.namespace,
+            create_namespace=True,
+            values=chart.values,
+            atomic=True,
+        ),
+        opts=opts,
+    )

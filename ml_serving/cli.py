@@ -1,0 +1,242 @@
+"""`ml-serving`: plan a stack offline, pin its versions, seed the dev registry.
+
+Every failure a user can cause ends in one clear message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ml_serving import PROJECT, labels
+from ml_serving.settings import ConfigError
+
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+
+
+class UsageError(RuntimeError):
+    """A mistake the user can fix; printed without a traceback."""
+
+
+def find_project_dir(start: Path | None = None) -> Path:
+    """The nearest folder upwards with this project's Pulumi.yaml, else the checkout this package runs from."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / "Pulumi.yaml"
+        if candidate.exists() and f"name: {PROJECT}" in candidate.read_text():
+            return folder
+    fallback = Path(__file__).resolve().parent.parent
+    if (fallback / "Pulumi.yaml").exists():
+        return fallback
+    raise UsageError("no ml-serving Pulumi.yaml here or above: run from the project, or pass --project-dir")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ml_serving.plan import run_program, write_rendered
+    from ml_serving.stackfile import load_settings
+
+    project_dir = args.project_dir or find_project_dir()
+    load_settings(project_dir, args.stack)  # a bad stack file fails here, with its own message
+    plan = _run(lambda: run_program(project_dir, args.stack, cwd=args.cwd))
+    out_dir = args.out or project_dir / "rendered" / args.stack
+    written = write_rendered(plan, out_dir)
+    if args.quiet:
+        return 0
+    _print_summary(plan, out_dir, len(written))
+    if args.diff:
+        return _print_diff(project_dir, args.stack, args.diff, out_dir)
+    if args.preview:
+        return _pulumi_preview(project_dir, args.stack)
+    return 0
+
+
+def _run(make_plan):  # type: ignore[no-untyped-def]
+    """Turn the program's own clean errors (config, registry) into a usage error."""
+    import pulumi
+
+    try:
+        return make_plan()
+    except pulumi.RunError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _print_summary(plan, out_dir: Path, files: int) -> None:  # type: ignore[no-untyped-def]
+    objects = Table(title=f"stack {plan.stack}: {len(plan.objects)} Kubernetes objects", title_justify="left")
+    for column in ("kind", "namespace", "name"):
+        objects.add_column(column)
+    for obj in plan.objects:
+        meta = obj["metadata"]
+        objects.add_row(obj["kind"], meta.get("namespace", ""), meta["name"])
+    for release in plan.releases:
+        objects.add_row(
+            "Helm release", release.get("namespace", ""), f"{release['name']} ({release['chart']} {release['version']})"
+        )
+    console.print(objects)
+    models = Table(title="models", title_justify="left")
+    for column in ("model", "variant", "version", "from", "traffic"):
+        models.add_column(column)
+    models.add_column("model URI", overflow="fold")
+    for sdep in plan.find("SeldonDeployment"):
+        for predictor in sdep["spec"]["predictors"]:
+            traffic = "shadow" if predictor.get("shadow") else f"{predictor.get('traffic', 0)}%"
+            models.add_row(
+                sdep["metadata"]["name"],
+                predictor["name"],
+                predictor["labels"][labels.MODEL_VERSION],
+                predictor["annotations"][labels.RESOLVED_FROM],
+                traffic,
+                predictor["graph"]["modelUri"],
+            )
+    console.print(models)
+    console.print(f"wrote {files} files to {out_dir}")
+
+
+def _print_diff(project_dir: Path, stack: str, ref: str, out_dir: Path) -> int:
+    from ml_serving.diff import DiffError, diff_rendered, plan_at_ref
+
+    with tempfile.TemporaryDirectory(prefix="ml-serving-plan-") as tmp:
+        before = Path(tmp) / "before"
+        try:
+            plan_at_ref(project_dir, ref, stack, before)
+        except DiffError as exc:
+            raise UsageError(str(exc)) from None
+        changes = diff_rendered(before, out_dir)
+    if not changes:
+        console.print(f"no object changes against {ref}")
+        return 0
+    marks = {"added": "[green]+[/]", "removed": "[red]-[/]", "changed": "[yellow]~[/]"}
+    console.print(f"{len(changes)} object(s) differ from the plan at {ref}:")
+    for change in changes:
+        console.print(f"{marks[change.action]} {change.key} ({change.action})")
+    for change in changes:
+        for line in change.lines:
+            style = "green" if line.startswith("+") else "red" if line.startswith("-") else None
+            console.print(line, style=style, markup=False)
+    return 0
+
+
+def _pulumi_preview(project_dir: Path, stack: str) -> int:
+    """`pulumi preview` on a local file backend, when the Pulumi CLI is installed."""
+    if shutil.which("pulumi") is None:
+        console.print("pulumi CLI not on PATH: skipped `pulumi preview` (the plan above ran the same program)")
+        return 0
+    from pulumi import automation as auto
+
+    state = project_dir / ".pulumi-state"
+    state.mkdir(exist_ok=True)
+    workspace = auto.LocalWorkspaceOptions(
+        work_dir=str(project_dir),
+        env_vars={"PULUMI_BACKEND_URL": state.as_uri(), "PULUMI_CONFIG_PASSPHRASE": ""},
+    )
+    selected = auto.create_or_select_stack(stack_name=stack, work_dir=str(project_dir), opts=workspace)
+    selected.preview(diff=True, on_output=console.print)
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from ml_serving.pin import pin_stack
+
+    project_dir = args.project_dir or find_project_dir()
+    pins, _ = pin_stack(project_dir, args.stack, args.tracking_uri)
+    if not pins:
+        console.print(f"Pulumi.{args.stack}.yaml names no aliases: nothing to pin")
+        return 0
+    table = Table(title=f"Pulumi.{args.stack}.yaml pinned", title_justify="left")
+    for column in ("model", "variant", "alias", "version"):
+        table.add_column(column)
+    table.add_column("model URI", overflow="fold")
+    for pin in pins:
+        version = f"{pin.before} → {pin.after.version}" if pin.changed and pin.before else pin.after.version
+        table.add_row(pin.model, pin.variant, f"@{pin.alias}", version, pin.after.model_uri)
+    console.print(table)
+    console.print("review it with `git diff`, and the object changes with `ml-serving plan STACK --diff HEAD`")
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from ml_serving.seed import seed
+    from ml_serving.stackfile import load_settings
+
+    project_dir = args.project_dir or find_project_dir()
+    uri = args.tracking_uri
+    if uri is None:
+        settings = load_settings(project_dir, args.stack)
+        if settings.registry is None:
+            raise UsageError(f"Pulumi.{args.stack}.yaml has no ml-serving:registry: pass --tracking-uri")
+        uri = settings.registry.tracking_uri
+    with _chdir(project_dir):
+        seeded = seed(uri)
+    state = "registered" if seeded.created else "already there"
+    console.print(f"{seeded.model} v{seeded.version} @{', @'.join(seeded.aliases)} in {uri}: {state}")
+    return 0
+
+
+class _chdir:
+    """Relative registry URIs (sqlite:///.mlflow/…) are relative to the project, as they are for the program."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.old = path, Path.cwd()
+
+    def __enter__(self) -> None:
+        import os
+
+        os.chdir(self.path)
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        os.chdir(self.old)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ml-serving", description=__doc__.splitlines()[0])
+    parser.add_argument("--project-dir", type=Path, help="folder with Pulumi.yaml (default: found from the cwd)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    plan = commands.add_parser("plan", help="run the program under Pulumi's mock engine and show what it declares")
+    plan.add_argument("stack", help="stack name: Pulumi.<stack>.yaml")
+    plan.add_argument("--diff", metavar="REF", help="also show the object diff against the plan at git REF")
+    plan.add_argument("--out", type=Path, help="where to write the YAML (default: rendered/<stack>/)")
+    plan.add_argument("--preview", action="store_true", help="also run `pulumi preview` if the CLI is installed")
+    plan.add_argument("--quiet", action="store_true", help="write the files, print nothing")
+    plan.add_argument("--cwd", type=Path, help=argparse.SUPPRESS)
+    plan.set_defaults(func=cmd_plan)
+
+    pin = commands.add_parser("pin", help="resolve aliases in the registry and pin versions in the stack file")
+    pin.add_argument("stack")
+    pin.add_argument("--tracking-uri", help="registry to ask (default: the stack's registry.trackingUri)")
+    pin.set_defaults(func=cmd_pin)
+
+    seed = commands.add_parser("seed", help="register a small real model in the dev stack's local registry")
+    seed.add_argument("--stack", default="dev", help="whose registry.trackingUri to seed (default: dev)")
+    seed.add_argument("--tracking-uri", help="seed this registry instead")
+    seed.set_defaults(func=cmd_seed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ml_serving.registry import RegistryError
+
+    args = build_parser().parse_args(argv)
+    if args.project_dir is not None:
+        args.project_dir = args.project_dir.resolve()
+    try:
+        code = args.func(args)
+    except (ConfigError, UsageError, RegistryError) as exc:
+        errors.print("[bold red]error:[/]", escape(str(exc)))
+        code = 2
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

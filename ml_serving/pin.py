@@ -1,0 +1,71 @@
+"""`ml-serving pin STACK`: write the registry's current answer for every alias into the stack file.
+
+A pinned stack plans without the registry and every version change is a reviewable line in a pull request.
+The alias each pin came from stays in the file as `pinnedFrom`, so the next `pin` refreshes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ml_serving.registry import RegistryResolver, ResolvedVersion
+from ml_serving.settings import ConfigError, Settings
+from ml_serving.stackfile import edit, load_settings, stack_file
+
+
+@dataclass(frozen=True)
+class Pin:
+    model: str
+    variant: str
+    alias: str
+    before: str | None
+    after: ResolvedVersion
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after.version
+
+
+def plan_pins(settings: Settings, resolver: RegistryResolver) -> list[Pin]:
+    """Resolve every alias (`alias:` or `pinnedFrom:`) of every variant; nothing is written here."""
+    pins = []
+    for model_key, model in settings.models.items():
+        for name, variant in model.variants.items():
+            alias = variant.alias or variant.pinned_from
+            if alias is None:
+                continue
+            resolved = resolver.by_alias(model.registered_model, alias)
+            pins.append(Pin(model_key, name, alias, variant.version, resolved))
+    return pins
+
+
+def apply_pins(document: Any, pins: list[Pin]) -> None:
+    """Rewrite each variant in place: alias → version, modelUri, runId, pinnedFrom; other keys untouched."""
+    models = document["config"]["ml-serving:models"]
+    for pin in pins:
+        variant = models[pin.model]["variants"][pin.variant]
+        position = list(variant).index("alias") if "alias" in variant else 0
+        variant.pop("alias", None)
+        values = {"version": pin.after.version, "modelUri": pin.after.model_uri}
+        if pin.after.run_id:
+            values["runId"] = pin.after.run_id
+        values["pinnedFrom"] = pin.alias
+        for offset, (key, value) in enumerate(values.items()):
+            variant.pop(key, None)
+            variant.insert(position + offset, key, value)
+        if hasattr(variant, "fa"):
+            variant.fa.set_block_style()
+
+
+def pin_stack(project_dir: Path, stack: str, tracking_uri: str | None = None) -> tuple[list[Pin], str]:
+    """Resolve and write the pins of `stack`; returns the pins and the new file text."""
+    settings = load_settings(project_dir, stack)
+    path = stack_file(project_dir, stack)
+    uri = tracking_uri or (settings.registry.tracking_uri if settings.registry else None)
+    if uri is None:
+        raise ConfigError(f"{path.name}: ml-serving:registry.trackingUri is not set: set it or pass --tracking-uri")
+    pins = plan_pins(settings, RegistryResolver(uri))
+    text = edit(path, lambda document: apply_pins(document, pins)) if pins else path.read_text()
+    return pins, text

@@ -1,0 +1,337 @@
+"""The stack config as one typed model: parsed once, validated whole, passed down as objects.
+
+Every key under `ml-serving:` in `Pulumi.<stack>.yaml` maps to a field of `Settings`. Unknown keys,
+impossible weights and bad names fail here, before any resource is declared, with an error that names
+the stack file, the config path and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from ml_serving import PROJECT
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+class ConfigError(ValueError):
+    """Invalid stack config: the message names the stack file, each bad config path and its fix."""
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 63 or not DNS_LABEL.match(value):
+        raise ValueError(
+            f"{value!r} is not a DNS-1123 label: use at most 63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit (e.g. 'churn-v2')"
+        )
+    return value
+
+
+def _quantity(value: Any) -> str:
+    text = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+    if not isinstance(text, str) or not QUANTITY.match(text):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. '500m' or '2' for cpu, '1Gi' for memory)")
+    return text
+
+
+def _version(value: Any) -> Any:
+    """MLflow versions are strings; accept `version: 9` as well as `version: "9"`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _positive_version(value: str) -> str:
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{value!r} is not a registry version: use the version number, e.g. '3'")
+    return value
+
+
+DnsLabel = Annotated[str, AfterValidator(_dns_label)]
+Quantity = Annotated[str, BeforeValidator(_quantity)]
+ModelVersion = Annotated[str, BeforeValidator(_version), AfterValidator(_positive_version)]
+Weight = Annotated[StrictInt, Field(ge=0, le=100)]
+
+
+class _Config(BaseModel):
+    """camelCase keys as in the stack file; unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, frozen=True, validate_default=True)
+
+
+class Registry(_Config):
+    tracking_uri: str = Field(min_length=1)
+
+
+class Platform(_Config):
+    """What the stack installs (`install`) and what the cluster already has (`existing`)."""
+
+    seldon: Literal["install", "existing"] = "install"
+    keda: Literal["install", "existing"] = "install"
+    istio_gateway: Literal["install", "existing"] = "install"
+    autoscaler: Literal["keda", "hpa"] = "keda"
+    gateway: str = Field(default="istio-system/seldon-gateway", pattern=r"^[a-z0-9-]+/[a-z0-9-]+$")
+
+
+class KubernetesTarget(_Config):
+    """Where the Kubernetes provider sends objects: the current kube context, or YAML files."""
+
+    render_yaml_to_directory: str | None = None
+    context: str | None = None
+
+
+class ServingImage(_Config):
+    image: str = Field(default="seldonio/mlserver:1.7.1-mlflow", min_length=1)
+
+
+class Resources(_Config):
+    cpu: Quantity = "250m"
+    memory: Quantity = "512Mi"
+    cpu_limit: Quantity | None = None
+    memory_limit: Quantity | None = None
+
+
+class ScaleUp(_Config):
+    stabilization_window_seconds: Annotated[StrictInt, Field(ge=0, le=3600)] = 0
+    max_pods_per_minute: Annotated[StrictInt, Field(ge=1)] = 4
+
+
+class ScaleDown(_Config):
+    stabilization_window_seconds: Annotated[StrictInt, Field(ge=0, le=3600)] = 300
+    max_percent_per_minute: Annotated[StrictInt, Field(ge=1, le=100)] = 50
+
+
+class Autoscaling(_Config):
+    min_replicas: Annotated[StrictInt, Field(ge=1)] = 1
+    max_replicas: Annotated[StrictInt, Field(ge=1)] = 3
+    cpu_utilization: Annotated[StrictInt, Field(ge=1, le=100)] = 70
+    memory_utilization: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
+    scale_up: ScaleUp = ScaleUp()
+    scale_down: ScaleDown = ScaleDown()
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) is greater than maxReplicas ({self.max_replicas}): "
+                "raise maxReplicas or lower minReplicas"
+            )
+        return self
+
+
+class DisruptionBudget(_Config):
+    max_unavailable: Annotated[StrictInt, Field(ge=0)] = 1
+
+
+class Variant(_Config):
+    """One predictor: a model version picked by registry alias, or pinned, and its share of traffic."""
+
+    alias: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+    version: ModelVersion | None = None
+    model_uri: str | None = Field(default=None, min_length=1)
+    run_id: str | None = None
+    pinned_from: str | None = None
+    weight: Weight | None = None
+    shadow: StrictBool = False
+
+    @model_validator(mode="after")
+    def _choice(self) -> Variant:
+        if (self.alias is None) == (self.version is None):
+            raise ValueError(
+                "set exactly one of 'alias' (e.g. alias: champion) or 'version' (e.g. version: \"3\")"
+                + (", not both" if self.alias else "")
+            )
+        if self.alias is not None:
+            for key in ("model_uri", "run_id", "pinned_from"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"'{to_camel(key)}' goes with a pinned 'version', not with 'alias'")
+        if self.shadow and self.weight:
+            raise ValueError("a shadow variant gets a mirror of all traffic: remove 'weight' or set shadow: false")
+        if not self.shadow and self.weight is None:
+            raise ValueError("set 'weight' (0-100; weights of non-shadow variants add up to 100) or shadow: true")
+        return self
+
+    @property
+    def needs_registry(self) -> bool:
+        return self.alias is not None or self.model_uri is None
+
+
+class Model(_Config):
+    registered_model: str = Field(min_length=1)
+    resources: Resources = Resources()
+    autoscaling: Autoscaling = Autoscaling()
+    disruption_budget: DisruptionBudget = DisruptionBudget()
+    variants: dict[DnsLabel, Variant] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _traffic(self) -> Model:
+        served = {name: v.weight or 0 for name, v in self.variants.items() if not v.shadow}
+        if not served:
+            raise ValueError("every variant is a shadow: give at least one variant a weight")
+        total = sum(served.values())
+        if total != 100:
+            shares = ", ".join(f"{name}={w}" for name, w in served.items())
+            raise ValueError(
+                f"weights of non-shadow variants add up to {total}, not 100 ({shares}): change them to sum to 100"
+            )
+        return self
+
+    @property
+    def champion(self) -> str:
+        """The variant serving most traffic: the one a rollout compares others with."""
+        served = [(v.weight or 0, name) for name, v in self.variants.items() if not v.shadow]
+        return max(served, key=lambda item: item[0])[1]
+
+
+class Settings(_Config):
+    """The whole stack: `ml-serving:<key>` in `Pulumi.<stack>.yaml` for each field."""
+
+    namespace: DnsLabel = "models"
+    registry: Registry | None = None
+    platform: Platform = Platform()
+    kubernetes: KubernetesTarget = KubernetesTarget()
+    serving_image: ServingImage = ServingImage()
+    models: dict[DnsLabel, Model] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if self.registry is None:
+            needing = [
+                f"models.{m}.variants.{v}"
+                for m, model in self.models.items()
+                for v, variant in model.variants.items()
+                if variant.needs_registry
+            ]
+            if needing:
+                raise ValueError(
+                    f"{needing[0]} needs the MLflow registry: set ml-serving:registry.trackingUri, "
+                    "or pin 'version' and 'modelUri' (ml-serving pin STACK does it for you)"
+                )
+        if self.kubernetes.render_yaml_to_directory:
+            installing = [k for k in ("seldon", "keda") if getattr(self.platform, k) == "install"]
+            if installing:
+                raise ValueError(
+                    f"platform.{installing[0]}: install is a Helm release, which a provider that renders YAML "
+                    "cannot apply: set it to 'existing' or remove kubernetes.renderYamlToDirectory"
+                )
+        if self.platform.autoscaler == "hpa":
+            for name, model in self.models.items():
+                explicit = {"scale_up", "scale_down"} & model.autoscaling.model_fields_set
+                if explicit:
+                    raise ValueError(
+                        f"models.{name}.autoscaling.{to_camel(sorted(explicit)[0])}: Seldon's hpaSpec has no "
+                        "scaling behaviour; remove it or use platform.autoscaler: keda"
+                    )
+        return self
+
+
+def parse_settings(config: Mapping[str, Any], source: str) -> Settings:
+    """Build `Settings` from `ml-serving:*` config values (objects may arrive as JSON strings).
+
+    `source` names the stack file in errors. Keys of other namespaces (e.g. `kubernetes:context`) are ignored.
+    """
+    raw: dict[str, Any] = {}
+    prefix = f"{PROJECT}:"
+    for key, value in config.items():
+        if not key.startswith(prefix):
+            continue
+        raw[key[len(prefix) :]] = _decode(value)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, source)) from None
+
+
+def _decode(value: Any) -> Any:
+    """The Pulumi engine hands structured config over as JSON text; plain strings stay strings."""
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid stack config ({exc.error_count()} problem{'s' * (exc.error_count() > 1)}):"]
+    for error in exc.errors():
+        loc = [str(p) for p in error["loc"] if p != "[key]"]
+        path = ".".join(loc) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = _unknown_key_hint(error["loc"])
+        elif error["type"] == "missing":
+            message = "required: add this key"
+        elif error["type"] in ("int_type", "int_from_float", "int_parsing"):
+            message = f"{error['input']!r} is not a whole number: write an integer, e.g. 10"
+        elif error["type"] in ("literal_error",):
+            message = f"{error['input']!r} is not allowed: {error['msg'].removeprefix('Input should be ')}"
+        elif error["type"] == "bool_type":
+            message = f"{error['input']!r} is not a boolean: write true or false"
+        elif error["type"] == "dict_type":
+            message = f"expected a mapping of keys to values, got {type(error['input']).__name__}"
+        if "[key]" in error["loc"]:
+            message = f"name {error['loc'][-2]!r}: {message}" if len(error["loc"]) > 1 else message
+        lines.append(f"  - {PROJECT}:{path}: {message}")
+    return "\n".join(lines)
+
+
+def _unknown_key_hint(loc: tuple[Any, ...]) -> str:
+    key = str(loc[-1])
+    allowed = _allowed_keys(loc[:-1])
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key '{key}': {hint}allowed keys here: {', '.join(sorted(allowed))}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Walk the settings model along an error location to list the keys valid at that place."""
+    annotation: Any = Settings
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = next(
+                (f for n, f in annotation.model_fields.items() if (f.alias or n) == part),
+                None,
+            )
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [f.alias or n for n, f in annotation.model_fields.items()]
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional[...] and Annotated[...] to reach the model class or dict type underneath."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        else:
+            return annotation

@@ -1,0 +1,75 @@
+"""What serving needs in the cluster: the namespace, Seldon Core v1, KEDA and the Istio gateway for traffic.
+
+Helm charts are pinned by version here, so an upgrade is a reviewed diff like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ml_serving import labels
+from ml_serving.settings import Settings
+
+ISTIO_GATEWAY_API = "networking.istio.io/v1beta1"
+
+
+@dataclass(frozen=True)
+class HelmChart:
+    """A chart pinned by repository and version, installed as one Helm release."""
+
+    release: str
+    chart: str
+    version: str
+    repository: str
+    namespace: str
+    values: dict[str, Any]
+
+
+def namespace(settings: Settings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": settings.namespace, "labels": labels.common("serving")},
+    }
+
+
+def seldon_operator(settings: Settings) -> HelmChart:
+    """Seldon Core v1's operator, with KEDA autoscaling and Istio routing (weights, shadows) switched on."""
+    return HelmChart(
+        release="seldon-core",
+        chart="seldon-core-operator",
+        version="1.18.2",
+        repository="https://storage.googleapis.com/seldon-charts",
+        namespace="seldon-system",
+        values={
+            "istio": {"enabled": True, "gateway": settings.platform.gateway},
+            "keda": {"enabled": settings.platform.autoscaler == "keda"},
+            "usageMetrics": {"enabled": False},
+        },
+    )
+
+
+def keda(settings: Settings) -> HelmChart:
+    return HelmChart(
+        release="keda",
+        chart="keda",
+        version="2.16.1",
+        repository="https://kedacore.github.io/charts",
+        namespace="keda",
+        values={},
+    )
+
+
+def istio_gateway(settings: Settings) -> dict[str, Any]:
+    """The gateway Seldon's VirtualServices attach to; Istio itself (istiod, ingress) is a prerequisite."""
+    gateway_namespace, gateway_name = settings.platform.gateway.split("/")
+    return {
+        "apiVersion": ISTIO_GATEWAY_API,
+        "kind": "Gateway",
+        "metadata": {"name": gateway_name, "namespace": gateway_namespace, "labels": labels.common("ingress")},
+        "spec": {
+            "selector": {"istio": "ingressgateway"},
+            "servers": [{"hosts": ["*"], "port": {"name": "http", "number": 80, "protocol": "HTTP"}}],
+        },
+    }

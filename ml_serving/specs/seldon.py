@@ -1,0 +1,198 @@
+"""The SeldonDeployment of one model: one predictor per variant, weights from config, autoscaled by Seldon.
+
+Seldon Core v1 (operator v1.18.2) facts this builder relies on:
+- a container named like the graph node keeps its image and env, but its ports become `http`/`grpc`, and the
+  handlers of its probes become MLServer's (`/v2/health/ready`, `/v2/health/live` on `http`); timings stay ours;
+- the operator owns the replica count unless a componentSpec has `kedaSpec` or `hpaSpec`, so autoscaling goes
+  there and never into a separate HPA;
+- predictor labels are copied onto the Deployments and pods it generates;
+- `traffic` and `shadow` take effect through the Istio VirtualService it writes for the gateway we annotate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ml_serving import labels
+from ml_serving.registry import ResolvedVersion
+from ml_serving.settings import Autoscaling, Model, Settings, Variant
+
+API_VERSION = "machinelearning.seldon.io/v1"
+MLFLOW_SERVER = "MLFLOW_SERVER"
+TMP_VOLUME = "tmp"
+
+
+def predictor_labels(model_key: str, model: Model, variant_name: str, resolved: ResolvedVersion) -> dict[str, str]:
+    return {
+        labels.MODEL: model_key,
+        labels.VARIANT: variant_name,
+        labels.MODEL_VERSION: labels.label_value(resolved.version),
+        labels.REGISTERED_MODEL: labels.label_value(model.registered_model),
+    }
+
+
+def predictor_annotations(resolved: ResolvedVersion) -> dict[str, str]:
+    notes = {labels.MODEL_URI: resolved.model_uri, labels.RESOLVED_FROM: resolved.origin}
+    if resolved.run_id:
+        notes[labels.RUN_ID] = resolved.run_id
+    return notes
+
+
+def resources(model: Model) -> dict[str, Any]:
+    spec = model.resources
+    return {
+        "requests": {"cpu": spec.cpu, "memory": spec.memory},
+        # A memory limit equal to the request keeps an over-eager model from starving its neighbours.
+        "limits": {"cpu": spec.cpu_limit or spec.cpu, "memory": spec.memory_limit or spec.memory},
+    }
+
+
+def serving_container(model_key: str, model: Model, image: str) -> dict[str, Any]:
+    """The MLServer container; named like the graph node so Seldon keeps our image."""
+    return {
+        "name": model_key,
+        "image": image,
+        "resources": resources(model),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "readinessProbe": _probe("/v2/health/ready", period=5, failures=3, delay=5),
+        "livenessProbe": _probe("/v2/health/live", period=10, failures=6, delay=30),
+        # Loading a large model can take minutes: hold liveness off until the first success.
+        "startupProbe": _probe("/v2/health/live", period=5, failures=60, delay=0),
+        # The root filesystem is read-only: MLServer's metrics files and any cache go to the /tmp volume.
+        "env": [
+            {"name": "MLSERVER_METRICS_DIR", "value": "/tmp/mlserver-metrics"},
+            {"name": "HOME", "value": "/tmp"},
+        ],
+        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
+    }
+
+
+def _probe(path: str, period: int, failures: int, delay: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "initialDelaySeconds": delay,
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 5,
+    }
+
+
+def pod_spec(model_key: str, model: Model, image: str) -> dict[str, Any]:
+    return {
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [serving_container(model_key, model, image)],
+        "volumes": [{"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}}],
+    }
+
+
+def keda_spec(autoscaling: Autoscaling) -> dict[str, Any]:
+    """KEDA cpu/memory triggers and HPA behaviour; KEDA creates the HPA, Seldon creates the ScaledObject."""
+    triggers = [{"type": "cpu", "metricType": "Utilization", "metadata": {"value": str(autoscaling.cpu_utilization)}}]
+    if autoscaling.memory_utilization is not None:
+        triggers.append(
+            {"type": "memory", "metricType": "Utilization", "metadata": {"value": str(autoscaling.memory_utilization)}}
+        )
+    return {
+        "minReplicaCount": autoscaling.min_replicas,
+        "maxReplicaCount": autoscaling.max_replicas,
+        "pollingInterval": 15,
+        "triggers": triggers,
+        "advanced": {"horizontalPodAutoscalerConfig": {"behavior": scaling_behavior(autoscaling)}},
+    }
+
+
+def scaling_behavior(autoscaling: Autoscaling) -> dict[str, Any]:
+    up, down = autoscaling.scale_up, autoscaling.scale_down
+    return {
+        "scaleUp": {
+            "stabilizationWindowSeconds": up.stabilization_window_seconds,
+            "policies": [{"type": "Pods", "value": up.max_pods_per_minute, "periodSeconds": 60}],
+        },
+        "scaleDown": {
+            "stabilizationWindowSeconds": down.stabilization_window_seconds,
+            "policies": [{"type": "Percent", "value": down.max_percent_per_minute, "periodSeconds": 60}],
+        },
+    }
+
+
+def hpa_spec(autoscaling: Autoscaling) -> dict[str, Any]:
+    """The fallback without KEDA. Seldon's hpaSpec has no `behavior`: scaling speed is the cluster default."""
+    metrics = [_resource_metric("cpu", autoscaling.cpu_utilization)]
+    if autoscaling.memory_utilization is not None:
+        metrics.append(_resource_metric("memory", autoscaling.memory_utilization))
+    return {"minReplicas": autoscaling.min_replicas, "maxReplicas": autoscaling.max_replicas, "metrics": metrics}
+
+
+def _resource_metric(name: str, utilization: int) -> dict[str, Any]:
+    return {"type": "Resource", "resource": {"name": name, "targetAverageUtilization": utilization}}
+
+
+def component_spec(model_key: str, model: Model, image: str, autoscaler: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "spec": pod_spec(model_key, model, image),
+        "pdbSpec": {"maxUnavailable": model.disruption_budget.max_unavailable},
+    }
+    if autoscaler == "keda":
+        spec["kedaSpec"] = keda_spec(model.autoscaling)
+    else:
+        spec["hpaSpec"] = hpa_spec(model.autoscaling)
+    return spec
+
+
+def predictor(
+    model_key: str, model: Model, name: str, variant: Variant, resolved: ResolvedVersion, image: str, autoscaler: str
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": name,
+        "labels": predictor_labels(model_key, model, name, resolved),
+        "annotations": predictor_annotations(resolved),
+        "graph": {
+            "name": model_key,
+            "type": "MODEL",
+            "implementation": MLFLOW_SERVER,
+            "modelUri": resolved.model_uri,
+            "children": [],
+        },
+        "componentSpecs": [component_spec(model_key, model, image, autoscaler)],
+    }
+    if variant.shadow:
+        spec["shadow"] = True
+    else:
+        spec["traffic"] = variant.weight
+    return spec
+
+
+def seldon_deployment(
+    settings: Settings, model_key: str, resolved: dict[str, ResolvedVersion], image: str
+) -> dict[str, Any]:
+    """The SeldonDeployment for `settings.models[model_key]`; `resolved` maps variant name to its version."""
+    model = settings.models[model_key]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "SeldonDeployment",
+        "metadata": {
+            "name": model_key,
+            "namespace": settings.namespace,
+            "labels": {**labels.common("model"), labels.MODEL: model_key},
+            "annotations": {"seldon.io/istio-gateway": settings.platform.gateway},
+        },
+        "spec": {
+            "name": model_key,
+            "protocol": "v2",
+            "predictors": [
+                predictor(model_key, model, name, variant, resolved[name], image, settings.platform.autoscaler)
+                for name, variant in model.variants.items()
+            ],
+        },
+    }

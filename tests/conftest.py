@@ -1,0 +1,58 @@
+"""Shared fixtures: the project, a real MLflow registry seeded once per session, and plan helpers."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ml_serving.plan import Plan, run_program
+from ml_serving.stackfile import read_config, stack_file
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class LocalRegistry:
+    """A sqlite MLflow registry in a temporary folder: churn-classifier v1 @champion, v2 @candidate."""
+
+    root: Path
+    tracking_uri: str
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
+    from ml_serving.seed import register_churn_model, seed
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'registry.db'}"
+    seed(uri)
+    register_churn_model(uri, aliases=("candidate",), random_state=1)
+    return LocalRegistry(root, uri)
+
+
+@pytest.fixture(scope="session")
+def project_dir() -> Path:
+    return PROJECT_DIR
+
+
+def stack_config(stack: str) -> dict:
+    config, _ = read_config(stack_file(PROJECT_DIR, stack))
+    return config
+
+
+def plan_stack(stack: str, config: dict | None = None, registry: LocalRegistry | None = None) -> Plan:
+    """Run the real __main__.py for `stack` under the mock engine, pointing it at `registry` if given."""
+    config = dict(config if config is not None else stack_config(stack))
+    if registry is not None:
+        config["ml-serving:registry"] = {"trackingUri": registry.tracking_uri}
+    return run_program(PROJECT_DIR, stack, config=config)
+
+
+def copy_project(destination: Path) -> Path:
+    """A copy of the project's sources (no venv, no rendered output), to edit stack files freely."""
+    ignore = shutil.ignore_patterns(".venv", ".git", "rendered", ".mlflow", "__pycache__", "*.egg-info", ".*_cache")
+    shutil.copytree(PROJECT_DIR, destination, ignore=ignore)
+    return destination
