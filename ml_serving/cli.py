@@ -19,7 +19,7 @@ from ml_serving import PROJECT, labels
 from ml_serving.settings import ConfigError
 
 console = Console(highlight=False)
-errors = Console(stderr=True, highlight=False)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class UsageError(RuntimeError):
@@ -198,10 +198,19 @@ class _chdir:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ml-serving", description=__doc__.splitlines()[0])
-    parser.add_argument("--project-dir", type=Path, help="folder with Pulumi.yaml (default: found from the cwd)")
+    project = argparse.ArgumentParser(add_help=False)
+    project.add_argument(
+        "--project-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="folder with Pulumi.yaml (default: found from the cwd)",
+    )
+    parser.add_argument("--project-dir", type=Path, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    plan = commands.add_parser("plan", help="run the program under Pulumi's mock engine and show what it declares")
+    plan = commands.add_parser(
+        "plan", parents=[project], help="run the program under Pulumi's mock engine and show what it declares"
+    )
     plan.add_argument("stack", help="stack name: Pulumi.<stack>.yaml")
     plan.add_argument("--diff", metavar="REF", help="also show the object diff against the plan at git REF")
     plan.add_argument("--out", type=Path, help="where to write the YAML (default: rendered/<stack>/)")
@@ -210,12 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cwd", type=Path, help=argparse.SUPPRESS)
     plan.set_defaults(func=cmd_plan)
 
-    pin = commands.add_parser("pin", help="resolve aliases in the registry and pin versions in the stack file")
+    pin = commands.add_parser(
+        "pin", parents=[project], help="resolve aliases in the registry and pin versions in the stack file"
+    )
     pin.add_argument("stack")
     pin.add_argument("--tracking-uri", help="registry to ask (default: the stack's registry.trackingUri)")
     pin.set_defaults(func=cmd_pin)
 
-    seed = commands.add_parser("seed", help="register a small real model in the dev stack's local registry")
+    seed = commands.add_parser(
+        "seed", parents=[project], help="register a small real model in the dev stack's local registry"
+    )
     seed.add_argument("--stack", default="dev", help="whose registry.trackingUri to seed (default: dev)")
     seed.add_argument("--tracking-uri", help="seed this registry instead")
     seed.set_defaults(func=cmd_seed)

@@ -88,12 +88,18 @@ class RegistryResolver:
         try:
             return method(*args)
         except MlflowException as exc:
+            if isinstance(exc.__context__, OSError):  # requests' ConnectionError and timeouts are OSErrors
+                raise RegistryError(self._unreachable(model, what, exc.__context__)) from None
             raise RegistryError(self._explain(model, what, exc)) from None
-        except Exception as exc:  # the client raises requests and OS errors for an unreachable server
-            raise RegistryError(
-                f"registered model '{model}' {what}: the MLflow registry at {self.tracking_uri} is unreachable "
-                f"({type(exc).__name__}: {exc}); check ml-serving:registry.trackingUri, or pin the version"
-            ) from None
+        except OSError as exc:
+            raise RegistryError(self._unreachable(model, what, exc)) from None
+
+    def _unreachable(self, model: str, what: str, exc: Exception) -> str:
+        reason = str(exc).split(" (Caused by ")[0]
+        return (
+            f"registered model '{model}' {what}: the MLflow registry at {self.tracking_uri} is unreachable "
+            f"({type(exc).__name__}: {reason}); check ml-serving:registry.trackingUri, or pin the version"
+        )
 
     def _explain(self, model: str, what: str, exc: Exception) -> str:
         where = f"in the MLflow registry at {self.tracking_uri}"

@@ -24,6 +24,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -36,6 +37,14 @@ QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|
 
 class ConfigError(ValueError):
     """Invalid stack config: the message names the stack file, each bad config path and its fix."""
+
+
+class PathError(ValueError):
+    """A check across several keys, reported at the config path it is about rather than where it runs."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def _dns_label(value: str) -> str:
@@ -183,9 +192,10 @@ class Model(_Config):
     disruption_budget: DisruptionBudget = DisruptionBudget()
     variants: dict[DnsLabel, Variant] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _traffic(self) -> Model:
-        served = {name: v.weight or 0 for name, v in self.variants.items() if not v.shadow}
+    @field_validator("variants")
+    @classmethod
+    def _traffic(cls, variants: dict[str, Variant]) -> dict[str, Variant]:
+        served = {name: v.weight or 0 for name, v in variants.items() if not v.shadow}
         if not served:
             raise ValueError("every variant is a shadow: give at least one variant a weight")
         total = sum(served.values())
@@ -194,7 +204,7 @@ class Model(_Config):
             raise ValueError(
                 f"weights of non-shadow variants add up to {total}, not 100 ({shares}): change them to sum to 100"
             )
-        return self
+        return variants
 
     @property
     def champion(self) -> str:
@@ -216,31 +226,28 @@ class Settings(_Config):
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
         if self.registry is None:
-            needing = [
-                f"models.{m}.variants.{v}"
-                for m, model in self.models.items()
-                for v, variant in model.variants.items()
-                if variant.needs_registry
-            ]
-            if needing:
-                raise ValueError(
-                    f"{needing[0]} needs the MLflow registry: set ml-serving:registry.trackingUri, "
-                    "or pin 'version' and 'modelUri' (ml-serving pin STACK does it for you)"
-                )
+            for m, model in self.models.items():
+                for v, variant in model.variants.items():
+                    if variant.needs_registry:
+                        raise PathError(
+                            f"models.{m}.variants.{v}",
+                            "needs the MLflow registry to find its version: set ml-serving:registry.trackingUri, "
+                            "or pin 'version' and 'modelUri' (ml-serving pin STACK does it for you)",
+                        )
         if self.kubernetes.render_yaml_to_directory:
-            installing = [k for k in ("seldon", "keda") if getattr(self.platform, k) == "install"]
-            if installing:
-                raise ValueError(
-                    f"platform.{installing[0]}: install is a Helm release, which a provider that renders YAML "
-                    "cannot apply: set it to 'existing' or remove kubernetes.renderYamlToDirectory"
-                )
+            for part in ("seldon", "keda"):
+                if getattr(self.platform, part) == "install":
+                    raise PathError(
+                        f"platform.{part}",
+                        "'install' is a Helm release, which a provider that renders YAML cannot apply: "
+                        "set it to 'existing' or remove kubernetes.renderYamlToDirectory",
+                    )
         if self.platform.autoscaler == "hpa":
             for name, model in self.models.items():
-                explicit = {"scale_up", "scale_down"} & model.autoscaling.model_fields_set
-                if explicit:
-                    raise ValueError(
-                        f"models.{name}.autoscaling.{to_camel(sorted(explicit)[0])}: Seldon's hpaSpec has no "
-                        "scaling behaviour; remove it or use platform.autoscaler: keda"
+                for key in sorted({"scale_up", "scale_down"} & model.autoscaling.model_fields_set):
+                    raise PathError(
+                        f"models.{name}.autoscaling.{to_camel(key)}",
+                        "Seldon's hpaSpec has no scaling behaviour: remove it, or use platform.autoscaler: keda",
                     )
         return self
 
@@ -276,6 +283,9 @@ def format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid stack config ({exc.error_count()} problem{'s' * (exc.error_count() > 1)}):"]
     for error in exc.errors():
         loc = [str(p) for p in error["loc"] if p != "[key]"]
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, PathError):
+            loc = cause.path.split(".")
         path = ".".join(loc) or "(top level)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
@@ -288,6 +298,16 @@ def format_errors(exc: ValidationError, source: str) -> str:
             message = f"{error['input']!r} is not allowed: {error['msg'].removeprefix('Input should be ')}"
         elif error["type"] == "bool_type":
             message = f"{error['input']!r} is not a boolean: write true or false"
+        elif error["type"] in ("greater_than_equal", "greater_than"):
+            bound = error["ctx"].get("ge", error["ctx"].get("gt"))
+            message = f"{error['input']!r} is too small: use a value of at least {bound}"
+        elif error["type"] in ("less_than_equal", "less_than"):
+            bound = error["ctx"].get("le", error["ctx"].get("lt"))
+            message = f"{error['input']!r} is too large: use a value of at most {bound}"
+        elif error["type"] == "too_short":
+            message = "is empty: add at least one entry"
+        elif error["type"] == "string_pattern_mismatch":
+            message = f"{error['input']!r} does not match the pattern {error['ctx']['pattern']}"
         elif error["type"] == "dict_type":
             message = f"expected a mapping of keys to values, got {type(error['input']).__name__}"
         if "[key]" in error["loc"]:
