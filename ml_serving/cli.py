@@ -6,7 +6,9 @@ Every failure a user can cause ends in one clear message and exit code 2, never 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -124,20 +126,19 @@ def _print_diff(project_dir: Path, stack: str, ref: str, out_dir: Path) -> int:
 
 
 def _pulumi_preview(project_dir: Path, stack: str) -> int:
-    """`pulumi preview` on a local file backend, when the Pulumi CLI is installed."""
-    if shutil.which("pulumi") is None:
+    """`pulumi preview --diff` on a local file backend (`.pulumi-state/`), when the Pulumi CLI is installed."""
+    pulumi_cli = shutil.which("pulumi")
+    if pulumi_cli is None:
         console.print("pulumi CLI not on PATH: skipped `pulumi preview` (the plan above ran the same program)")
         return 0
-    from pulumi import automation as auto
-
     state = project_dir / ".pulumi-state"
     state.mkdir(exist_ok=True)
-    workspace = auto.LocalWorkspaceOptions(
-        work_dir=str(project_dir),
-        env_vars={"PULUMI_BACKEND_URL": state.as_uri(), "PULUMI_CONFIG_PASSPHRASE": ""},
-    )
-    selected = auto.create_or_select_stack(stack_name=stack, work_dir=str(project_dir), opts=workspace)
-    selected.preview(diff=True, on_output=console.print)
+    env = {**os.environ, "PULUMI_BACKEND_URL": state.as_uri()}
+    env.setdefault("PULUMI_CONFIG_PASSPHRASE", "")
+    for args in (["stack", "select", "--create", stack], ["preview", "--diff", "--stack", stack]):
+        run = subprocess.run([pulumi_cli, "--non-interactive", *args], cwd=project_dir, env=env)
+        if run.returncode != 0:
+            raise UsageError(f"`pulumi {' '.join(args)}` failed (exit {run.returncode}); its output is above")
     return 0
 
 

@@ -6,6 +6,8 @@ registered; aliases are set the way a team would (`champion`, `candidate`).
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +106,9 @@ def register_churn_model(
     )
     pipeline, features = train_churn_model(random_state)
     example = features.head(3)
-    with mlflow.start_run(experiment_id=experiment_id):
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    with warnings.catch_warnings(), mlflow.start_run(experiment_id=experiment_id):
+        warnings.simplefilter("ignore")  # mlflow's hints about integer columns are about other people's data
         info = mlflow.sklearn.log_model(
             pipeline,
             name="model",

@@ -157,3 +157,27 @@ def test_seed_registers_a_champion_once(tmp_path, project):
     assert "churn-classifier v1 @champion" in first.stdout and "registered" in first.stdout
     again = ml_serving("seed", "--tracking-uri", uri, cwd=project)
     assert "already there" in again.stdout
+
+
+def test_plan_preview_drives_the_pulumi_cli_on_a_local_backend(project, tmp_path):
+    """A stand-in `pulumi` on PATH records its arguments and environment: the process boundary, nothing mocked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "calls.txt"
+    stand_in = bin_dir / "pulumi"
+    stand_in.write_text(f'#!/bin/sh\necho "$PULUMI_BACKEND_URL $*" >> {record}\n')
+    stand_in.chmod(0o755)
+    run = ml_serving("plan", "prod", "--preview", cwd=project, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert run.returncode == 0, run.stderr
+    backend = (project / ".pulumi-state").as_uri()
+    assert record.read_text().splitlines() == [
+        f"{backend} --non-interactive stack select --create prod",
+        f"{backend} --non-interactive preview --diff --stack prod",
+    ]
+
+
+def test_plan_preview_without_the_cli_says_so(project, tmp_path):
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    run = ml_serving("plan", "prod", "--preview", cwd=project, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "pulumi CLI not on PATH" in run.stdout
