@@ -1,0 +1,83 @@
+"""Spec builders and settings on their own: no engine, no registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from ml_serving import labels
+from ml_serving.registry import ResolvedVersion
+from ml_serving.settings import ConfigError, parse_settings
+from ml_serving.specs import seldon
+
+
+def settings_with(**model):
+    base = {"registeredModel": "m", "variants": {"a": {"version": "1", "modelUri": "s3://b/m", "weight": 100}}}
+    return parse_settings({"ml-serving:models": {"m": {**base, **model}}}, "Pulumi.test.yaml")
+
+
+def test_memory_trigger_only_when_configured():
+    settings = settings_with(autoscaling={"minReplicas": 1, "maxReplicas": 2})
+    keda = seldon.keda_spec(settings.models["m"].autoscaling)
+    assert [t["type"] for t in keda["triggers"]] == ["cpu"]
+    assert seldon.hpa_spec(settings.models["m"].autoscaling)["metrics"] == [
+        {"type": "Resource", "resource": {"name": "cpu", "targetAverageUtilization": 70}}
+    ]
+
+
+def test_limits_default_to_requests_and_can_be_raised():
+    settings = settings_with(resources={"cpu": "1", "memory": "2Gi", "cpuLimit": "2"})
+    assert seldon.resources(settings.models["m"]) == {
+        "requests": {"cpu": "1", "memory": "2Gi"},
+        "limits": {"cpu": "2", "memory": "2Gi"},
+    }
+
+
+def test_structured_config_arrives_as_json_text_from_the_engine():
+    settings = parse_settings(
+        {
+            "ml-serving:models": '{"m": {"registeredModel": "m", "variants": {"a": {"alias": "x", "weight": 100}}}}',
+            "ml-serving:registry": '{"trackingUri": "http://r"}',
+            "kubernetes:context": "other namespaces are not ours",
+        },
+        "Pulumi.test.yaml",
+    )
+    assert settings.models["m"].variants["a"].alias == "x"
+
+
+def test_version_may_be_written_as_a_number():
+    settings = settings_with(variants={"a": {"version": 9, "modelUri": "s3://b/m", "weight": 100}})
+    assert settings.models["m"].variants["a"].version == "9"
+
+
+def test_label_values_are_made_safe():
+    assert labels.label_value("Fraud Scorer/v2 (EU)") == "Fraud-Scorer-v2-EU"
+    assert len(labels.label_value("x" * 100)) == 63
+
+
+def test_champion_is_the_variant_with_most_traffic():
+    settings = settings_with(
+        variants={
+            "old": {"version": "1", "modelUri": "s3://b/1", "weight": 30},
+            "new": {"version": "2", "modelUri": "s3://b/2", "weight": 70},
+        }
+    )
+    assert settings.models["m"].champion == "new"
+
+
+def test_predictor_of_a_shadow_has_no_traffic():
+    settings = settings_with(
+        variants={
+            "a": {"version": "1", "modelUri": "s3://b/1", "weight": 100},
+            "s": {"version": "2", "modelUri": "s3://b/2", "shadow": True},
+        }
+    )
+    model = settings.models["m"]
+    resolved = ResolvedVersion("2", "s3://b/2", None, None, pinned=True)
+    spec = seldon.predictor("m", model, "s", model.variants["s"], resolved, "img", "keda")
+    assert spec["shadow"] is True and "traffic" not in spec
+    assert spec["annotations"] == {labels.MODEL_URI: "s3://b/2", labels.RESOLVED_FROM: "pinned"}
+
+
+def test_models_must_not_be_empty():
+    with pytest.raises(ConfigError, match=r"ml-serving:models: is empty: add at least one entry"):
+        parse_settings({"ml-serving:models": {}}, "Pulumi.test.yaml")
