@@ -1,0 +1,181 @@
+"""The ASGI layer in front of MLServer's REST routes: read, limit and validate every inference request.
+
+`/invocations` (MLflow's scoring protocol) is validated, turned into an Open Inference Protocol request and sent
+through MLServer's own V2 route, so it shares adaptive batching, parallel workers and the `model_infer_*`
+metrics with V2 clients; the answer goes back in MLflow's format. It sits innermost, so MLServer's
+request metrics still count every request under its own path and final status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from ml_serving.server import validation as v
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+INVOCATIONS = "/invocations"
+
+
+class ClientGone(Exception):
+    """The client disconnected before sending its whole body."""
+
+
+class ValidationMiddleware:
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        model_name: str,
+        model_version: str | None,
+        columns: list[v.Column] | None,
+        limits: v.Limits,
+    ) -> None:
+        self.app = app
+        self.model_name = model_name
+        self.model_version = model_version
+        self.columns = columns
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        try:
+            if path == INVOCATIONS:
+                return await self._invocations(scope, receive, send)
+            if path.startswith("/v2/models/"):
+                self._check_model(path)
+                if path.endswith("/infer") and scope["method"] == "POST":
+                    return await self._v2_infer(scope, receive, send)
+        except v.RequestError as error:
+            return await _respond(send, error.status, {"error": error.message})
+        except ClientGone:
+            return None
+        return await self.app(scope, receive, send)
+
+    def _check_model(self, path: str) -> None:
+        """Only the served model exists here: other names must not reach MLServer (each would add metric series)."""
+        parts = path.split("/")
+        name = parts[3] if len(parts) > 3 else ""
+        if name != self.model_name:
+            raise v.RequestError(v.NOT_FOUND, f"model '{name}' is not served here; this server serves '{self.model_name}'")
+        if len(parts) > 5 and parts[4] == "versions" and self.model_version and parts[5] != self.model_version:
+            raise v.RequestError(
+                v.NOT_FOUND, f"model '{name}' version '{parts[5]}' is not served here; the version is '{self.model_version}'"
+            )
+
+    async def _v2_infer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        _check_content_type(scope, required=False)
+        body = await self._read_body(scope, receive)
+        v.check_v2(v.parse_json(body, self.limits), self.columns, self.limits)
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _invocations(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            raise v.RequestError(405, "use POST for /invocations")
+        _check_content_type(scope, required=True)
+        body = await self._read_body(scope, receive)
+        table, params = v.invocation_table(v.parse_json(body, self.limits), self.columns, self.limits)
+        request = orjson.dumps(v.v2_request(table, self.columns, params))
+        inner = dict(scope)
+        inner["path"] = f"/v2/models/{self.model_name}/infer"
+        inner["raw_path"] = inner["path"].encode()
+        inner["headers"] = [
+            (k, val) for k, val in scope["headers"] if k not in (b"content-length", b"content-type")
+        ] + [(b"content-type", b"application/json"), (b"content-length", str(len(request)).encode())]
+        status, chunks = 500, []
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(inner, _replay(request, receive), capture)
+        answer = b"".join(chunks)
+        if status != 200:
+            return await _respond_raw(send, status, answer)
+        return await _respond(send, 200, v.v2_to_predictions(orjson.loads(answer)))
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise v.RequestError(v.TOO_LARGE, f"body of {declared} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_timeout_seconds
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(deadline - loop.time(), 0.001))
+            except TimeoutError:
+                raise v.RequestError(
+                    v.TIMEOUT, f"the body did not arrive within {self.limits.body_timeout_seconds:g} s"
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise v.RequestError(v.TOO_LARGE, f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _check_content_type(scope: Scope, required: bool) -> None:
+    header = _header(scope, b"content-type")
+    if header is None:
+        if required:
+            raise v.RequestError(v.UNSUPPORTED, "missing Content-Type: send application/json")
+        return
+    mime, *parameters = [part.strip().lower() for part in header.split(";")]
+    if mime != "application/json":
+        raise v.RequestError(v.UNSUPPORTED, f"Content-Type {mime!r} is not supported: send application/json")
+    for parameter in parameters:
+        key, _, value = parameter.partition("=")
+        if key == "charset" and value.strip('"') not in ("utf-8", "utf8"):
+            raise v.RequestError(v.UNSUPPORTED, f"charset {value!r} is not supported: send UTF-8")
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _respond(send: Send, status: int, payload: Any) -> None:
+    await _respond_raw(send, status, orjson.dumps(payload))
+
+
+async def _respond_raw(send: Send, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
