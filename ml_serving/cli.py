@@ -197,6 +197,40 @@ class _chdir:
         os.chdir(self.old)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the serving image's own entrypoint here, without Docker: same settings files, same validation."""
+    env = dict(os.environ)
+    uri = args.tracking_uri
+    if uri is None and not Path(args.model).is_dir():
+        project_dir = args.project_dir or find_project_dir()
+        from ml_serving.stackfile import load_settings
+
+        settings = load_settings(project_dir, args.stack)
+        if settings.registry is None:
+            raise UsageError(f"Pulumi.{args.stack}.yaml has no ml-serving:registry: pass --tracking-uri")
+        uri = settings.registry.tracking_uri
+        os.chdir(project_dir)  # relative sqlite URIs are relative to the project
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = uri
+    for name, value in (
+        ("HTTP_PORT", args.http_port),
+        ("GRPC_PORT", args.grpc_port),
+        ("METRICS_PORT", args.metrics_port),
+    ):
+        if value is not None:
+            env[f"MLSERVER_{name}"] = str(value)
+    command = [sys.executable, "-m", "ml_serving.server", args.model, "--name", args.name or _model_name(args.model)]
+    console.print(f"serving {args.model} as '{command[-1]}': {' '.join(command)}")
+    return subprocess.call(command, env=env)
+
+
+def _model_name(model: str) -> str:
+    """The V2 model name: the registered model's name, or 'model' for a folder."""
+    if model.startswith("models:/"):
+        return labels.label_value(model.removeprefix("models:/").split("@")[0].split("/")[0]).lower()
+    return "model"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ml-serving", description=__doc__.splitlines()[0])
     project = argparse.ArgumentParser(add_help=False)
@@ -226,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     pin.add_argument("stack")
     pin.add_argument("--tracking-uri", help="registry to ask (default: the stack's registry.trackingUri)")
     pin.set_defaults(func=cmd_pin)
+
+    serve = commands.add_parser(
+        "serve", parents=[project], help="serve a model locally with the serving image's entrypoint (no Docker)"
+    )
+    serve.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a local MLflow model folder")
+    serve.add_argument("--stack", default="dev", help="whose registry.trackingUri to use (default: dev)")
+    serve.add_argument("--tracking-uri", help="the MLflow registry to download from")
+    serve.add_argument("--name", help="model name in V2 paths (default: the registered model's name)")
+    serve.add_argument("--http-port", type=int, help="REST port (default 8080)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8081)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8082)")
+    serve.set_defaults(func=cmd_serve)
 
     seed = commands.add_parser(
         "seed", parents=[project], help="register a small real model in the dev stack's local registry"

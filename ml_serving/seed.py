@@ -76,6 +76,15 @@ def train_churn_model(random_state: int = 0) -> tuple[Any, Any]:
     return pipeline, features
 
 
+def model_requirements() -> list[str]:
+    """Exactly what loading the pipeline needs, pinned to what trained it (inference would add test tools)."""
+    from importlib.metadata import version
+
+    return [
+        f"{package}=={version(package)}" for package in ("mlflow", "scikit-learn", "pandas", "numpy", "scipy", "skops")
+    ]
+
+
 def _artifact_location(tracking_uri: str) -> str | None:
     """Next to a sqlite registry file, so the whole dev registry lives in one folder."""
     parsed = urlparse(tracking_uri)
@@ -115,6 +124,7 @@ def register_churn_model(
             signature=infer_signature(example, pipeline.predict(example)),
             input_example=example,
             registered_model_name=name,
+            pip_requirements=model_requirements(),
         )
     version = str(info.registered_model_version)
     for alias in aliases:

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import copy
-import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from unittest import mock
 
 import pulumi
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
 from ml_serving import labels
 from ml_serving.registry import RegistryError, RegistryResolver
+from tests import processes
 from tests.conftest import plan_stack, stack_config
 
 pytestmark = pytest.mark.registry
@@ -102,16 +99,10 @@ def test_unknown_model_is_named(registry):
         plan_stack("dev", config=config, registry=registry)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unreachable_registry_fails_fast_and_clearly(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     config = copy.deepcopy(stack_config("dev"))
-    uri = f"http://127.0.0.1:{free_port()}"
+    uri = f"http://127.0.0.1:{processes.free_port()}"
     config["ml-serving:registry"] = {"trackingUri": uri}
     started = time.monotonic()
     with pytest.raises(pulumi.RunError) as raised:
@@ -126,28 +117,8 @@ def test_unreachable_registry_fails_fast_and_clearly(monkeypatch):
 @pytest.fixture(scope="module")
 def mlflow_server(registry, tmp_path_factory):
     """`mlflow server` on loopback over the session's registry database."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("mlflow-server") / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", registry.tracking_uri, "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not start")
+    with processes.mlflow_server(registry.tracking_uri, tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def test_resolution_over_http_against_mlflow_server(mlflow_server, registry):

@@ -55,6 +55,7 @@ class ValidationMiddleware:
                 if path.endswith("/infer") and scope["method"] == "POST":
                     return await self._v2_infer(scope, receive, send)
         except v.RequestError as error:
+            _handled_here(scope)
             return await _respond(send, error.status, {"error": error.message})
         except ClientGone:
             return None
@@ -65,10 +66,13 @@ class ValidationMiddleware:
         parts = path.split("/")
         name = parts[3] if len(parts) > 3 else ""
         if name != self.model_name:
-            raise v.RequestError(v.NOT_FOUND, f"model '{name}' is not served here; this server serves '{self.model_name}'")
+            raise v.RequestError(
+                v.NOT_FOUND, f"model '{name}' is not served here; this server serves '{self.model_name}'"
+            )
         if len(parts) > 5 and parts[4] == "versions" and self.model_version and parts[5] != self.model_version:
             raise v.RequestError(
-                v.NOT_FOUND, f"model '{name}' version '{parts[5]}' is not served here; the version is '{self.model_version}'"
+                v.NOT_FOUND,
+                f"model '{name}' version '{parts[5]}' is not served here; the version is '{self.model_version}'",
             )
 
     async def _v2_infer(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,6 +104,7 @@ class ValidationMiddleware:
                 chunks.append(message.get("body", b""))
 
         await self.app(inner, _replay(request, receive), capture)
+        _handled_here(scope)
         answer = b"".join(chunks)
         if status != 200:
             return await _respond_raw(send, status, answer)
@@ -129,6 +134,14 @@ class ValidationMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _handled_here(scope: Scope) -> None:
+    """Let MLServer's request metrics count a request answered here, under its route's path template."""
+    app = scope.get("app")
+    if app is not None and hasattr(app, "router"):
+        scope.setdefault("router", app.router)
+        scope.setdefault("endpoint", _handled_here)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

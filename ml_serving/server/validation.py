@@ -194,7 +194,7 @@ def _records(data: Any, kind: str) -> list[dict[str, Any]]:
 
 def _split(data: Any) -> list[dict[str, Any]]:
     if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or "data" not in data:
-        raise RequestError(UNPROCESSABLE, "dataframe_split: expected {\"columns\": [...], \"data\": [[...], ...]}")
+        raise RequestError(UNPROCESSABLE, 'dataframe_split: expected {"columns": [...], "data": [[...], ...]}')
     names, values = data["columns"], data["data"]
     unknown = set(data) - {"columns", "data", "index"}
     if unknown:
@@ -206,7 +206,9 @@ def _split(data: Any) -> list[dict[str, Any]]:
     rows = []
     for index, row in enumerate(values):
         if not isinstance(row, list):
-            raise RequestError(UNPROCESSABLE, f"dataframe_split.data[{index}]: expected an array, got {_type_name(row)}")
+            raise RequestError(
+                UNPROCESSABLE, f"dataframe_split.data[{index}]: expected an array, got {_type_name(row)}"
+            )
         if len(row) != len(names):
             raise RequestError(
                 UNPROCESSABLE,
@@ -241,7 +243,8 @@ def _to_columns(rows: list[dict[str, Any]], columns: list[Column] | None, kind: 
         extra = set(row) - known
         if extra:
             raise RequestError(
-                UNPROCESSABLE, f"{where}: unknown column(s) {', '.join(sorted(extra))}; the model takes {_names(columns)}"
+                UNPROCESSABLE,
+                f"{where}: unknown column(s) {', '.join(sorted(extra))}; the model takes {_names(columns)}",
             )
         for column in columns:
             if column.name not in row:
@@ -265,7 +268,12 @@ def v2_request(table: dict[str, list], columns: list[Column] | None, params: Any
     inputs = []
     for name, values in table.items():
         column = kinds.get(name) or Column(name, _guess_kind(values))
-        entry: dict[str, Any] = {"name": name, "datatype": column.v2_datatype, "shape": [len(values), 1], "data": values}
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": column.v2_datatype,
+            "shape": [len(values), 1],
+            "data": values,
+        }
         if column.v2_datatype == "BYTES":
             entry["parameters"] = {"content_type": "str"}
         inputs.append(entry)
@@ -292,7 +300,9 @@ def check_v2(payload: Any, columns: list[Column] | None, limits: Limits) -> None
         raise RequestError(BAD_REQUEST, "expected a JSON object with 'inputs'")
     unknown = set(payload) - {"id", "inputs", "outputs", "parameters"}
     if unknown:
-        raise RequestError(BAD_REQUEST, f"unknown field(s) {', '.join(sorted(unknown))}: expected id, inputs, outputs, parameters")
+        raise RequestError(
+            BAD_REQUEST, f"unknown field(s) {', '.join(sorted(unknown))}: expected id, inputs, outputs, parameters"
+        )
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise RequestError(UNPROCESSABLE, "inputs: expected a non-empty array of tensors")
@@ -311,10 +321,16 @@ def check_v2(payload: Any, columns: list[Column] | None, limits: Limits) -> None
         if not isinstance(name, str):
             raise RequestError(UNPROCESSABLE, f"{where}.name: expected a string")
         where = f"inputs[{index}] ('{name}')"
-        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             raise RequestError(UNPROCESSABLE, f"{where}.shape: expected an array of non-negative integers, e.g. [3, 1]")
         if not isinstance(datatype, str) or datatype not in _ALL_V2:
-            raise RequestError(UNPROCESSABLE, f"{where}.datatype: {datatype!r} is not a V2 datatype ({', '.join(sorted(_ALL_V2))})")
+            raise RequestError(
+                UNPROCESSABLE, f"{where}.datatype: {datatype!r} is not a V2 datatype ({', '.join(sorted(_ALL_V2))})"
+            )
         data = _flatten(tensor["data"], where)
         expected = math.prod(shape)
         if len(data) != expected:
@@ -328,7 +344,9 @@ def check_v2(payload: Any, columns: list[Column] | None, limits: Limits) -> None
                 raise RequestError(UNPROCESSABLE, f"{where}: unknown input; the model takes {_names(columns)}")
             if datatype not in V2_TYPES[column.kind]:
                 raise RequestError(
-                    UNPROCESSABLE, f"{where}.datatype: {datatype} does not fit column '{name}' ({column.kind}); use {column.v2_datatype}"
+                    UNPROCESSABLE,
+                    f"{where}.datatype: {datatype} does not fit column '{name}' ({column.kind}); "
+                    f"use {column.v2_datatype}",
                 )
             for position, value in enumerate(data):
                 check_value(column, value, f"{where}.data[{position}]")
@@ -339,13 +357,29 @@ def check_v2(payload: Any, columns: list[Column] | None, limits: Limits) -> None
     if columns is not None:
         missing = [c.name for c in columns if c.required and c.name not in rows]
         if missing:
-            raise RequestError(UNPROCESSABLE, f"inputs: missing column(s) {', '.join(missing)}; the model takes {_names(columns)}")
+            raise RequestError(
+                UNPROCESSABLE, f"inputs: missing column(s) {', '.join(missing)}; the model takes {_names(columns)}"
+            )
     if len(set(rows.values())) > 1:
         shown = ", ".join(f"{n}={r}" for n, r in rows.items())
         raise RequestError(UNPROCESSABLE, f"inputs: ragged batch: every input needs the same number of rows ({shown})")
 
 
-_ALL_V2 = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"}
+_ALL_V2 = {
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+}
 
 
 def _flatten(data: Any, where: str) -> list:

@@ -1,0 +1,310 @@
+"""End to end: a real MLflow server, a real model resolved by alias, served by `ml-serving serve` on loopback."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import requests
+
+from tests import processes
+
+pytestmark = pytest.mark.serving
+
+CLI = shutil.which("ml-serving") or str(Path(sys.executable).parent / "ml-serving")
+ROWS = [
+    {"tenure_months": 3, "monthly_charges": 99.5, "support_calls": 4, "plan": "basic", "region": "north"},
+    {"tenure_months": 60, "monthly_charges": 20.0, "support_calls": 0, "plan": "premium", "region": "west"},
+    {"tenure_months": 24, "monthly_charges": 65.25, "support_calls": 2, "plan": "standard", "region": "east"},
+]
+COLUMNS = list(ROWS[0])
+V2_TYPES = {
+    "tenure_months": "INT64",
+    "monthly_charges": "FP64",
+    "support_calls": "INT64",
+    "plan": "BYTES",
+    "region": "BYTES",
+}
+
+
+class Server:
+    def __init__(self, http: int, grpc_port: int, metrics: int, ready_after: float, expected: list[int]):
+        self.url = f"http://127.0.0.1:{http}"
+        self.grpc = f"127.0.0.1:{grpc_port}"
+        self.metrics = f"http://127.0.0.1:{metrics}/metrics"
+        self.ready_after = ready_after
+        self.expected = expected
+
+    def post(self, path: str, body: bytes | str | dict, content_type: str | None = "application/json"):
+        headers = {"Content-Type": content_type} if content_type else {}
+        if isinstance(body, dict):
+            return requests.post(self.url + path, json=body, timeout=30)
+        return requests.post(self.url + path, data=body, headers=headers, timeout=30)
+
+
+def v2_body(rows=ROWS):
+    return {
+        "inputs": [
+            {"name": c, "datatype": V2_TYPES[c], "shape": [len(rows), 1], "data": [r[c] for r in rows]} for c in COLUMNS
+        ]
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from mlflow.pyfunc import load_model
+
+    from ml_serving.seed import register_churn_model
+
+    workdir = tmp_path_factory.mktemp("serving")
+    with processes.mlflow_server(f"sqlite:///{workdir / 'mlflow.db'}", workdir) as registry_url:
+        version = register_churn_model(registry_url, aliases=("champion",))
+        import pandas as pd
+
+        model = load_model(f"models:/churn-classifier/{version}")
+        expected = [int(p) for p in model.predict(pd.DataFrame(ROWS))]
+        assert len(set(expected)) == 2, "the rows should get both classes, or the test proves little"
+        http, grpc_port, metrics = processes.free_port(), processes.free_port(), processes.free_port()
+        command = [
+            CLI, "serve", "models:/churn-classifier@champion", "--tracking-uri", registry_url,
+            "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics),
+        ]  # fmt: skip
+        log = workdir / "serve.log"
+        env = {"ML_SERVING_BODY_TIMEOUT_SECONDS": "2", "TMPDIR": str(workdir)}
+        with processes.running(command, log, env=env) as process:
+            ready_after = processes.wait_for(f"http://127.0.0.1:{http}/v2/health/ready", process, log, seconds=180)
+            yield Server(http, grpc_port, metrics, ready_after, expected)
+
+
+def test_readiness_goes_ready(server):
+    assert server.ready_after > 0
+    assert requests.get(server.url + "/v2/health/live", timeout=5).status_code == 200
+    assert requests.get(server.url + "/v2/models/churn-classifier/ready", timeout=5).status_code == 200
+    assert requests.get(server.url + "/ping", timeout=5).status_code == 200
+
+
+def test_v2_rest_predicts_like_the_model(server):
+    response = server.post("/v2/models/churn-classifier/infer", v2_body())
+    assert response.status_code == 200, response.text
+    (output,) = response.json()["outputs"]
+    assert list(np.asarray(output["data"]).ravel()) == server.expected
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"dataframe_records": ROWS},
+        {"dataframe_split": {"columns": COLUMNS, "data": [[r[c] for c in COLUMNS] for r in ROWS]}},
+        {"instances": ROWS},
+        {"inputs": {c: [r[c] for r in ROWS] for c in COLUMNS}},
+    ],
+    ids=["dataframe_records", "dataframe_split", "instances", "inputs"],
+)
+def test_invocations_predicts_like_the_model(server, payload):
+    response = server.post("/invocations", payload)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"predictions": server.expected}
+
+
+def test_v2_grpc_predicts_like_the_model(server):
+    from mlserver.grpc import dataplane_pb2_grpc
+    from mlserver.grpc.converters import ModelInferRequestConverter
+    from mlserver.types import InferenceRequest
+
+    body = v2_body()
+    for tensor in body["inputs"]:
+        if tensor["datatype"] == "BYTES":  # gRPC carries bytes; the content type says they are text
+            tensor["data"] = [value.encode() for value in tensor["data"]]
+            tensor["parameters"] = {"content_type": "str"}
+    request = InferenceRequest.model_validate(body)
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = dataplane_pb2_grpc.GRPCInferenceServiceStub(channel)
+        proto = ModelInferRequestConverter.from_types(request, model_name="churn-classifier", model_version=None)
+        response = stub.ModelInfer(proto, timeout=30)
+    assert list(response.outputs[0].contents.int64_contents) == server.expected
+
+
+def scrape(server) -> dict[str, float]:
+    values = {}
+    for line in requests.get(server.metrics, timeout=5).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def total(values: dict[str, float], prefix: str, *needles: str) -> float:
+    return sum(v for k, v in values.items() if k.startswith(prefix) and all(n in k for n in needles))
+
+
+def test_request_counters_and_latency_histograms_rise(server):
+    before = scrape(server)
+    for _ in range(5):
+        assert server.post("/v2/models/churn-classifier/infer", v2_body()).status_code == 200
+        assert server.post("/invocations", {"dataframe_records": ROWS}).status_code == 200
+    after = scrape(server)
+    v2_path, invocations = 'path="/v2/models/{model_name}/infer"', 'path="/invocations"'
+    for needle in (v2_path, invocations):
+        counted = total(after, "rest_server_requests_total", needle) - total(
+            before, "rest_server_requests_total", needle
+        )
+        assert counted >= 5, needle
+        timed = total(after, "rest_server_request_duration_seconds_count", needle) - total(
+            before, "rest_server_request_duration_seconds_count", needle
+        )
+        assert timed >= 5, needle
+    inferred = total(after, "model_infer_request_success_total") - total(before, "model_infer_request_success_total")
+    assert inferred >= 10, "/invocations goes through the V2 path, so it counts as inference too"
+
+
+GOOD = ROWS[0]
+# (id, path kind, body, content type, expected status, words the message must contain)
+BAD = [
+    ("malformed-json", b'{"dataframe_records": [', "application/json", 400, "malformed JSON"),
+    ("not-utf8", b'{"dataframe_records": [{"plan": "\xff\xfe"}]}', "application/json", 400, "not UTF-8"),
+    ("empty-body", b"", "application/json", 400, "empty body"),
+    ("wrong-content-type", b"tenure_months,plan\n3,basic", "text/csv", 415, "text/csv"),
+    ("latin1-charset", b"{}", "application/json; charset=latin-1", 415, "charset"),
+    ("excessive-nesting", b'{"dataframe_records": ' + b"[" * 64 + b"]" * 64 + b"}", "application/json", 400, "nested"),
+    ("oversized-body", b'{"dataframe_records": [' + b" " * 1_100_000 + b"]}", "application/json", 413, "limit"),
+    ("unknown-field", {"dataframe_recrods": [GOOD]}, None, 400, "dataframe_recrods"),
+    ("missing-column", {"dataframe_records": [{k: v for k, v in GOOD.items() if k != "plan"}]}, None, 422, "'plan'"),
+    ("unknown-column", {"dataframe_records": [{**GOOD, "colour": "red"}]}, None, 422, "colour"),
+    ("wrong-type", {"dataframe_records": [{**GOOD, "tenure_months": "three"}]}, None, 422, "'tenure_months' expects"),
+    ("null-value", {"dataframe_records": [{**GOOD, "region": None}]}, None, 422, "'region' may not be null"),
+    ("fractional-integer", {"dataframe_records": [{**GOOD, "support_calls": 1.5}]}, None, 422, "'support_calls'"),
+    ("nested-value", {"dataframe_records": [{**GOOD, "plan": {"a": 1}}]}, None, 422, "'plan' expects a string"),
+    ("no-rows", {"dataframe_records": []}, None, 422, "no rows"),
+    ("rows-not-objects", {"dataframe_records": [[1, 2]]}, None, 422, "expected a row object"),
+    (
+        "ragged-split",
+        {"dataframe_split": {"columns": COLUMNS, "data": [[3, 99.5, 4, "basic"]]}},
+        None,
+        422,
+        "ragged row: 4 values for 5 columns",
+    ),
+    ("not-an-object", b'[{"plan": "basic"}]', "application/json", 400, "JSON object"),
+]
+BAD_V2 = [
+    ("v2-malformed-json", b'{"inputs": [', "application/json", 400, "malformed JSON"),
+    ("v2-not-utf8", b'{"inputs": "\xff"}', "application/json", 400, "not UTF-8"),
+    ("v2-empty-body", b"", "application/json", 400, "empty body"),
+    ("v2-wrong-content-type", b"<xml/>", "application/xml", 415, "application/xml"),
+    ("v2-excessive-nesting", b'{"inputs": ' + b"[" * 64 + b"]" * 64 + b"}", "application/json", 400, "nested"),
+    ("v2-oversized-body", b'{"inputs": [' + b" " * 1_100_000 + b"]}", "application/json", 413, "limit"),
+    ("v2-no-inputs", {"id": "1"}, None, 422, "inputs"),
+    ("v2-unknown-field", {**v2_body(), "input": []}, None, 400, "input"),
+    ("v2-missing-column", {"inputs": v2_body()["inputs"][:4]}, None, 422, "missing column(s) region"),
+    (
+        "v2-unknown-input",
+        {"inputs": [*v2_body()["inputs"], {"name": "colour", "datatype": "BYTES", "shape": [3, 1], "data": ["a"] * 3}]},
+        None,
+        422,
+        "colour",
+    ),
+    (
+        "v2-wrong-datatype",
+        {"inputs": [{**v2_body()["inputs"][0], "datatype": "BYTES"}, *v2_body()["inputs"][1:]]},
+        None,
+        422,
+        "does not fit column 'tenure_months'",
+    ),
+    (
+        "v2-wrong-value-type",
+        {"inputs": [{**v2_body()["inputs"][0], "data": ["a", "b", "c"]}, *v2_body()["inputs"][1:]]},
+        None,
+        422,
+        "'tenure_months' expects an integer",
+    ),
+    (
+        "v2-null",
+        {"inputs": [*v2_body()["inputs"][:4], {**v2_body()["inputs"][4], "data": ["n", None, "e"]}]},
+        None,
+        422,
+        "'region' may not be null",
+    ),
+    (
+        "v2-shape-mismatch",
+        {"inputs": [{**v2_body()["inputs"][0], "shape": [4, 1]}, *v2_body()["inputs"][1:]]},
+        None,
+        422,
+        "shape [4, 1] needs 4 values, got 3",
+    ),
+    (
+        "v2-ragged-batch",
+        {"inputs": [v2_body(ROWS[:2])["inputs"][0], *v2_body()["inputs"][1:]]},
+        None,
+        422,
+        "ragged batch",
+    ),
+    (
+        "v2-bad-datatype",
+        {"inputs": [{**v2_body()["inputs"][0], "datatype": "INT128"}, *v2_body()["inputs"][1:]]},
+        None,
+        422,
+        "INT128",
+    ),
+]
+
+
+def _send(server, path, body, content_type):
+    if isinstance(body, bytes):
+        return server.post(path, body, content_type)
+    return server.post(path, body)
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "words"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_invocations_get_a_4xx_that_says_why(server, body, content_type, status, words):
+    response = _send(server, "/invocations", body, content_type)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "words"), [b[1:] for b in BAD_V2], ids=[b[0] for b in BAD_V2]
+)
+def test_bad_v2_requests_get_a_4xx_that_says_why(server, body, content_type, status, words):
+    response = _send(server, "/v2/models/churn-classifier/infer", body, content_type)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+
+
+def test_unknown_model_name_is_404_and_adds_no_metric_series(server):
+    response = server.post("/v2/models/no-such-model/infer", v2_body())
+    assert response.status_code == 404
+    assert "'no-such-model' is not served here" in response.json()["error"]
+    assert "no-such-model" not in requests.get(server.metrics, timeout=5).text
+
+
+def test_wrong_method_on_invocations(server):
+    assert requests.get(server.url + "/invocations", timeout=5).status_code in (404, 405)
+
+
+def test_slow_client_gets_408(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"dataframe_records"'
+        )
+        started = time.monotonic()
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "did not arrive within 2 s" in answer
+    assert time.monotonic() - started < 10
+
+
+def test_still_ready_and_right_after_all_the_bad_input(server):
+    for name, body, content_type, _status, _words in BAD + BAD_V2:
+        path = "/v2/models/churn-classifier/infer" if name.startswith("v2-") else "/invocations"
+        assert _send(server, path, body, content_type).status_code < 500
+    assert requests.get(server.url + "/v2/health/ready", timeout=5).status_code == 200
+    assert server.post("/invocations", {"dataframe_records": ROWS}).json() == {"predictions": server.expected}
+    errors = total(scrape(server), "rest_server_requests_total", 'status_code="5')
+    assert errors == 0, "a client's mistake must never be counted as a server error"
