@@ -2,5 +2,13 @@
 
 from components.model_deployment import ModelDeployment, ModelDeploymentArgs
 from components.platform import ServingPlatform, ServingPlatformArgs
+from components.serving_image import ServingImage, ServingImageArgs
 
-__all__ = ["ModelDeployment", "ModelDeploymentArgs", "ServingPlatform", "ServingPlatformArgs"]
+__all__ = [
+    "ModelDeployment",
+    "ModelDeploymentArgs",
+    "ServingImage",
+    "ServingImageArgs",
+    "ServingPlatform",
+    "ServingPlatformArgs",
+]

@@ -17,7 +17,7 @@ class ModelDeploymentArgs:
     settings: Settings
     model: str
     versions: dict[str, ResolvedVersion]
-    image: pulumi.Input[str]
+    images: dict[str, pulumi.Input[str]]
 
 
 class ModelDeployment(pulumi.ComponentResource):
@@ -26,8 +26,8 @@ class ModelDeployment(pulumi.ComponentResource):
     def __init__(self, name: str, args: ModelDeploymentArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ml-serving:serving:ModelDeployment", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        spec = pulumi.Output.from_input(args.image).apply(
-            lambda image: seldon.seldon_deployment(args.settings, args.model, args.versions, image)
+        spec = pulumi.Output.all(**args.images).apply(
+            lambda images: seldon.seldon_deployment(args.settings, args.model, args.versions, images)
         )
         self.seldon_deployment = _kubernetes.custom_resource(
             f"{name}-seldon",

@@ -77,25 +77,31 @@ def _print_summary(plan, out_dir: Path, files: int) -> None:  # type: ignore[no-
     for obj in plan.objects:
         meta = obj["metadata"]
         objects.add_row(obj["kind"], meta.get("namespace", ""), meta["name"])
+    for image in plan.images:
+        pushed = "pushed" if not image.get("skipPush") else "local"
+        objects.add_row("Docker image", pushed, image["imageName"])
     for release in plan.releases:
         objects.add_row(
             "Helm release", release.get("namespace", ""), f"{release['name']} ({release['chart']} {release['version']})"
         )
     console.print(objects)
     models = Table(title="models", title_justify="left")
-    for column in ("model", "variant", "version", "from", "traffic"):
+    for column in ("model", "variant", "version", "from", "traffic", "image tag"):
         models.add_column(column)
     models.add_column("model URI", overflow="fold")
     for sdep in plan.find("SeldonDeployment"):
         for predictor in sdep["spec"]["predictors"]:
             traffic = "shadow" if predictor.get("shadow") else f"{predictor.get('traffic', 0)}%"
+            uri = predictor["annotations"][labels.MODEL_URI]
+            image = predictor["componentSpecs"][0]["spec"]["containers"][0]["image"]
             models.add_row(
                 sdep["metadata"]["name"],
                 predictor["name"],
                 predictor["labels"][labels.MODEL_VERSION],
                 predictor["annotations"][labels.RESOLVED_FROM],
                 traffic,
-                predictor["graph"]["modelUri"],
+                image.rsplit(":", 1)[-1],
+                uri if "modelUri" in predictor["graph"] else f"{uri} (baked into the image)",
             )
     console.print(models)
     console.print(f"wrote {files} files to {out_dir}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ml_serving.image import download_environment, lock_path
 from ml_serving.registry import RegistryResolver, ResolvedVersion
 from ml_serving.settings import ConfigError, Settings
 from ml_serving.stackfile import edit, load_settings, stack_file
@@ -67,5 +68,23 @@ def pin_stack(project_dir: Path, stack: str, tracking_uri: str | None = None) ->
     if uri is None:
         raise ConfigError(f"{path.name}: ml-serving:registry.trackingUri is not set: set it or pass --tracking-uri")
     pins = plan_pins(settings, RegistryResolver(uri))
+    registered = {m: model.registered_model for m, model in settings.models.items()}
+    for pin in pins:
+        lock_environment(registered[pin.model], pin.after, project_dir / "model-lock")
     text = edit(path, lambda document: apply_pins(document, pins)) if pins else path.read_text()
     return pins, text
+
+
+def lock_environment(registered_model: str, resolved: ResolvedVersion, lock_dir: Path) -> Path:
+    """Keep the version's requirements under model-lock/, so its image builds (and plans) from the repository."""
+    target = lock_path(registered_model, resolved.version, lock_dir)
+    if not (target / "requirements.txt").exists():
+        if resolved.model_uri.startswith("file://"):
+            source = Path(resolved.model_uri.removeprefix("file://"))
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("requirements.txt", "python_env.yaml"):
+                if (source / name).exists():
+                    (target / name).write_bytes((source / name).read_bytes())
+        else:
+            download_environment(resolved.model_uri, target)
+    return target

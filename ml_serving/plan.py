@@ -21,6 +21,7 @@ from ml_serving import PROJECT
 from ml_serving.stackfile import read_config, stack_file
 
 HELM_RELEASE = "kubernetes:helm.sh/v3:Release"
+DOCKER_IMAGE = "docker:index/image:Image"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class Plan:
     @property
     def releases(self) -> list[dict[str, Any]]:
         return [r.inputs for r in self.resources if r.type == HELM_RELEASE]
+
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        return [r.inputs for r in self.resources if r.type == DOCKER_IMAGE]
 
     def components(self, type_token: str) -> list[Declared]:
         return [r for r in self.resources if r.type == type_token]
@@ -122,7 +127,7 @@ def run_program(
         config, secret_keys = read_config(stack_file(project_dir, stack))
     mocks = _mocks_class()(declared if declared is not None else [])
     runtime_settings.reset_options()
-    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=True)
     pulumi.runtime.set_all_config(
         {k: v if isinstance(v, str) else _json(v) for k, v in config.items()}, secret_keys or []
     )
@@ -167,7 +172,16 @@ def write_rendered(plan: Plan, out_dir: Path) -> list[Path]:
         written.append(_dump(out_dir / f"{object_key(obj)}.yaml", obj))
     for release in plan.releases:
         written.append(_dump(out_dir / f"{release_key(release)}.yaml", {"helmRelease": release}))
+    for image in plan.images:
+        name = image["imageName"].rsplit("/", 1)[-1].replace(":", "_")
+        written.append(_dump(out_dir / f"docker-image_{name}.yaml", {"dockerImage": _portable(image)}))
     return written
+
+
+def _portable(image: dict[str, Any]) -> dict[str, Any]:
+    """The image as declared, less the machine-specific context path (the tag already says what is in it)."""
+    build = {k: v for k, v in image.get("build", {}).items() if k not in ("context", "dockerfile")}
+    return {**{k: v for k, v in image.items() if k not in ("build", "registry")}, "build": build}
 
 
 def _dump(path: Path, document: dict[str, Any]) -> Path:

@@ -5,6 +5,7 @@ Errors become `pulumi.RunError`, which the engine prints as one clean message in
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pulumi
@@ -12,6 +13,7 @@ import pulumi_kubernetes as k8s
 from pulumi.runtime import config as runtime_config
 
 from ml_serving import PROJECT
+from ml_serving.image import ImageError, PreparedContext, build_context, model_environment, write_context
 from ml_serving.registry import RegistryError, Resolution, resolve
 from ml_serving.settings import ConfigError, KubernetesTarget, Settings, parse_settings
 
@@ -33,6 +35,37 @@ def resolve_versions(settings: Settings) -> Resolution:
         return resolve(settings)
     except RegistryError as exc:
         raise pulumi.RunError(f"Pulumi.{pulumi.get_stack()}.yaml: {exc}") from None
+
+
+def build_contexts(settings: Settings, versions: Resolution, build_dir: Path) -> dict[str, dict[str, PreparedContext]]:
+    """Each model's image contexts by variant, written under `build_dir`; a baked model is fetched only on `up`.
+
+    Paths are relative to the project folder, where Pulumi (and `ml-serving plan`) run the program.
+    """
+    prepared: dict[str, dict[str, PreparedContext]] = {}
+    try:
+        for model_key, model in settings.models.items():
+            prepared[model_key] = {}
+            for variant in model.variants:
+                resolved = versions.of(model_key, variant)
+                environment = model_environment(
+                    model.registered_model, resolved.version, resolved.model_uri, lock_dir=Path("model-lock")
+                )
+                context = build_context(environment, resolved.model_uri if model.serving.bake else None)
+                path = build_dir / f"{model_key}-{context.tag}"
+                if not path.exists() or not pulumi.runtime.is_dry_run():
+                    write_context(context, path, with_model=not pulumi.runtime.is_dry_run())
+                prepared[model_key][variant] = PreparedContext(context, path)
+    except ImageError as exc:
+        raise pulumi.RunError(f"Pulumi.{pulumi.get_stack()}.yaml: {exc}") from None
+    return prepared
+
+
+def registry_password(settings: Settings) -> pulumi.Output[str] | None:
+    """The registry password as a Pulumi secret, so it never shows in a diff or the state in plain text."""
+    if settings.registry_password is None:
+        return None
+    return pulumi.Output.secret(settings.registry_password.get_secret_value())
 
 
 def kubernetes_provider(target: KubernetesTarget) -> k8s.Provider:

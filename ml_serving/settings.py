@@ -21,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     StrictBool,
     StrictInt,
     ValidationError,
@@ -110,7 +111,23 @@ class KubernetesTarget(_Config):
 
 
 class ServingImage(_Config):
-    image: str = Field(default="seldonio/mlserver:1.7.1-mlflow", min_length=1)
+    """Where the per-model serving images go. Without `push`, images are built locally only (the dev stack)."""
+
+    repository: str = Field(default="ml-serving", pattern=r"^[a-z0-9]+([._/:-][a-z0-9]+)*$")
+    push: StrictBool = False
+    registry_server: str | None = None
+    registry_username: str | None = None
+    platform: str = "linux/amd64"
+
+
+class Serving(_Config):
+    """Per-model overrides of the server settings files in serving_image/ (set as container env vars)."""
+
+    bake: StrictBool = False
+    parallel_workers: Annotated[StrictInt, Field(ge=0, le=64)] | None = None
+    max_batch_size: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
+    max_batch_time_seconds: Annotated[float, Field(ge=0, le=10)] | None = None
+    max_body_bytes: Annotated[StrictInt, Field(ge=1024)] | None = None
 
 
 class Resources(_Config):
@@ -190,6 +207,7 @@ class Model(_Config):
     resources: Resources = Resources()
     autoscaling: Autoscaling = Autoscaling()
     disruption_budget: DisruptionBudget = DisruptionBudget()
+    serving: Serving = Serving()
     variants: dict[DnsLabel, Variant] = Field(min_length=1)
 
     @field_validator("variants")
@@ -221,6 +239,7 @@ class Settings(_Config):
     platform: Platform = Platform()
     kubernetes: KubernetesTarget = KubernetesTarget()
     serving_image: ServingImage = ServingImage()
+    registry_password: SecretStr | None = None
     models: dict[DnsLabel, Model] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -242,6 +261,13 @@ class Settings(_Config):
                         "'install' is a Helm release, which a provider that renders YAML cannot apply: "
                         "set it to 'existing' or remove kubernetes.renderYamlToDirectory",
                     )
+        image = self.serving_image
+        if image.push and image.registry_server and not (image.registry_username and self.registry_password):
+            raise PathError(
+                "servingImage.registryUsername",
+                "pushing to servingImage.registryServer needs registryUsername and the secret "
+                "ml-serving:registryPassword (pulumi config set --secret ml-serving:registryPassword ...)",
+            )
         if self.platform.autoscaler == "hpa":
             for name, model in self.models.items():
                 for key in sorted({"scale_up", "scale_down"} & model.autoscaling.model_fields_set):

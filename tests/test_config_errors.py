@@ -118,6 +118,18 @@ CASES = [
         "needs the MLflow registry",
     ),
     (
+        "push-without-credentials",
+        lambda c: c.pop("ml-serving:registryPassword"),
+        "servingImage.registryUsername",
+        "ml-serving:registryPassword",
+    ),
+    (
+        "negative-parallel-workers",
+        lambda c: churn(c).update(serving={"parallelWorkers": -1}),
+        "models.churn.serving.parallelWorkers",
+        "at least 0",
+    ),
+    (
         "behaviour-with-hpa",
         lambda c: c["ml-serving:platform"].update(autoscaler="hpa"),
         "models.churn.autoscaling.scaleDown",

@@ -70,16 +70,19 @@ def test_predictors_carry_model_variant_and_version_labels(prod):
     assert churn["challenger"]["annotations"][labels.RESOLVED_FROM] == "pinned from @challenger"
 
 
-def test_seldon_deployment_serves_v2_with_mlserver_and_our_image(prod):
+def test_seldon_deployment_serves_v2_with_the_built_image(prod):
     (sdep,) = prod.find("SeldonDeployment", "churn")
     assert sdep["spec"]["protocol"] == "v2"
     assert sdep["metadata"]["annotations"]["seldon.io/istio-gateway"] == "istio-system/seldon-gateway"
+    images = {image["imageName"] for image in prod.images}
     for predictor in sdep["spec"]["predictors"]:
         graph = predictor["graph"]
-        assert graph["implementation"] == "MLFLOW_SERVER"
+        assert "implementation" not in graph, "a custom server: Seldon runs our container as it is"
         (container,) = predictor["componentSpecs"][0]["spec"]["containers"]
-        assert container["name"] == graph["name"], "Seldon keeps our image only for a container named like the node"
-        assert container["image"] == "seldonio/mlserver:1.7.1-mlflow"
+        assert container["name"] == graph["name"], "Seldon runs the container named like the graph node"
+        assert container["image"] in images
+        assert container["image"].startswith("registry.example.com/ml-serving/churn:")
+        assert {"name": "metrics", "containerPort": 8082, "protocol": "TCP"} in container["ports"]
         assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
         assert container["resources"] == {

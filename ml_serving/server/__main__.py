@@ -75,6 +75,8 @@ def local_model(model: str, download_to: Path | None = None) -> Path:
     """A local folder with the MLflow model: a path as is, `models:/…` or `runs:/…` downloaded from the registry."""
     path = Path(model)
     if path.is_dir():
+        if not (path / "MLmodel").exists():
+            raise SystemExit(f"error: {path} has no MLmodel file: point at the folder MLflow logged the model to")
         return path.resolve()
     if "://" in model or model.startswith("models:/") or model.startswith("runs:/"):
         import mlflow

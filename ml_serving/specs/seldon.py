@@ -1,8 +1,12 @@
 """The SeldonDeployment of one model: one predictor per variant, weights from config, autoscaled by Seldon.
 
 Seldon Core v1 (operator v1.18.2) facts this builder relies on:
-- a container named like the graph node keeps its image and env, but its ports become `http`/`grpc`, and the
-  handlers of its probes become MLServer's (`/v2/health/ready`, `/v2/health/live` on `http`); timings stay ours;
+- a graph node without `implementation` is a custom server: Seldon runs the container named like the node as it
+  is, adds `http`/`grpc` ports and sets `MLSERVER_HTTP_PORT`/`MLSERVER_GRPC_PORT`/`MLSERVER_MODEL_NAME`, plus
+  `MLSERVER_METRICS_PORT`/`MLSERVER_METRICS_ENDPOINT` for a port named `metrics`, all of which the serving
+  image honours; it keeps our probes;
+- with a `modelUri`, its storage initializer downloads the model to `/mnt/models` and sets `MLSERVER_MODEL_URI`;
+  a baked-in model has no `modelUri`, so no initializer runs;
 - the operator owns the replica count unless a componentSpec has `kedaSpec` or `hpaSpec`, so autoscaling goes
   there and never into a separate HPA;
 - predictor labels are copied onto the Deployments and pods it generates;
@@ -18,8 +22,9 @@ from ml_serving.registry import ResolvedVersion
 from ml_serving.settings import Autoscaling, Model, Settings, Variant
 
 API_VERSION = "machinelearning.seldon.io/v1"
-MLFLOW_SERVER = "MLFLOW_SERVER"
 TMP_VOLUME = "tmp"
+METRICS_PORT = 8082
+BAKED_MODEL_PATH = "/app/model"
 
 
 def predictor_labels(model_key: str, model: Model, variant_name: str, resolved: ResolvedVersion) -> dict[str, str]:
@@ -47,11 +52,28 @@ def resources(model: Model) -> dict[str, Any]:
     }
 
 
+def serving_env(model: Model) -> list[dict[str, str]]:
+    """Per-model overrides of serving_image/'s settings files; the image lets variables win over files."""
+    serving = model.serving
+    values = {
+        # The root filesystem is read-only: MLServer's metrics files and any cache go to the /tmp volume.
+        "MLSERVER_METRICS_DIR": "/tmp/mlserver-metrics",
+        "HOME": "/tmp",
+        "MLSERVER_PARALLEL_WORKERS": serving.parallel_workers,
+        "MLSERVER_MODEL_MAX_BATCH_SIZE": serving.max_batch_size,
+        "MLSERVER_MODEL_MAX_BATCH_TIME": serving.max_batch_time_seconds,
+        "ML_SERVING_MAX_BODY_BYTES": serving.max_body_bytes,
+        "MLSERVER_MODEL_URI": BAKED_MODEL_PATH if serving.bake else None,
+    }
+    return [{"name": name, "value": str(value)} for name, value in values.items() if value is not None]
+
+
 def serving_container(model_key: str, model: Model, image: str) -> dict[str, Any]:
-    """The MLServer container; named like the graph node so Seldon keeps our image."""
+    """The serving image's container, named like the graph node so Seldon runs it as the model."""
     return {
         "name": model_key,
         "image": image,
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "resources": resources(model),
         "securityContext": {
             "runAsNonRoot": True,
@@ -63,11 +85,7 @@ def serving_container(model_key: str, model: Model, image: str) -> dict[str, Any
         "livenessProbe": _probe("/v2/health/live", period=10, failures=6, delay=30),
         # Loading a large model can take minutes: hold liveness off until the first success.
         "startupProbe": _probe("/v2/health/live", period=5, failures=60, delay=0),
-        # The root filesystem is read-only: MLServer's metrics files and any cache go to the /tmp volume.
-        "env": [
-            {"name": "MLSERVER_METRICS_DIR", "value": "/tmp/mlserver-metrics"},
-            {"name": "HOME", "value": "/tmp"},
-        ],
+        "env": serving_env(model),
         "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
     }
 
@@ -153,17 +171,14 @@ def component_spec(model_key: str, model: Model, image: str, autoscaler: str) ->
 def predictor(
     model_key: str, model: Model, name: str, variant: Variant, resolved: ResolvedVersion, image: str, autoscaler: str
 ) -> dict[str, Any]:
+    graph: dict[str, Any] = {"name": model_key, "type": "MODEL", "children": []}
+    if not model.serving.bake:
+        graph["modelUri"] = resolved.model_uri
     spec: dict[str, Any] = {
         "name": name,
         "labels": predictor_labels(model_key, model, name, resolved),
         "annotations": predictor_annotations(resolved),
-        "graph": {
-            "name": model_key,
-            "type": "MODEL",
-            "implementation": MLFLOW_SERVER,
-            "modelUri": resolved.model_uri,
-            "children": [],
-        },
+        "graph": graph,
         "componentSpecs": [component_spec(model_key, model, image, autoscaler)],
     }
     if variant.shadow:
@@ -174,9 +189,9 @@ def predictor(
 
 
 def seldon_deployment(
-    settings: Settings, model_key: str, resolved: dict[str, ResolvedVersion], image: str
+    settings: Settings, model_key: str, resolved: dict[str, ResolvedVersion], images: dict[str, str]
 ) -> dict[str, Any]:
-    """The SeldonDeployment for `settings.models[model_key]`; `resolved` maps variant name to its version."""
+    """The SeldonDeployment for `settings.models[model_key]`; `resolved` and `images` are keyed by variant."""
     model = settings.models[model_key]
     return {
         "apiVersion": API_VERSION,
@@ -191,7 +206,7 @@ def seldon_deployment(
             "name": model_key,
             "protocol": "v2",
             "predictors": [
-                predictor(model_key, model, name, variant, resolved[name], image, settings.platform.autoscaler)
+                predictor(model_key, model, name, variant, resolved[name], images[name], settings.platform.autoscaler)
                 for name, variant in model.variants.items()
             ],
         },

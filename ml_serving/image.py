@@ -1,0 +1,150 @@
+"""The build context of a serving image, generated per model version, and its content-addressed tag.
+
+The context holds the model's own `requirements.txt` unchanged, the server's additions, the files in
+`serving_image/` and the server code. The tag is a hash of exactly that (plus the model reference when the
+model is baked in), so the same requirements and the same `serving_image/` give the same tag: no diff, no
+rebuild. A model is read from a lock folder written by `ml-serving pin` when there is one (so a pinned stack
+plans offline), else from the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+SERVING_IMAGE_DIR = PROJECT_DIR / "serving_image"
+LOCK_DIR = PROJECT_DIR / "model-lock"
+SETTINGS_FILES = ("settings.json", "model-settings.json", "limits.json")
+BAKED_MODEL_PATH = "/app/model"
+DEFAULT_PYTHON = "3.11.14"
+
+
+class ImageError(RuntimeError):
+    """The model's environment could not be read: the message names the model and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelEnvironment:
+    """What the image must carry for one model version."""
+
+    requirements: str
+    python_version: str
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Files of the build context by relative path; the model folder itself is added at build time if baked."""
+
+    files: dict[str, bytes]
+    python_version: str
+    bake_from: str | None = None
+    build_args: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        digest = hashlib.sha256()
+        for path in sorted(self.files):
+            digest.update(path.encode() + b"\0" + self.files[path] + b"\0")
+        digest.update(f"python={self.python_version}\0bake={self.bake_from or ''}".encode())
+        return digest.hexdigest()[:16]
+
+
+def lock_path(registered_model: str, version: str, lock_dir: Path = LOCK_DIR) -> Path:
+    return lock_dir / registered_model / f"v{version}"
+
+
+def read_environment(folder: Path) -> ModelEnvironment:
+    requirements = folder / "requirements.txt"
+    if not requirements.exists():
+        raise ImageError(f"{folder} has no requirements.txt: log the model with MLflow >= 2, which writes one")
+    python = DEFAULT_PYTHON
+    python_env = folder / "python_env.yaml"
+    if python_env.exists():
+        python = str((yaml.safe_load(python_env.read_text()) or {}).get("python") or DEFAULT_PYTHON)
+    return ModelEnvironment(requirements.read_text(), python)
+
+
+def model_environment(
+    registered_model: str, version: str, model_uri: str, lock_dir: Path = LOCK_DIR
+) -> ModelEnvironment:
+    """From the lock folder if `ml-serving pin` wrote one, else downloaded from the model's artifacts."""
+    locked = lock_path(registered_model, version, lock_dir)
+    if (locked / "requirements.txt").exists():
+        return read_environment(locked)
+    if model_uri.startswith("file://") or Path(model_uri).is_dir():
+        return read_environment(Path(model_uri.removeprefix("file://")))
+    return read_environment(download_environment(model_uri, locked))
+
+
+def download_environment(model_uri: str, target: Path) -> Path:
+    """Fetch only `requirements.txt` and `python_env.yaml` of a model: small, and enough to build from."""
+    import mlflow
+
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("requirements.txt", "python_env.yaml"):
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{name}", dst_path=str(target))
+        except Exception as exc:
+            if name == "requirements.txt":
+                shutil.rmtree(target, ignore_errors=True)
+                raise ImageError(
+                    f"cannot read {name} of {model_uri} ({type(exc).__name__}): make the artifact store reachable, "
+                    "or run `ml-serving pin STACK` where it is, which keeps a copy under model-lock/"
+                ) from None
+    return target
+
+
+def server_files() -> dict[str, bytes]:
+    """The server code and the settings, as the image lays them out under /app."""
+    files = {"Dockerfile": (SERVING_IMAGE_DIR / "Dockerfile").read_bytes()}
+    files["requirements-server.txt"] = (SERVING_IMAGE_DIR / "requirements.txt").read_bytes()
+    for name in SETTINGS_FILES:
+        files[f"serving/{name}"] = (SERVING_IMAGE_DIR / name).read_bytes()
+    files["app/ml_serving/__init__.py"] = (PACKAGE_DIR / "__init__.py").read_bytes()
+    for source in sorted((PACKAGE_DIR / "server").glob("*.py")):
+        files[f"app/ml_serving/server/{source.name}"] = source.read_bytes()
+    return files
+
+
+def build_context(environment: ModelEnvironment, bake_from: str | None = None) -> BuildContext:
+    files = {**server_files(), "requirements-model.txt": environment.requirements.encode()}
+    build_args = {"PYTHON_VERSION": environment.python_version}
+    if bake_from:
+        build_args["MODEL_URI"] = BAKED_MODEL_PATH
+    return BuildContext(files, environment.python_version, bake_from, build_args)
+
+
+@dataclass(frozen=True)
+class PreparedContext:
+    """A build context laid out on disk, ready for `docker build`."""
+
+    context: BuildContext
+    path: Path
+
+
+def write_context(context: BuildContext, out_dir: Path, with_model: bool) -> Path:
+    """Lay the context out in `out_dir`; a baked model is downloaded into `model/` only when `with_model`."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    for relative, content in context.files.items():
+        path = out_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    model_dir = out_dir / "model"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / ".keep").write_text("the model is baked in here when the stack says bake: true\n")
+    if context.bake_from and with_model:
+        import mlflow
+
+        staging = out_dir / ".download"
+        fetched = Path(mlflow.artifacts.download_artifacts(artifact_uri=context.bake_from, dst_path=str(staging)))
+        for item in fetched.iterdir():
+            shutil.move(str(item), model_dir / item.name)
+        shutil.rmtree(staging)
+    return out_dir
