@@ -99,7 +99,14 @@ async def serve(settings: Any, model: Any, columns: Any, limits: Any) -> None:
     app.add_api_route("/invocations", _served_by_middleware, methods=["POST"])
     version = model.parameters.version if model.parameters else None
     app.user_middleware.append(
-        Middleware(ValidationMiddleware, model_name=model.name, model_version=version, columns=columns, limits=limits)
+        Middleware(
+            ValidationMiddleware,
+            model_name=model.name,
+            model_version=version,
+            columns=columns,
+            limits=limits,
+            data_plane=server._data_plane,
+        )
     )
     server._add_signal_handlers()
     await server.start([model])

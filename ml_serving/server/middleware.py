@@ -1,9 +1,10 @@
 """The ASGI layer in front of MLServer's REST routes: read, limit and validate every inference request.
 
-`/invocations` (MLflow's scoring protocol) is validated, turned into an Open Inference Protocol request and sent
-through MLServer's own V2 route, so it shares adaptive batching, parallel workers and the `model_infer_*`
-metrics with V2 clients; the answer goes back in MLflow's format. It sits innermost, so MLServer's
-request metrics still count every request under its own path and final status.
+A validated request goes straight to MLServer's data plane (the same call its V2 route makes, without parsing
+the body a second time), so `/invocations` (MLflow's scoring protocol), turned into an Open Inference Protocol
+request, shares adaptive batching, parallel workers and the `model_infer_*` metrics with V2 clients; its answer
+goes back in MLflow's format. The middleware sits innermost, so MLServer's request metrics still count every
+request under its route's path and final status.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ class ValidationMiddleware:
         model_version: str | None,
         columns: list[v.Column] | None,
         limits: v.Limits,
+        data_plane: Any,
     ) -> None:
         self.app = app
+        self.data_plane = data_plane
         self.model_name = model_name
         self.model_version = model_version
         self.columns = columns
@@ -77,9 +80,11 @@ class ValidationMiddleware:
 
     async def _v2_infer(self, scope: Scope, receive: Receive, send: Send) -> None:
         _check_content_type(scope, required=False)
-        body = await self._read_body(scope, receive)
-        v.check_v2(v.parse_json(body, self.limits), self.columns, self.limits)
-        await self.app(scope, _replay(body, receive), send)
+        payload = v.parse_json(await self._read_body(scope, receive), self.limits)
+        v.check_v2(payload, self.columns, self.limits)
+        status, answer = await self._infer(payload)
+        _handled_here(scope)
+        await _respond(send, status, answer)
 
     async def _invocations(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
@@ -87,28 +92,24 @@ class ValidationMiddleware:
         _check_content_type(scope, required=True)
         body = await self._read_body(scope, receive)
         table, params = v.invocation_table(v.parse_json(body, self.limits), self.columns, self.limits)
-        request = orjson.dumps(v.v2_request(table, self.columns, params))
-        inner = dict(scope)
-        inner["path"] = f"/v2/models/{self.model_name}/infer"
-        inner["raw_path"] = inner["path"].encode()
-        inner["headers"] = [
-            (k, val) for k, val in scope["headers"] if k not in (b"content-length", b"content-type")
-        ] + [(b"content-type", b"application/json"), (b"content-length", str(len(request)).encode())]
-        status, chunks = 500, []
-
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(inner, _replay(request, receive), capture)
+        status, answer = await self._infer(v.v2_request(table, self.columns, params))
         _handled_here(scope)
-        answer = b"".join(chunks)
-        if status != 200:
-            return await _respond_raw(send, status, answer)
-        return await _respond(send, 200, v.v2_to_predictions(orjson.loads(answer)))
+        await _respond(send, status, v.v2_to_predictions(answer) if status == 200 else answer)
+
+    async def _infer(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """MLServer's own inference call: batching, workers, metrics. Its errors keep their status."""
+        from mlserver.errors import MLServerError
+        from mlserver.types import InferenceRequest
+
+        try:
+            request = InferenceRequest.model_validate(payload)
+        except ValueError as exc:
+            return v.UNPROCESSABLE, {"error": f"not a valid inference request: {exc}"}
+        try:
+            response = await self.data_plane.infer(request, self.model_name, None)
+        except MLServerError as exc:
+            return exc.status_code, {"error": str(exc)}
+        return 200, response.model_dump(exclude_none=True)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.limits.max_body_bytes
@@ -166,24 +167,8 @@ def _check_content_type(scope: Scope, required: bool) -> None:
             raise v.RequestError(v.UNSUPPORTED, f"charset {value!r} is not supported: send UTF-8")
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
 async def _respond(send: Send, status: int, payload: Any) -> None:
-    await _respond_raw(send, status, orjson.dumps(payload))
-
-
-async def _respond_raw(send: Send, status: int, body: bytes) -> None:
+    body = orjson.dumps(payload)
     await send(
         {
             "type": "http.response.start",

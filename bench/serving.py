@@ -1,0 +1,194 @@
+"""The serving image's server against `mlflow models serve`, side by side, on the same model and load.
+
+For each round (servers alternate, so drift hits both alike) and each path (V2 infer, /invocations), `wrk`
+sends 1-row and 64-row requests at 8 and 32 connections for a fixed duration. Also printed: the in-process
+pyfunc `predict` rate (1 and 32 rows) as the ceiling, and cold start (process start → ready) with the model
+baked into the context vs downloaded from the registry. Run (needs Debian's `wrk`):
+
+    .venv/bin/python bench/serving.py [--duration 10] [--rounds 3] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_DIR))
+
+from tests import processes  # noqa: E402
+
+ROW = {"tenure_months": 3, "monthly_charges": 99.5, "support_calls": 4, "plan": "basic", "region": "north"}
+TYPES = {
+    "tenure_months": "INT64",
+    "monthly_charges": "FP64",
+    "support_calls": "INT64",
+    "plan": "BYTES",
+    "region": "BYTES",
+}
+
+
+def rows(count: int) -> list[dict]:
+    return [{**ROW, "tenure_months": 1 + i % 70, "plan": ["basic", "standard", "premium"][i % 3]} for i in range(count)]
+
+
+def invocations_body(count: int) -> str:
+    return json.dumps({"dataframe_records": rows(count)})
+
+
+def v2_body(count: int) -> str:
+    data = rows(count)
+    inputs = [{"name": c, "datatype": t, "shape": [count, 1], "data": [r[c] for r in data]} for c, t in TYPES.items()]
+    return json.dumps({"inputs": inputs})
+
+
+def wrk(url: str, body: str, connections: int, duration: int, workdir: Path) -> dict:
+    script = workdir / "post.lua"
+    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = [[{body}]]\n')
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": _ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1)),
+        "p99_ms": _ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),
+        "errors": int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0,
+    }
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def start_ours(model: Path, workers: int, workdir: Path, env_extra: dict | None = None):
+    http, grpc_port, metrics = processes.free_port(), processes.free_port(), processes.free_port()
+    env = {
+        "MLSERVER_HTTP_PORT": str(http), "MLSERVER_GRPC_PORT": str(grpc_port), "MLSERVER_METRICS_PORT": str(metrics),
+        "MLSERVER_PARALLEL_WORKERS": str(workers), "MLSERVER_METRICS_DIR": str(workdir / f"metrics-{http}"),
+        "MLSERVER_MODEL_NAME": "churn", **(env_extra or {}),
+    }  # fmt: skip
+    command = [sys.executable, "-m", "ml_serving.server", str(model)]
+    return processes.running(command, workdir / f"ours-{http}.log", env=env, cwd=PROJECT_DIR), http
+
+
+def start_mlflow(model: Path, workers: int, workdir: Path):
+    port = processes.free_port()
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
+        "-h", "127.0.0.1", "-p", str(port), "-w", str(workers),
+    ]  # fmt: skip
+    return processes.running(command, workdir / f"mlflow-{port}.log", env=env), port
+
+
+def in_process_rate(model: Path) -> dict[int, float]:
+    import pandas as pd
+    from mlflow.pyfunc import load_model
+
+    loaded = load_model(str(model))
+    rates = {}
+    for count in (1, 32):
+        frame = pd.DataFrame(rows(count))
+        loaded.predict(frame)
+        calls, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 2:
+            loaded.predict(frame)
+            calls += 1
+        rates[count] = calls / (time.perf_counter() - started)
+    return rates
+
+
+def cold_start(model_uri: str, model_dir: Path, workdir: Path) -> dict[str, float]:
+    """Process start → ready: the model already in the folder (baked) vs fetched from the registry first."""
+    results = {}
+    for label, model in (("baked", str(model_dir)), ("downloaded", model_uri)):
+        started = time.monotonic()
+        env = {"TMPDIR": str(workdir / f"tmp-{label}")}
+        Path(env["TMPDIR"]).mkdir(exist_ok=True)
+        context, http = start_ours(model, 2, workdir, env)  # type: ignore[arg-type]
+        with context as process:
+            processes.wait_for(f"http://127.0.0.1:{http}/v2/health/ready", process, workdir / "cold.log", 300)
+            results[label] = time.monotonic() - started
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("error: wrk not found: apt-get install -y wrk")
+
+    from mlflow.tracking import MlflowClient
+
+    from ml_serving.seed import register_churn_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="ml-serving-bench-"))
+    uri = f"sqlite:///{workdir / 'registry.db'}"
+    version = register_churn_model(uri, aliases=("champion",))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    model_dir = Path(client.get_model_version_download_uri("churn-classifier", version).removeprefix("file://"))
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"model: churn-classifier v{version} (sklearn pipeline, numeric + string columns); {args.workers} workers")
+    rates = in_process_rate(model_dir)
+    print(f"in-process predict: 1 row {rates[1]:.0f} calls/s, 32 rows {rates[32]:.0f} calls/s", end=" ")
+    print(f"({32 * rates[32]:.0f} rows/s)")
+
+    cases = [(path, rows_, conns) for path in ("v2", "invocations") for rows_ in (1, 64) for conns in (8, 32)]
+    results: dict[tuple, list] = {}
+    for round_ in range(args.rounds):
+        for server in ("ours", "mlflow") if round_ % 2 == 0 else ("mlflow", "ours"):
+            starter = start_ours if server == "ours" else start_mlflow
+            context, port = starter(model_dir, args.workers, workdir)
+            with context as process:
+                ready = "/v2/health/ready" if server == "ours" else "/ping"
+                processes.wait_for(f"http://127.0.0.1:{port}{ready}", process, workdir / "start.log", 300)
+                for path, count, conns in cases:
+                    if server == "mlflow" and path == "v2":
+                        continue
+                    url = f"http://127.0.0.1:{port}" + ("/v2/models/churn/infer" if path == "v2" else "/invocations")
+                    body = v2_body(count) if path == "v2" else invocations_body(count)
+                    wrk(url, body, conns, 2, workdir)  # warm up
+                    results.setdefault((server, path, count, conns), []).append(
+                        wrk(url, body, conns, args.duration, workdir)
+                    )
+
+    print(f"\n{'path':<12} {'rows':>4} {'conns':>5} | {'ours req/s':>10} {'p50':>7} {'p99':>7} | "
+          f"{'mlflow req/s':>12} {'p50':>7} {'p99':>7} | {'ratio':>6}")  # fmt: skip
+    for path, count, conns in cases:
+        ours = _median(results[("ours", path, count, conns)])
+        base = _median(results[("mlflow", "invocations", count, conns)])
+        mine = f"{ours['rps']:>10.0f} {ours['p50_ms']:>6.1f}ms {ours['p99_ms']:>6.1f}ms"
+        theirs = f"{base['rps']:>12.0f} {base['p50_ms']:>6.1f}ms {base['p99_ms']:>6.1f}ms"
+        errors = f"  ({ours['errors']} non-2xx)" if ours["errors"] else ""
+        print(f"{path:<12} {count:>4} {conns:>5} | {mine} | {theirs} | {ours['rps'] / base['rps']:>5.2f}x{errors}")
+    print("(mlflow models serve has no V2 route: V2 rows compare with its /invocations at the same load)")
+    cold = cold_start(f"models:/churn-classifier/{version}", model_dir, workdir)
+    print(
+        f"\ncold start to ready: baked {cold['baked']:.1f} s, downloaded from the registry {cold['downloaded']:.1f} s"
+    )
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _median(samples: list[dict]) -> dict:
+    return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+
+
+if __name__ == "__main__":
+    main()
