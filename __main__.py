@@ -5,6 +5,8 @@ from pathlib import Path
 import pulumi
 
 from components import (
+    GpuNodePool,
+    GpuNodePoolArgs,
     ModelDeployment,
     ModelDeploymentArgs,
     ServingImage,
@@ -26,6 +28,10 @@ contexts = build_contexts(settings, versions, Path("build") / pulumi.get_stack()
 provider = kubernetes_provider(settings.kubernetes)
 
 platform = ServingPlatform("platform", ServingPlatformArgs(settings), pulumi.ResourceOptions(providers=[provider]))
+pools = [
+    GpuNodePool(pool, GpuNodePoolArgs(settings, pool), pulumi.ResourceOptions(providers=[provider]))
+    for pool in settings.node_pools
+]
 
 deployments = {}
 for model in settings.models:
@@ -40,7 +46,7 @@ for model in settings.models:
             {variant: versions.of(model, variant) for variant in settings.models[model].variants},
             images=image.images,
         ),
-        pulumi.ResourceOptions(providers=[provider], depends_on=platform.ready),
+        pulumi.ResourceOptions(providers=[provider], depends_on=[*platform.ready, *pools]),
     )
 
 pulumi.export("namespace", settings.namespace)

@@ -1,10 +1,13 @@
 """One ComponentResource per concern; each builds its objects with `ml_serving.specs` and only wires them."""
 
+from components.gpu_node_pool import GpuNodePool, GpuNodePoolArgs
 from components.model_deployment import ModelDeployment, ModelDeploymentArgs
 from components.platform import ServingPlatform, ServingPlatformArgs
 from components.serving_image import ServingImage, ServingImageArgs
 
 __all__ = [
+    "GpuNodePool",
+    "GpuNodePoolArgs",
     "ModelDeployment",
     "ModelDeploymentArgs",
     "ServingImage",

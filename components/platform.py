@@ -8,6 +8,7 @@ import pulumi
 
 from components import _kubernetes
 from ml_serving.settings import Settings
+from ml_serving.specs import gpu
 from ml_serving.specs import platform as specs
 
 
@@ -17,7 +18,7 @@ class ServingPlatformArgs:
 
 
 class ServingPlatform(pulumi.ComponentResource):
-    """Namespace, Seldon Core v1 operator, KEDA and the Istio gateway, as the stack's `platform` asks."""
+    """Namespace, Seldon Core v1 operator, KEDA, the Istio gateway and GPU support, as the stack asks."""
 
     def __init__(self, name: str, args: ServingPlatformArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ml-serving:platform:ServingPlatform", name, None, opts)
@@ -29,6 +30,14 @@ class ServingPlatform(pulumi.ComponentResource):
             # The operator's webhook reads KEDA's CRDs, so KEDA goes first.
             seldon_opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=releases))
             releases.append(_kubernetes.helm_release(specs.seldon_operator(settings), seldon_opts))
+        if any(pool.gpu for pool in settings.node_pools.values()):
+            # nvidia.com/gpu is schedulable only once the device plugin (or the GPU Operator) runs on GPU nodes.
+            if settings.gpu.device_plugin == "device-plugin":
+                releases.append(_kubernetes.helm_release(gpu.device_plugin(settings), child))
+            elif settings.gpu.device_plugin == "gpu-operator":
+                releases.append(_kubernetes.helm_release(gpu.gpu_operator(settings), child))
+            if settings.gpu.dcgm_exporter == "install":
+                releases.append(_kubernetes.helm_release(gpu.dcgm_exporter(settings), child))
         self.namespace = _kubernetes.namespace(settings.namespace, specs.namespace(settings), child)
         self.gateway = None
         if settings.platform.istio_gateway == "install":

@@ -46,13 +46,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ml_serving.stackfile import load_settings
 
     project_dir = args.project_dir or find_project_dir()
-    load_settings(project_dir, args.stack)  # a bad stack file fails here, with its own message
+    settings = load_settings(project_dir, args.stack)  # a bad stack file fails here, with its own message
     plan = _run(lambda: run_program(project_dir, args.stack, cwd=args.cwd))
     out_dir = args.out or project_dir / "rendered" / args.stack
     written = write_rendered(plan, out_dir)
     if args.quiet:
         return 0
     _print_summary(plan, out_dir, len(written))
+    if settings.node_pools:
+        _print_pools(settings)
     if args.diff:
         return _print_diff(project_dir, args.stack, args.diff, out_dir)
     if args.preview:
@@ -105,6 +107,33 @@ def _print_summary(plan, out_dir: Path, files: int) -> None:  # type: ignore[no-
             )
     console.print(models)
     console.print(f"wrote {files} files to {out_dir}")
+
+
+def _print_pools(settings) -> None:  # type: ignore[no-untyped-def]
+    from ml_serving.specs.gpu import placements
+
+    pools = Table(title="node pools", title_justify="left")
+    for column in ("pool", "GPU types", "GPU limit", "time-slicing", "capacity", "instance families"):
+        pools.add_column(column)
+    for name, pool in settings.node_pools.items():
+        gpu = pool.gpu
+        pools.add_row(
+            name,
+            ", ".join(gpu.types) if gpu else "-",
+            str(gpu.limit) if gpu else "-",
+            f"{gpu.time_slicing.replicas} per GPU" if gpu and gpu.time_slicing else "-",
+            ", ".join(pool.capacity_types),
+            ", ".join(pool.instance_families or pool.instance_categories) or "any",
+        )
+    console.print(pools)
+    placed = Table(title="placement", title_justify="left")
+    for column in ("model", "variant", "pool", "GPUs", "GPU type"):
+        placed.add_column(column)
+    for place in placements(settings):
+        placed.add_row(
+            place.model, place.variant, place.pool or "general nodes", str(place.gpus or "-"), place.gpu_type or "-"
+        )
+    console.print(placed)
 
 
 def _print_diff(project_dir: Path, stack: str, ref: str, out_dir: Path) -> int:

@@ -100,9 +100,9 @@ def download_environment(model_uri: str, target: Path) -> Path:
     return target
 
 
-def server_files() -> dict[str, bytes]:
-    """The server code and the settings, as the image lays them out under /app."""
-    files = {"Dockerfile": (SERVING_IMAGE_DIR / "Dockerfile").read_bytes()}
+def server_files(gpu: bool = False) -> dict[str, bytes]:
+    """The server code and the settings, as the image lays them out under /app; GPU builds use Dockerfile.gpu."""
+    files = {"Dockerfile": (SERVING_IMAGE_DIR / ("Dockerfile.gpu" if gpu else "Dockerfile")).read_bytes()}
     files["requirements-server.txt"] = (SERVING_IMAGE_DIR / "requirements.txt").read_bytes()
     for name in SETTINGS_FILES:
         files[f"serving/{name}"] = (SERVING_IMAGE_DIR / name).read_bytes()
@@ -112,8 +112,8 @@ def server_files() -> dict[str, bytes]:
     return files
 
 
-def build_context(environment: ModelEnvironment, bake_from: str | None = None) -> BuildContext:
-    files = {**server_files(), "requirements-model.txt": environment.requirements.encode()}
+def build_context(environment: ModelEnvironment, bake_from: str | None = None, gpu: bool = False) -> BuildContext:
+    files = {**server_files(gpu), "requirements-model.txt": environment.requirements.encode()}
     build_args = {"PYTHON_VERSION": environment.python_version}
     if bake_from:
         build_args["MODEL_URI"] = BAKED_MODEL_PATH

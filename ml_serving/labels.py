@@ -9,6 +9,7 @@ MODEL = f"{DOMAIN}/model"
 VARIANT = f"{DOMAIN}/variant"
 MODEL_VERSION = f"{DOMAIN}/model-version"
 REGISTERED_MODEL = f"{DOMAIN}/registered-model"
+POOL = f"{DOMAIN}/pool"
 
 RUN_ID = f"{DOMAIN}/run-id"
 MODEL_URI = f"{DOMAIN}/model-uri"

@@ -51,7 +51,8 @@ def build_contexts(settings: Settings, versions: Resolution, build_dir: Path) ->
                 environment = model_environment(
                     model.registered_model, resolved.version, resolved.model_uri, lock_dir=Path("model-lock")
                 )
-                context = build_context(environment, resolved.model_uri if model.serving.bake else None)
+                bake_from = resolved.model_uri if model.serving.bake else None
+                context = build_context(environment, bake_from, gpu=model.variants[variant].gpu > 0)
                 path = build_dir / f"{model_key}-{context.tag}"
                 if not path.exists() or not pulumi.runtime.is_dry_run():
                     write_context(context, path, with_model=not pulumi.runtime.is_dry_run())

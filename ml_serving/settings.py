@@ -169,6 +169,87 @@ class DisruptionBudget(_Config):
     max_unavailable: Annotated[StrictInt, Field(ge=0)] = 1
 
 
+GPU_TYPES = ("t4", "t4g", "a10g", "l4", "l40s", "v100", "a100", "h100", "h200", "b200")
+
+
+def _gpu_type(value: str) -> str:
+    if value not in GPU_TYPES:
+        raise ValueError(f"{value!r} is not a known GPU type: use one of {', '.join(GPU_TYPES)}")
+    return value
+
+
+GpuType = Annotated[str, AfterValidator(_gpu_type)]
+
+
+class TimeSlicing(_Config):
+    """Several pods share one GPU (NVIDIA device plugin time-slicing): each GPU is offered `replicas` times."""
+
+    replicas: Annotated[StrictInt, Field(ge=1, le=64)]
+
+
+class PoolGpu(_Config):
+    types: tuple[GpuType, ...] = Field(min_length=1)
+    min_count: Annotated[StrictInt, Field(ge=1)] = 1
+    min_memory_mib: Annotated[StrictInt, Field(ge=1)] | None = None
+    limit: Annotated[StrictInt, Field(ge=1)]
+    time_slicing: TimeSlicing | None = None
+
+    @property
+    def schedulable(self) -> int:
+        """`nvidia.com/gpu` units the pool can offer at its limit."""
+        return self.limit * (self.time_slicing.replicas if self.time_slicing else 1)
+
+
+class PoolLimits(_Config):
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+
+
+class Budget(_Config):
+    nodes: str = Field(default="10%", pattern=r"^((100|[0-9]{1,2})%|[0-9]+)$")
+    schedule: str | None = None
+    duration: str | None = Field(default=None, pattern=r"^([0-9]+h)?([0-9]+m)?$")
+
+
+class PoolDisruption(_Config):
+    consolidation_policy: Literal["WhenEmpty", "WhenEmptyOrUnderutilized"] = "WhenEmpty"
+    consolidate_after: str = Field(default="10m", pattern=r"^(([0-9]+(s|m|h))+|Never)$")
+    budgets: tuple[Budget, ...] = (Budget(),)
+
+
+class NodeClass(_Config):
+    role: str = Field(min_length=1)
+    ami_alias: str = Field(default="al2023@latest", pattern=r"^(al2|al2023|bottlerocket|windows2019|windows2022)@.+$")
+    subnet_tags: dict[str, str] = Field(min_length=1)
+    security_group_tags: dict[str, str] = Field(min_length=1)
+    volume_size: Quantity = "200Gi"
+
+
+class NodePool(_Config):
+    """A Karpenter NodePool and its EC2NodeClass; with `gpu`, a GPU pool tainted so only GPU variants land."""
+
+    gpu: PoolGpu | None = None
+    instance_families: tuple[str, ...] = ()
+    instance_categories: tuple[str, ...] = ()
+    architecture: Literal["amd64", "arm64"] = "amd64"
+    capacity_types: tuple[Literal["on-demand", "spot"], ...] = ("on-demand",)
+    limits: PoolLimits = PoolLimits()
+    disruption: PoolDisruption = PoolDisruption()
+    labels: dict[str, str] = {}
+    taint_key: str | None = None
+    expire_after: str = "720h"
+    node_class: NodeClass
+
+
+class Gpu(_Config):
+    """Cluster-wide GPU support: how `nvidia.com/gpu` becomes schedulable, and GPU metrics."""
+
+    device_plugin: Literal["device-plugin", "gpu-operator", "existing"] = "device-plugin"
+    dcgm_exporter: Literal["install", "existing"] = "install"
+    dcgm_service_monitor: StrictBool = False
+    taint_key: str = "nvidia.com/gpu"
+
+
 class Variant(_Config):
     """One predictor: a model version picked by registry alias, or pinned, and its share of traffic."""
 
@@ -179,6 +260,9 @@ class Variant(_Config):
     pinned_from: str | None = None
     weight: Weight | None = None
     shadow: StrictBool = False
+    gpu: Annotated[StrictInt, Field(ge=0, le=16)] = 0
+    gpu_type: GpuType | None = None
+    pool: str | None = None
 
     @model_validator(mode="after")
     def _choice(self) -> Variant:
@@ -193,6 +277,8 @@ class Variant(_Config):
                     raise ValueError(f"'{to_camel(key)}' goes with a pinned 'version', not with 'alias'")
         if self.shadow and self.weight:
             raise ValueError("a shadow variant gets a mirror of all traffic: remove 'weight' or set shadow: false")
+        if self.gpu_type and not self.gpu:
+            raise ValueError(f"gpuType {self.gpu_type!r} needs 'gpu' (the number of GPUs, e.g. gpu: 1)")
         if not self.shadow and self.weight is None:
             raise ValueError("set 'weight' (0-100; weights of non-shadow variants add up to 100) or shadow: true")
         return self
@@ -240,6 +326,8 @@ class Settings(_Config):
     kubernetes: KubernetesTarget = KubernetesTarget()
     serving_image: ServingImage = ServingImage()
     registry_password: SecretStr | None = None
+    gpu: Gpu = Gpu()
+    node_pools: dict[DnsLabel, NodePool] = {}
     models: dict[DnsLabel, Model] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -253,12 +341,16 @@ class Settings(_Config):
                             "needs the MLflow registry to find its version: set ml-serving:registry.trackingUri, "
                             "or pin 'version' and 'modelUri' (ml-serving pin STACK does it for you)",
                         )
+        self._check_gpus()
         if self.kubernetes.render_yaml_to_directory:
-            for part in ("seldon", "keda"):
-                if getattr(self.platform, part) == "install":
+            charts = [(f"platform.{part}", getattr(self.platform, part)) for part in ("seldon", "keda")]
+            if any(pool.gpu for pool in self.node_pools.values()):
+                charts += [("gpu.devicePlugin", self.gpu.device_plugin), ("gpu.dcgmExporter", self.gpu.dcgm_exporter)]
+            for path, choice in charts:
+                if choice not in ("existing",):
                     raise PathError(
-                        f"platform.{part}",
-                        "'install' is a Helm release, which a provider that renders YAML cannot apply: "
+                        path,
+                        f"'{choice}' is a Helm release, which a provider that renders YAML cannot apply: "
                         "set it to 'existing' or remove kubernetes.renderYamlToDirectory",
                     )
         image = self.serving_image
@@ -276,6 +368,72 @@ class Settings(_Config):
                         "Seldon's hpaSpec has no scaling behaviour: remove it, or use platform.autoscaler: keda",
                     )
         return self
+
+    def pool_for(self, variant: Variant) -> str | None:
+        """The pool a GPU variant lands on: the one it names, else the first GPU pool offering its GPU type."""
+        if not variant.gpu:
+            return None
+        if variant.pool:
+            return variant.pool
+        for name, pool in self.node_pools.items():
+            if pool.gpu is not None and (variant.gpu_type is None or variant.gpu_type in pool.gpu.types):
+                return name
+        return None
+
+    def _check_gpus(self) -> None:
+        """Every GPU variant has a pool that can host it, at its full scale; pools taint the key variants tolerate."""
+        for name, pool in self.node_pools.items():
+            if pool.gpu is not None and pool.taint_key not in (None, self.gpu.taint_key):
+                raise PathError(
+                    f"nodePools.{name}.taintKey",
+                    f"{pool.taint_key!r} does not match gpu.taintKey {self.gpu.taint_key!r}, the key GPU variants "
+                    "tolerate and the device plugin runs under: remove taintKey or make the two equal",
+                )
+        for m, model in self.models.items():
+            for v, variant in model.variants.items():
+                where = f"models.{m}.variants.{v}"
+                pool = self.node_pools.get(variant.pool) if variant.pool else None
+                if variant.pool and pool is None:
+                    known = ", ".join(self.node_pools) or "none"
+                    raise PathError(f"{where}.pool", f"no node pool {variant.pool!r} (pools: {known})")
+                if not variant.gpu:
+                    if pool is not None and pool.gpu is not None:
+                        raise PathError(f"{where}.pool", f"{variant.pool!r} is a GPU pool: set gpu, or pick a CPU pool")
+                    continue
+                if pool is None:
+                    pool_name = next(
+                        (
+                            n
+                            for n, p in self.node_pools.items()
+                            if p.gpu and (not variant.gpu_type or variant.gpu_type in p.gpu.types)
+                        ),
+                        None,
+                    )
+                    if pool_name is None:
+                        wanted = f" with gpu.types including {variant.gpu_type!r}" if variant.gpu_type else ""
+                        raise PathError(
+                            f"{where}.gpu",
+                            f"no GPU node pool can host this variant: add one under ml-serving:nodePools{wanted}",
+                        )
+                    pool = self.node_pools[pool_name]
+                else:
+                    pool_name = str(variant.pool)
+                    if pool.gpu is None:
+                        raise PathError(f"{where}.pool", f"{pool_name!r} has no GPUs: pick a GPU pool")
+                    if variant.gpu_type and variant.gpu_type not in pool.gpu.types:
+                        raise PathError(
+                            f"{where}.gpuType",
+                            f"pool {pool_name!r} offers {', '.join(pool.gpu.types)}, not {variant.gpu_type!r}",
+                        )
+                assert pool.gpu is not None
+                needed = model.autoscaling.max_replicas * variant.gpu
+                if needed > pool.gpu.schedulable:
+                    raise PathError(
+                        f"nodePools.{pool_name}.gpu.limit",
+                        f"{pool.gpu.limit} GPUs{' (time-sliced)' if pool.gpu.time_slicing else ''} cannot hold "
+                        f"{where} at maxReplicas {model.autoscaling.max_replicas} x gpu {variant.gpu} = {needed}: "
+                        "raise the limit or lower maxReplicas",
+                    )
 
 
 def parse_settings(config: Mapping[str, Any], source: str) -> Settings:

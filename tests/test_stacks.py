@@ -169,5 +169,10 @@ def test_dev_renders_yaml_with_one_variant_resolved_from_the_registry(dev, regis
 
 def test_components_use_the_project_type_tokens(prod):
     types = {r.type for r in prod.resources if not r.custom}
-    assert {"ml-serving:platform:ServingPlatform", "ml-serving:serving:ModelDeployment"} <= types
-    assert len(prod.components("ml-serving:serving:ModelDeployment")) == 2
+    assert {
+        "ml-serving:platform:ServingPlatform",
+        "ml-serving:serving:ModelDeployment",
+        "ml-serving:image:ServingImage",
+        "ml-serving:gpu:GpuNodePool",
+    } <= types
+    assert len(prod.components("ml-serving:serving:ModelDeployment")) == 3

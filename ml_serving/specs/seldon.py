@@ -20,6 +20,7 @@ from typing import Any
 from ml_serving import labels
 from ml_serving.registry import ResolvedVersion
 from ml_serving.settings import Autoscaling, Model, Settings, Variant
+from ml_serving.specs import gpu
 
 API_VERSION = "machinelearning.seldon.io/v1"
 TMP_VOLUME = "tmp"
@@ -43,13 +44,14 @@ def predictor_annotations(resolved: ResolvedVersion) -> dict[str, str]:
     return notes
 
 
-def resources(model: Model) -> dict[str, Any]:
+def resources(model: Model, variant: Variant | None = None) -> dict[str, Any]:
     spec = model.resources
-    return {
-        "requests": {"cpu": spec.cpu, "memory": spec.memory},
-        # A memory limit equal to the request keeps an over-eager model from starving its neighbours.
-        "limits": {"cpu": spec.cpu_limit or spec.cpu, "memory": spec.memory_limit or spec.memory},
-    }
+    requests: dict[str, Any] = {"cpu": spec.cpu, "memory": spec.memory}
+    # A memory limit equal to the request keeps an over-eager model from starving its neighbours.
+    limits: dict[str, Any] = {"cpu": spec.cpu_limit or spec.cpu, "memory": spec.memory_limit or spec.memory}
+    if variant is not None and variant.gpu:
+        requests[gpu.GPU_RESOURCE] = limits[gpu.GPU_RESOURCE] = variant.gpu
+    return {"requests": requests, "limits": limits}
 
 
 def serving_env(model: Model) -> list[dict[str, str]]:
@@ -68,13 +70,13 @@ def serving_env(model: Model) -> list[dict[str, str]]:
     return [{"name": name, "value": str(value)} for name, value in values.items() if value is not None]
 
 
-def serving_container(model_key: str, model: Model, image: str) -> dict[str, Any]:
+def serving_container(model_key: str, model: Model, variant: Variant, image: str) -> dict[str, Any]:
     """The serving image's container, named like the graph node so Seldon runs it as the model."""
     return {
         "name": model_key,
         "image": image,
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
-        "resources": resources(model),
+        "resources": resources(model, variant),
         "securityContext": {
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
@@ -100,8 +102,10 @@ def _probe(path: str, period: int, failures: int, delay: int) -> dict[str, Any]:
     }
 
 
-def pod_spec(model_key: str, model: Model, image: str) -> dict[str, Any]:
+def pod_spec(settings: Settings, model_key: str, variant: Variant, image: str) -> dict[str, Any]:
+    model = settings.models[model_key]
     return {
+        **gpu.scheduling(settings, variant),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 1000,
@@ -109,7 +113,7 @@ def pod_spec(model_key: str, model: Model, image: str) -> dict[str, Any]:
             "fsGroup": 1000,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [serving_container(model_key, model, image)],
+        "containers": [serving_container(model_key, model, variant, image)],
         "volumes": [{"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}}],
     }
 
@@ -156,12 +160,13 @@ def _resource_metric(name: str, utilization: int) -> dict[str, Any]:
     return {"type": "Resource", "resource": {"name": name, "targetAverageUtilization": utilization}}
 
 
-def component_spec(model_key: str, model: Model, image: str, autoscaler: str) -> dict[str, Any]:
+def component_spec(settings: Settings, model_key: str, variant: Variant, image: str) -> dict[str, Any]:
+    model = settings.models[model_key]
     spec: dict[str, Any] = {
-        "spec": pod_spec(model_key, model, image),
+        "spec": pod_spec(settings, model_key, variant, image),
         "pdbSpec": {"maxUnavailable": model.disruption_budget.max_unavailable},
     }
-    if autoscaler == "keda":
+    if settings.platform.autoscaler == "keda":
         spec["kedaSpec"] = keda_spec(model.autoscaling)
     else:
         spec["hpaSpec"] = hpa_spec(model.autoscaling)
@@ -169,8 +174,9 @@ def component_spec(model_key: str, model: Model, image: str, autoscaler: str) ->
 
 
 def predictor(
-    model_key: str, model: Model, name: str, variant: Variant, resolved: ResolvedVersion, image: str, autoscaler: str
+    settings: Settings, model_key: str, name: str, variant: Variant, resolved: ResolvedVersion, image: str
 ) -> dict[str, Any]:
+    model = settings.models[model_key]
     graph: dict[str, Any] = {"name": model_key, "type": "MODEL", "children": []}
     if not model.serving.bake:
         graph["modelUri"] = resolved.model_uri
@@ -179,7 +185,7 @@ def predictor(
         "labels": predictor_labels(model_key, model, name, resolved),
         "annotations": predictor_annotations(resolved),
         "graph": graph,
-        "componentSpecs": [component_spec(model_key, model, image, autoscaler)],
+        "componentSpecs": [component_spec(settings, model_key, variant, image)],
     }
     if variant.shadow:
         spec["shadow"] = True
@@ -206,7 +212,7 @@ def seldon_deployment(
             "name": model_key,
             "protocol": "v2",
             "predictors": [
-                predictor(model_key, model, name, variant, resolved[name], images[name], settings.platform.autoscaler)
+                predictor(settings, model_key, name, variant, resolved[name], images[name])
                 for name, variant in model.variants.items()
             ],
         },

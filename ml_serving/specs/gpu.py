@@ -1,0 +1,232 @@
+"""GPU node pools (Karpenter v1 NodePool + EC2NodeClass), the NVIDIA charts, and where each variant lands.
+
+A GPU variant and the pool that hosts it are matched here, from the same settings, so a model that asks for a
+GPU never sits Pending for want of a pool: the settings checks refuse such a stack before anything is declared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ml_serving import labels
+from ml_serving.settings import Settings, Variant
+from ml_serving.specs.platform import HelmChart
+
+NODEPOOL_API = "karpenter.sh/v1"
+NODECLASS_API = "karpenter.k8s.aws/v1"
+GPU_RESOURCE = "nvidia.com/gpu"
+POOL_LABEL = "karpenter.sh/nodepool"
+GPU_NAME_LABEL = "karpenter.k8s.aws/instance-gpu-name"
+DEVICE_PLUGIN_CONFIG_LABEL = "nvidia.com/device-plugin.config"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one variant runs: a pool name (None: the cluster's general nodes), and its GPUs."""
+
+    model: str
+    variant: str
+    pool: str | None
+    gpus: int
+    gpu_type: str | None
+
+
+def placements(settings: Settings) -> list[Placement]:
+    return [
+        Placement(model_key, name, settings.pool_for(variant), variant.gpu, variant.gpu_type)
+        for model_key, model in settings.models.items()
+        for name, variant in model.variants.items()
+    ]
+
+
+def node_pool(settings: Settings, name: str) -> dict[str, Any]:
+    pool = settings.node_pools[name]
+    requirements = [
+        {"key": "kubernetes.io/arch", "operator": "In", "values": [pool.architecture]},
+        {"key": "karpenter.sh/capacity-type", "operator": "In", "values": list(pool.capacity_types)},
+    ]
+    if pool.instance_families:
+        requirements.append(
+            {"key": "karpenter.k8s.aws/instance-family", "operator": "In", "values": list(pool.instance_families)}
+        )
+    if pool.instance_categories:
+        requirements.append(
+            {"key": "karpenter.k8s.aws/instance-category", "operator": "In", "values": list(pool.instance_categories)}
+        )
+    node_labels = {labels.POOL: name, **pool.labels}
+    taints = []
+    limits: dict[str, Any] = {}
+    if pool.gpu is not None:
+        gpu = pool.gpu
+        requirements.append({"key": GPU_NAME_LABEL, "operator": "In", "values": list(gpu.types)})
+        requirements.append(
+            {"key": "karpenter.k8s.aws/instance-gpu-count", "operator": "Gt", "values": [str(gpu.min_count - 1)]}
+        )
+        if gpu.min_memory_mib:
+            requirements.append(
+                {
+                    "key": "karpenter.k8s.aws/instance-gpu-memory",
+                    "operator": "Gt",
+                    "values": [str(gpu.min_memory_mib - 1)],
+                }
+            )
+        taints.append({"key": settings.gpu.taint_key, "value": "true", "effect": "NoSchedule"})
+        limits[GPU_RESOURCE] = str(gpu.limit)
+        if gpu.time_slicing is not None:
+            node_labels[DEVICE_PLUGIN_CONFIG_LABEL] = name
+    if pool.limits.cpu is not None:
+        limits["cpu"] = pool.limits.cpu
+    if pool.limits.memory is not None:
+        limits["memory"] = pool.limits.memory
+    disruption: dict[str, Any] = {
+        "consolidationPolicy": pool.disruption.consolidation_policy,
+        "consolidateAfter": pool.disruption.consolidate_after,
+        "budgets": [
+            {k: v for k, v in {"nodes": b.nodes, "schedule": b.schedule, "duration": b.duration}.items() if v}
+            for b in pool.disruption.budgets
+        ],
+    }
+    template_spec: dict[str, Any] = {
+        "nodeClassRef": {"group": "karpenter.k8s.aws", "kind": "EC2NodeClass", "name": name},
+        "requirements": requirements,
+        "expireAfter": pool.expire_after,
+    }
+    if taints:
+        template_spec["taints"] = taints
+    return {
+        "apiVersion": NODEPOOL_API,
+        "kind": "NodePool",
+        "metadata": {"name": name, "labels": labels.common("node-pool")},
+        "spec": {
+            "template": {"metadata": {"labels": node_labels}, "spec": template_spec},
+            "limits": limits,
+            "disruption": disruption,
+        },
+    }
+
+
+def node_class(settings: Settings, name: str) -> dict[str, Any]:
+    pool = settings.node_pools[name]
+    node = pool.node_class
+    return {
+        "apiVersion": NODECLASS_API,
+        "kind": "EC2NodeClass",
+        "metadata": {"name": name, "labels": labels.common("node-pool")},
+        "spec": {
+            "role": node.role,
+            # The alias picks the GPU-ready (NVIDIA driver) variant of the AMI for GPU instance types.
+            "amiSelectorTerms": [{"alias": node.ami_alias}],
+            "subnetSelectorTerms": [{"tags": dict(node.subnet_tags)}],
+            "securityGroupSelectorTerms": [{"tags": dict(node.security_group_tags)}],
+            "blockDeviceMappings": [
+                {
+                    "deviceName": "/dev/xvda",
+                    "ebs": {
+                        "volumeSize": node.volume_size,
+                        "volumeType": "gp3",
+                        "encrypted": True,
+                        "deleteOnTermination": True,
+                    },
+                }
+            ],
+            "metadataOptions": {"httpTokens": "required", "httpPutResponseHopLimit": 1},
+            "tags": {"ml-serving.io/pool": name},
+        },
+    }
+
+
+def time_slicing_config(replicas: int) -> str:
+    return (
+        "version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+        f"      - name: {GPU_RESOURCE}\n        replicas: {replicas}\n"
+    )
+
+
+def device_plugin(settings: Settings) -> HelmChart:
+    """NVIDIA's device plugin, on GPU nodes only, with one time-slicing config per pool that asks for it."""
+    configs = {
+        name: time_slicing_config(pool.gpu.time_slicing.replicas)
+        for name, pool in settings.node_pools.items()
+        if pool.gpu is not None and pool.gpu.time_slicing is not None
+    }
+    values: dict[str, Any] = {
+        "tolerations": [{"key": settings.gpu.taint_key, "operator": "Exists", "effect": "NoSchedule"}],
+        "nodeSelector": {},
+        "affinity": _gpu_nodes_affinity(),
+    }
+    if configs:
+        values["config"] = {"map": {"default": "version: v1\n", **configs}, "default": "default"}
+    return HelmChart(
+        release="nvidia-device-plugin",
+        chart="nvidia-device-plugin",
+        version="0.17.0",
+        repository="https://nvidia.github.io/k8s-device-plugin",
+        namespace="nvidia-device-plugin",
+        values=values,
+    )
+
+
+def gpu_operator(settings: Settings) -> HelmChart:
+    """The NVIDIA GPU Operator instead of the bare device plugin (drivers and toolkit from the AMI)."""
+    return HelmChart(
+        release="gpu-operator",
+        chart="gpu-operator",
+        version="v24.9.2",
+        repository="https://helm.ngc.nvidia.com/nvidia",
+        namespace="gpu-operator",
+        values={
+            "driver": {"enabled": False},
+            "toolkit": {"enabled": False},
+            "dcgmExporter": {"enabled": False},
+            "daemonsets": {
+                "tolerations": [{"key": settings.gpu.taint_key, "operator": "Exists", "effect": "NoSchedule"}]
+            },
+        },
+    )
+
+
+def dcgm_exporter(settings: Settings) -> HelmChart:
+    """GPU utilisation and memory per GPU, for Prometheus (scraped through its ServiceMonitor)."""
+    return HelmChart(
+        release="dcgm-exporter",
+        chart="dcgm-exporter",
+        version="4.1.1",
+        repository="https://nvidia.github.io/dcgm-exporter/helm-charts",
+        namespace="nvidia-dcgm-exporter",
+        values={
+            "tolerations": [{"key": settings.gpu.taint_key, "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": _gpu_nodes_affinity(),
+            "serviceMonitor": {"enabled": settings.gpu.dcgm_service_monitor},
+        },
+    )
+
+
+def _gpu_nodes_affinity() -> dict[str, Any]:
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": GPU_NAME_LABEL, "operator": "Exists"}]}]
+            }
+        }
+    }
+
+
+def scheduling(settings: Settings, variant: Variant) -> dict[str, Any]:
+    """Pod-spec fields that put a GPU variant on its pool; CPU variants get none (and so never tolerate GPUs)."""
+    pool = settings.pool_for(variant)
+    if pool is None:
+        return {}
+    expressions = [{"key": POOL_LABEL, "operator": "In", "values": [pool]}]
+    if variant.gpu_type:
+        expressions.append({"key": GPU_NAME_LABEL, "operator": "In", "values": [variant.gpu_type]})
+    return {
+        "tolerations": [{"key": settings.gpu.taint_key, "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": expressions}]
+                }
+            }
+        },
+    }
