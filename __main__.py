@@ -9,6 +9,8 @@ from components import (
     GpuNodePoolArgs,
     ModelDeployment,
     ModelDeploymentArgs,
+    MonitoringStack,
+    MonitoringStackArgs,
     ServingImage,
     ServingImageArgs,
     ServingPlatform,
@@ -18,8 +20,8 @@ from ml_serving.program import (
     build_contexts,
     kubernetes_provider,
     load_settings,
-    registry_password,
     resolve_versions,
+    secret,
 )
 
 settings = load_settings()
@@ -36,7 +38,7 @@ pools = [
 deployments = {}
 for model in settings.models:
     image = ServingImage(
-        model, ServingImageArgs(model, contexts[model], settings.serving_image, registry_password(settings))
+        model, ServingImageArgs(model, contexts[model], settings.serving_image, secret(settings.registry_password))
     )
     deployments[model] = ModelDeployment(
         model,
@@ -47,6 +49,13 @@ for model in settings.models:
             images=image.images,
         ),
         pulumi.ResourceOptions(providers=[provider], depends_on=[*platform.ready, *pools]),
+    )
+
+if settings.monitoring is not None:
+    MonitoringStack(
+        "monitoring",
+        MonitoringStackArgs(settings, secret(settings.grafana_admin_password)),
+        pulumi.ResourceOptions(providers=[provider], depends_on=[platform.namespace]),
     )
 
 pulumi.export("namespace", settings.namespace)

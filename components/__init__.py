@@ -2,6 +2,7 @@
 
 from components.gpu_node_pool import GpuNodePool, GpuNodePoolArgs
 from components.model_deployment import ModelDeployment, ModelDeploymentArgs
+from components.monitoring import MonitoringStack, MonitoringStackArgs
 from components.platform import ServingPlatform, ServingPlatformArgs
 from components.serving_image import ServingImage, ServingImageArgs
 
@@ -10,6 +11,8 @@ __all__ = [
     "GpuNodePoolArgs",
     "ModelDeployment",
     "ModelDeploymentArgs",
+    "MonitoringStack",
+    "MonitoringStackArgs",
     "ServingImage",
     "ServingImageArgs",
     "ServingPlatform",

@@ -169,13 +169,38 @@ def write_rendered(plan: Plan, out_dir: Path) -> list[Path]:
         old.unlink()
     written = []
     for obj in plan.objects:
-        written.append(_dump(out_dir / f"{object_key(obj)}.yaml", obj))
+        written.append(_dump(out_dir / f"{object_key(obj)}.yaml", masked(obj)))
     for release in plan.releases:
-        written.append(_dump(out_dir / f"{release_key(release)}.yaml", {"helmRelease": release}))
+        written.append(_dump(out_dir / f"{release_key(release)}.yaml", {"helmRelease": masked(release)}))
     for image in plan.images:
         name = image["imageName"].rsplit("/", 1)[-1].replace(":", "_")
         written.append(_dump(out_dir / f"docker-image_{name}.yaml", {"dockerImage": _portable(image)}))
     return written
+
+
+SECRET_SIGNATURE = "4dabf18193072939515e22adb298388d"  # how Pulumi marks a secret value on the wire
+
+
+def masked(value: Any) -> Any:
+    """Secrets (e.g. Grafana's admin password in chart values) are written as `[secret]`, never their value."""
+    if isinstance(value, dict):
+        if SECRET_SIGNATURE in value:
+            return "[secret]"
+        return {k: masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked(v) for v in value]
+    return value
+
+
+def revealed(value: Any) -> Any:
+    """The values inside secret envelopes (the placeholder, in a plan), to check an object's shape."""
+    if isinstance(value, dict):
+        if SECRET_SIGNATURE in value:
+            return revealed(value.get("value"))
+        return {k: revealed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [revealed(v) for v in value]
+    return value
 
 
 def _portable(image: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 from pulumi.runtime import config as runtime_config
+from pydantic import SecretStr
 
 from ml_serving import PROJECT
 from ml_serving.image import ImageError, PreparedContext, build_context, model_environment, write_context
@@ -62,11 +63,11 @@ def build_contexts(settings: Settings, versions: Resolution, build_dir: Path) ->
     return prepared
 
 
-def registry_password(settings: Settings) -> pulumi.Output[str] | None:
-    """The registry password as a Pulumi secret, so it never shows in a diff or the state in plain text."""
-    if settings.registry_password is None:
+def secret(value: SecretStr | None) -> pulumi.Output[str] | None:
+    """A password from the stack config as a Pulumi secret, so it never shows in a diff or the state in plain text."""
+    if value is None:
         return None
-    return pulumi.Output.secret(settings.registry_password.get_secret_value())
+    return pulumi.Output.secret(value.get_secret_value())
 
 
 def kubernetes_provider(target: KubernetesTarget) -> k8s.Provider:

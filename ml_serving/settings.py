@@ -152,6 +152,7 @@ class Autoscaling(_Config):
     max_replicas: Annotated[StrictInt, Field(ge=1)] = 3
     cpu_utilization: Annotated[StrictInt, Field(ge=1, le=100)] = 70
     memory_utilization: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
+    requests_per_second_per_replica: Annotated[float, Field(gt=0)] | None = None
     scale_up: ScaleUp = ScaleUp()
     scale_down: ScaleDown = ScaleDown()
 
@@ -250,6 +251,33 @@ class Gpu(_Config):
     taint_key: str = "nvidia.com/gpu"
 
 
+Duration = Annotated[str, Field(pattern=r"^([0-9]+(ms|s|m|h|d|w|y))+$")]
+
+
+class AlertThresholds(_Config):
+    """When the alerts fire; every alert waits `for` before firing, so a blip does not page anyone."""
+
+    error_ratio: Annotated[float, Field(gt=0, le=1)] = 0.05
+    latency_p95_seconds: Annotated[float, Field(gt=0)] = 0.5
+    challenger_error_factor: Annotated[float, Field(ge=1)] = 2.0
+    challenger_latency_factor: Annotated[float, Field(ge=1)] = 1.5
+    for_: Duration = Field(default="5m", alias="for")
+    window: Duration = "5m"
+
+
+class Monitoring(_Config):
+    """kube-prometheus-stack (or an existing Prometheus and Grafana), scraping, alerts and dashboards."""
+
+    stack: Literal["install", "existing"] = "install"
+    namespace: DnsLabel = "monitoring"
+    prometheus_url: str = "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
+    retention: Duration = "15d"
+    storage_size: Quantity = "50Gi"
+    scrape_interval: Duration = "30s"
+    resources: Resources = Resources(cpu="500m", memory="2Gi")
+    alerts: AlertThresholds = AlertThresholds()
+
+
 class Variant(_Config):
     """One predictor: a model version picked by registry alias, or pinned, and its share of traffic."""
 
@@ -328,6 +356,8 @@ class Settings(_Config):
     registry_password: SecretStr | None = None
     gpu: Gpu = Gpu()
     node_pools: dict[DnsLabel, NodePool] = {}
+    monitoring: Monitoring | None = None
+    grafana_admin_password: SecretStr | None = None
     models: dict[DnsLabel, Model] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -342,10 +372,24 @@ class Settings(_Config):
                             "or pin 'version' and 'modelUri' (ml-serving pin STACK does it for you)",
                         )
         self._check_gpus()
+        if self.monitoring and self.monitoring.stack == "install" and self.grafana_admin_password is None:
+            raise PathError(
+                "grafanaAdminPassword",
+                "installing Grafana needs an admin password: "
+                "pulumi config set --secret ml-serving:grafanaAdminPassword",
+            )
+        for name, model in self.models.items():
+            if model.autoscaling.requests_per_second_per_replica and self.monitoring is None:
+                raise PathError(
+                    f"models.{name}.autoscaling.requestsPerSecondPerReplica",
+                    "scaling on requests needs Prometheus: add ml-serving:monitoring",
+                )
         if self.kubernetes.render_yaml_to_directory:
             charts = [(f"platform.{part}", getattr(self.platform, part)) for part in ("seldon", "keda")]
             if any(pool.gpu for pool in self.node_pools.values()):
                 charts += [("gpu.devicePlugin", self.gpu.device_plugin), ("gpu.dcgmExporter", self.gpu.dcgm_exporter)]
+            if self.monitoring is not None:
+                charts.append(("monitoring.stack", self.monitoring.stack))
             for path, choice in charts:
                 if choice not in ("existing",):
                     raise PathError(

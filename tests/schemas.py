@@ -11,6 +11,8 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+from ml_serving.plan import revealed
+
 KUBERNETES_VERSION = "1.31.0"
 CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "crds"
 
@@ -64,6 +66,7 @@ def is_custom(obj: dict[str, Any]) -> bool:
 
 def validate(obj: dict[str, Any]) -> None:
     """Raise if `obj` is not valid for its kind; custom kinds need their CRD in ../shared/crds/."""
+    obj = revealed(obj)
     if is_custom(obj):
         schema = crd_schemas().get((obj["apiVersion"], obj["kind"]))
         if schema is None:

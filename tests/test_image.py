@@ -144,4 +144,7 @@ def test_registry_password_never_reaches_the_rendered_plan(tmp_path):
 
     prod = plan_stack("prod")
     written = write_rendered(prod, tmp_path / "rendered")
-    assert not any("[secret]" in path.read_text() or "password" in path.read_text() for path in written)
+    text = "\n".join(path.read_text() for path in written)
+    assert "registryPassword" not in text and "ci-bot" not in text, "image registry credentials stay out"
+    assert "4dabf18193072939515e22adb298388d" not in text, "secret values are masked, not written"
+    assert "stringData: '[secret]'" in text

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ml_serving import labels
+from ml_serving import labels, metrics
 from ml_serving.registry import ResolvedVersion
 from ml_serving.settings import Autoscaling, Model, Settings, Variant
 from ml_serving.specs import gpu
@@ -118,13 +118,15 @@ def pod_spec(settings: Settings, model_key: str, variant: Variant, image: str) -
     }
 
 
-def keda_spec(autoscaling: Autoscaling) -> dict[str, Any]:
-    """KEDA cpu/memory triggers and HPA behaviour; KEDA creates the HPA, Seldon creates the ScaledObject."""
+def keda_spec(autoscaling: Autoscaling, requests_trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+    """KEDA cpu/memory (and request-rate) triggers and HPA behaviour; Seldon creates the ScaledObject from it."""
     triggers = [{"type": "cpu", "metricType": "Utilization", "metadata": {"value": str(autoscaling.cpu_utilization)}}]
     if autoscaling.memory_utilization is not None:
         triggers.append(
             {"type": "memory", "metricType": "Utilization", "metadata": {"value": str(autoscaling.memory_utilization)}}
         )
+    if requests_trigger is not None:
+        triggers.append(requests_trigger)
     return {
         "minReplicaCount": autoscaling.min_replicas,
         "maxReplicaCount": autoscaling.max_replicas,
@@ -160,14 +162,31 @@ def _resource_metric(name: str, utilization: int) -> dict[str, Any]:
     return {"type": "Resource", "resource": {"name": name, "targetAverageUtilization": utilization}}
 
 
-def component_spec(settings: Settings, model_key: str, variant: Variant, image: str) -> dict[str, Any]:
+def requests_trigger(settings: Settings, model_key: str, variant_name: str) -> dict[str, Any] | None:
+    """KEDA's prometheus trigger on the variant's request rate, the query owned by the metrics module."""
+    per_replica = settings.models[model_key].autoscaling.requests_per_second_per_replica
+    if per_replica is None or settings.monitoring is None:
+        return None
+    return {
+        "type": "prometheus",
+        "metricType": "AverageValue",
+        "metadata": {
+            "serverAddress": settings.monitoring.prometheus_url,
+            "query": metrics.scaling_request_rate(model_key, variant_name),
+            "threshold": f"{per_replica:g}",
+        },
+    }
+
+
+def component_spec(settings: Settings, model_key: str, variant_name: str, image: str) -> dict[str, Any]:
+    variant = settings.models[model_key].variants[variant_name]
     model = settings.models[model_key]
     spec: dict[str, Any] = {
         "spec": pod_spec(settings, model_key, variant, image),
         "pdbSpec": {"maxUnavailable": model.disruption_budget.max_unavailable},
     }
     if settings.platform.autoscaler == "keda":
-        spec["kedaSpec"] = keda_spec(model.autoscaling)
+        spec["kedaSpec"] = keda_spec(model.autoscaling, requests_trigger(settings, model_key, variant_name))
     else:
         spec["hpaSpec"] = hpa_spec(model.autoscaling)
     return spec
@@ -185,7 +204,7 @@ def predictor(
         "labels": predictor_labels(model_key, model, name, resolved),
         "annotations": predictor_annotations(resolved),
         "graph": graph,
-        "componentSpecs": [component_spec(settings, model_key, variant, image)],
+        "componentSpecs": [component_spec(settings, model_key, name, image)],
     }
     if variant.shadow:
         spec["shadow"] = True

@@ -1,0 +1,178 @@
+"""Every metric name the serving image emits and every PromQL query the product uses: the only place with PromQL.
+
+Alert rules, dashboards, the KEDA request-rate trigger and the rollout analysis all take their queries from here.
+Names were read off a real scrape of the serving image's server (MLServer 1.7.1), not from docs. Two traps seen
+there, and how this module avoids them:
+- stock MLServer serves `/invocations` outside the `model_infer_*` counters; the serving image routes it through
+  MLServer's data plane, but request rates are still built on `rest_server_requests_total`, which counts every
+  request, valid or not, on both paths;
+- a request for an unknown model name creates new `model=` series; the serving image answers those before
+  MLServer, and no query groups by a label that request data can set: model, variant and version come from pod
+  labels, relabelled by the PodMonitor into `ml_model`, `ml_variant`, `ml_model_version`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Prometheus labels carrying the stack file's names (from the pods' ml-serving.io/* labels).
+MODEL = "ml_model"
+VARIANT = "ml_variant"
+MODEL_VERSION = "ml_model_version"
+BY_VARIANT = f"{MODEL}, {VARIANT}"
+
+# What the serving image exposes (MLServer 1.7.1 names, seen on its /metrics).
+REQUESTS = "rest_server_requests_total"  # {method, path, status_code}
+REQUEST_DURATION = "rest_server_request_duration_seconds"  # histogram {method, path, status_code}
+IN_PROGRESS = "rest_server_requests_in_progress"  # gauge {method}
+INFER_SUCCESS = "model_infer_request_success_total"  # {model, version}
+INFER_FAILURE = "model_infer_request_failure_total"
+BATCH_QUEUE = "batch_request_queue"  # histogram of the adaptive batcher's queue size
+PARALLEL_QUEUE = "parallel_request_queue"  # histogram of the queue to the parallel workers
+GRPC_HANDLED = "grpc_server_handled_total"
+DCGM_GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"  # from NVIDIA's DCGM exporter, percent per GPU
+
+INFERENCE_PATHS = "/v2/models/{model_name}/infer|/v2/models/{model_name}/versions/{model_version}/infer|/invocations"
+DEFAULT_WINDOW = "1m"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which series a query looks at: all models, one model, or one variant of one model."""
+
+    model: str | None = None
+    variant: str | None = None
+    namespace: str | None = None
+
+    def matchers(self, *extra: str) -> str:
+        parts = [f'{MODEL}!=""']
+        if self.namespace:
+            parts.append(f'namespace="{self.namespace}"')
+        if self.model:
+            parts.append(f'{MODEL}="{self.model}"')
+        if self.variant:
+            parts.append(f'{VARIANT}="{self.variant}"')
+        return "{" + ", ".join([*parts, *extra]) + "}"
+
+
+def _inference(scope: Scope, *extra: str) -> str:
+    return scope.matchers(f'path=~"{INFERENCE_PATHS}"', *extra)
+
+
+def request_rate(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
+    """Inference requests per second (V2 and /invocations, any status), per variant."""
+    return f"sum by ({BY_VARIANT}) (rate({REQUESTS}{_inference(scope)}[{window}]))"
+
+
+def predictions_rate(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
+    """Successful predictions per second, per variant (requests that reached the model, on any protocol)."""
+    return f"sum by ({BY_VARIANT}) (rate({INFER_SUCCESS}{scope.matchers()}[{window}]))"
+
+
+def server_errors_rate(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
+    """Inference requests per second the server failed (5xx); 0, not nothing, while there is traffic but no error."""
+    server_errors = _inference(scope, 'status_code=~"5.."')
+    errors = f"sum by ({BY_VARIANT}) (rate({REQUESTS}{server_errors}[{window}]))"
+    return f"({errors} or {request_rate(scope, window)} * 0)"
+
+
+def error_ratio(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
+    """Share of inference requests the server failed: a client's 4xx is not the server's error. NaN without traffic."""
+    return f"{server_errors_rate(scope, window)} / {request_rate(scope, window)}"
+
+
+def latency_quantile(quantile: float, scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
+    """Request latency in seconds at `quantile`, per variant."""
+    buckets = f"rate({REQUEST_DURATION}_bucket{_inference(scope)}[{window}])"
+    return f"histogram_quantile({quantile}, sum by ({BY_VARIANT}, le) ({buckets}))"
+
+
+def latency_p95(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
+    return latency_quantile(0.95, scope, window)
+
+
+def in_flight(scope: Scope = Scope()) -> str:
+    """Requests being served right now, per variant."""
+    return f"sum by ({BY_VARIANT}) ({IN_PROGRESS}{scope.matchers()})"
+
+
+def batch_queue(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
+    """Mean size of the adaptive batcher's queue, per variant."""
+    sum_ = f"rate({BATCH_QUEUE}_sum{scope.matchers()}[{window}])"
+    count = f"rate({BATCH_QUEUE}_count{scope.matchers()}[{window}])"
+    return f"sum by ({BY_VARIANT}) ({sum_}) / sum by ({BY_VARIANT}) ({count})"
+
+
+def replicas(scope: Scope = Scope()) -> str:
+    """Serving pods that Prometheus scrapes successfully, per variant."""
+    return f"count by ({BY_VARIANT}) (up{scope.matchers()} == 1)"
+
+
+def restarts(scope: Scope = Scope(), window: str = "15m") -> str:
+    """Serving processes that restarted within `window`: a restart resets the request counters."""
+    return f"sum by ({BY_VARIANT}) (resets({REQUESTS}{scope.matchers()}[{window}]))"
+
+
+def observed_share(model: str, served: list[str], window: str = DEFAULT_WINDOW) -> str:
+    """Each served variant's share of the model's traffic, in percent (shadows, which get copies, left out)."""
+    served_matcher = f'{VARIANT}=~"{"|".join(served)}"'
+    variants = f"sum by ({BY_VARIANT}) (rate({REQUESTS}{_inference(Scope(model=model), served_matcher)}[{window}]))"
+    total = f"sum by ({MODEL}) (rate({REQUESTS}{_inference(Scope(model=model), served_matcher)}[{window}]))"
+    return f"100 * {variants} / ignoring({VARIANT}) group_left {total}"
+
+
+def configured_value(model: str, variant: str, value: float) -> str:
+    """A configured number (weight, replica bound) as a series, to draw next to what is observed."""
+    return (
+        f'label_replace(label_replace(vector({value}), "{MODEL}", "{model}", "", ""), "{VARIANT}", "{variant}", "", "")'
+    )
+
+
+def relative_to(
+    query_of: Callable[[Scope, str], str], model: str, challenger: str, champion: str, window: str = DEFAULT_WINDOW
+) -> str:
+    """`query_of(challenger) / query_of(champion)`, matched on the model: how much worse the challenger is."""
+    challenger_q = query_of(Scope(model=model, variant=challenger), window)
+    champion_q = query_of(Scope(model=model, variant=champion), window)
+    return f"({challenger_q}) / ignoring({VARIANT}) ({champion_q})"
+
+
+def gpu_utilization(scope: Scope = Scope()) -> str:
+    """Mean GPU utilisation (percent) per variant: DCGM's per-pod series joined to the serving pods' labels.
+
+    Needs the DCGM exporter's ServiceMonitor with `honorLabels: true`, so its `namespace`/`pod` name the GPU's pod.
+    """
+    pods = f"max by (namespace, pod, {BY_VARIANT}) (up{scope.matchers()})"
+    return f"avg by ({BY_VARIANT}) ({DCGM_GPU_UTIL} * on (namespace, pod) group_left({BY_VARIANT}) {pods})"
+
+
+def scaling_request_rate(model: str, variant: str, window: str = DEFAULT_WINDOW) -> str:
+    """One number for KEDA's prometheus trigger: the variant's inference requests per second across its pods."""
+    return f"sum(rate({REQUESTS}{_inference(Scope(model=model, variant=variant))}[{window}]))"
+
+
+def catalogue(model: str, champion: str, challengers: list[str], window: str = DEFAULT_WINDOW) -> dict[str, str]:
+    """Every query the product runs for one model, by name: what a live check must see answered."""
+    scope = Scope(model=model)
+    queries = {
+        "request_rate": request_rate(scope, window),
+        "predictions_rate": predictions_rate(scope, window),
+        "server_errors_rate": server_errors_rate(scope, window),
+        "error_ratio": error_ratio(scope, window),
+        "latency_p50": latency_quantile(0.5, scope, window),
+        "latency_p95": latency_p95(scope, window),
+        "latency_p99": latency_quantile(0.99, scope, window),
+        "in_flight": in_flight(scope),
+        "batch_queue": batch_queue(scope, window),
+        "replicas": replicas(scope),
+        "restarts": restarts(scope),
+        "observed_share": observed_share(model, [champion, *challengers], window),
+        "gpu_utilization": gpu_utilization(scope),
+    }
+    for challenger in challengers:
+        queries[f"scaling_request_rate:{challenger}"] = scaling_request_rate(model, challenger, window)
+        queries[f"error_ratio_vs_champion:{challenger}"] = relative_to(error_ratio, model, challenger, champion, window)
+        queries[f"latency_p95_vs_champion:{challenger}"] = relative_to(latency_p95, model, challenger, champion, window)
+    queries[f"scaling_request_rate:{champion}"] = scaling_request_rate(model, champion, window)
+    return queries
