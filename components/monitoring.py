@@ -37,6 +37,8 @@ class MonitoringStack(pulumi.ComponentResource):
             )
             chart_opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[secret]))
             after.append(_kubernetes.helm_release(specs.kube_prometheus_stack(settings), chart_opts))
+        if settings.monitoring is not None and settings.platform.autoscaler == "hpa":
+            after.append(_kubernetes.helm_release(specs.prometheus_adapter(settings), child))
         # The Prometheus Operator's CRDs come with the chart: monitors and rules wait for it.
         wait = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=after))
         self.pod_monitor = _kubernetes.custom_resource("pod-monitor", specs.pod_monitor(settings), wait)

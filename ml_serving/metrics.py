@@ -152,6 +152,24 @@ def scaling_request_rate(model: str, variant: str, window: str = DEFAULT_WINDOW)
     return f"sum(rate({REQUESTS}{_inference(Scope(model=model, variant=variant))}[{window}]))"
 
 
+ADAPTER_METRIC = "ml_serving_requests_per_second"
+
+
+def adapter_rule(window: str = DEFAULT_WINDOW) -> dict[str, object]:
+    """prometheus-adapter's rule exposing the per-pod request rate as a custom metric (for Seldon's hpaSpec).
+
+    The same series, paths and window as `scaling_request_rate`, in the adapter's template language.
+    """
+    return {
+        "seriesQuery": f'{REQUESTS}{{{MODEL}!="",namespace!="",pod!=""}}',
+        "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+        "name": {"matches": f"^{REQUESTS}$", "as": ADAPTER_METRIC},
+        "metricsQuery": (
+            f'sum by (<<.GroupBy>>) (rate(<<.Series>>{{<<.LabelMatchers>>, path=~"{INFERENCE_PATHS}"}}[{window}]))'
+        ),
+    }
+
+
 def catalogue(model: str, champion: str, challengers: list[str], window: str = DEFAULT_WINDOW) -> dict[str, str]:
     """Every query the product runs for one model, by name: what a live check must see answered."""
     scope = Scope(model=model)

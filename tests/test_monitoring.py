@@ -368,6 +368,20 @@ def test_every_module_query_answers_plausibly_on_a_live_server(live):
     assert sent["champion"] > 0 and sent["challenger"] > 0
 
 
+def test_prometheus_adapter_rule_answers_per_pod_on_the_live_server(live):
+    url, _, at = live
+    rule = metrics.adapter_rule(window="15s")
+    promql = (
+        rule["metricsQuery"]
+        .replace("<<.GroupBy>>", "pod")
+        .replace("<<.Series>>", metrics.REQUESTS)
+        .replace("<<.LabelMatchers>>", 'namespace="models"')
+    )
+    per_pod = {r["metric"]["pod"]: float(r["value"][1]) for r in query(url, promql, at)}
+    assert abs(per_pod["churn-champion"] - RATES["champion"]) / RATES["champion"] < 0.2
+    assert abs(per_pod["churn-challenger"] - RATES["challenger"]) / RATES["challenger"] < 0.2
+
+
 def test_alert_expressions_evaluate_on_the_live_server(live, settings):
     url, _, _ = live
     for group in monitoring.alert_rules(settings):

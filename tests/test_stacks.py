@@ -135,8 +135,13 @@ def test_hpa_fallback_uses_seldon_hpa_spec(prod):
         "metrics": [
             {"type": "Resource", "resource": {"name": "cpu", "targetAverageUtilization": 70}},
             {"type": "Resource", "resource": {"name": "memory", "targetAverageUtilization": 80}},
+            {"type": "Pods", "pods": {"metricName": "ml_serving_requests_per_second", "targetAverageValue": "50"}},
         ],
     }
+    (adapter,) = [r for r in plan.releases if r["name"] == "prometheus-adapter"]
+    (rule,) = adapter["values"]["rules"]["custom"]
+    assert rule["name"]["as"] == "ml_serving_requests_per_second"
+    assert "rest_server_requests_total" in rule["seriesQuery"]
     (release,) = [r for r in plan.releases if r["name"] == "seldon-core"]
     assert release["values"]["keda"]["enabled"] is False
     if schemas.CRD_DIR.is_dir():

@@ -306,6 +306,23 @@ def dashboard_config_map(settings: Settings, key: str) -> dict[str, Any]:
     }
 
 
+def prometheus_adapter(settings: Settings) -> HelmChart:
+    """Serves the request rate to Kubernetes' custom metrics API for stacks on Seldon's hpaSpec (no KEDA)."""
+    monitoring = _monitoring(settings)
+    url, _, port = monitoring.prometheus_url.rpartition(":")
+    return HelmChart(
+        release="prometheus-adapter",
+        chart="prometheus-adapter",
+        version="4.14.1",
+        repository="https://prometheus-community.github.io/helm-charts",
+        namespace=monitoring.namespace,
+        values={
+            "prometheus": {"url": url, "port": int(port)},
+            "rules": {"default": False, "custom": [metrics.adapter_rule()]},
+        },
+    )
+
+
 def monitoring_namespace(settings: Settings) -> dict[str, Any]:
     return {
         "apiVersion": "v1",

@@ -150,12 +150,18 @@ def scaling_behavior(autoscaling: Autoscaling) -> dict[str, Any]:
     }
 
 
-def hpa_spec(autoscaling: Autoscaling) -> dict[str, Any]:
-    """The fallback without KEDA. Seldon's hpaSpec has no `behavior`: scaling speed is the cluster default."""
-    metrics = [_resource_metric("cpu", autoscaling.cpu_utilization)]
+def hpa_spec(autoscaling: Autoscaling, with_adapter: bool = False) -> dict[str, Any]:
+    """The fallback without KEDA. Seldon's hpaSpec has no `behavior`: scaling speed is the cluster default.
+
+    The request rate comes from prometheus-adapter (installed with monitoring) as a per-pod custom metric.
+    """
+    rules = [_resource_metric("cpu", autoscaling.cpu_utilization)]
     if autoscaling.memory_utilization is not None:
-        metrics.append(_resource_metric("memory", autoscaling.memory_utilization))
-    return {"minReplicas": autoscaling.min_replicas, "maxReplicas": autoscaling.max_replicas, "metrics": metrics}
+        rules.append(_resource_metric("memory", autoscaling.memory_utilization))
+    if with_adapter and autoscaling.requests_per_second_per_replica is not None:
+        target = f"{autoscaling.requests_per_second_per_replica:g}"
+        rules.append({"type": "Pods", "pods": {"metricName": metrics.ADAPTER_METRIC, "targetAverageValue": target}})
+    return {"minReplicas": autoscaling.min_replicas, "maxReplicas": autoscaling.max_replicas, "metrics": rules}
 
 
 def _resource_metric(name: str, utilization: int) -> dict[str, Any]:
@@ -188,7 +194,7 @@ def component_spec(settings: Settings, model_key: str, variant_name: str, image:
     if settings.platform.autoscaler == "keda":
         spec["kedaSpec"] = keda_spec(model.autoscaling, requests_trigger(settings, model_key, variant_name))
     else:
-        spec["hpaSpec"] = hpa_spec(model.autoscaling)
+        spec["hpaSpec"] = hpa_spec(model.autoscaling, settings.monitoring is not None)
     return spec
 
 
