@@ -266,6 +266,33 @@ def _model_name(model: str) -> str:
     return "model"
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from ml_serving.rollout import Prometheus, PulumiStack, RolloutError, RolloutRun, abort, locked
+    from ml_serving.stackfile import load_settings
+
+    project_dir = args.project_dir or find_project_dir()
+    settings = load_settings(project_dir, args.stack)
+    url = args.prometheus or (settings.monitoring.prometheus_url if settings.monitoring else None)
+    if url is None:
+        raise UsageError("no Prometheus to judge with: pass --prometheus URL or set ml-serving:monitoring")
+    log_path = args.log or project_dir / "rollouts" / f"{args.stack}-{args.model}.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    pulumi = PulumiStack(project_dir, args.stack, on_output=None)
+    try:
+        with locked(project_dir, args.stack):
+            if args.abort:
+                outcome = abort(project_dir, args.stack, args.model, pulumi, log_path)
+            else:
+                runner = RolloutRun(
+                    project_dir, args.stack, args.model, Prometheus(url), pulumi, log_path, report=console.print
+                )
+                outcome = runner.run(dry_run=args.dry_run, step=args.step, resume=args.resume)
+    except RolloutError as exc:
+        raise UsageError(str(exc)) from None
+    console.print(f"{outcome.result}: {outcome.message} (log: {log_path})")
+    return 1 if outcome.result in ("rolled-back", "paused") else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ml-serving", description=__doc__.splitlines()[0])
     project = argparse.ArgumentParser(add_help=False)
@@ -307,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8081)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8082)")
     serve.set_defaults(func=cmd_serve)
+
+    rollout = commands.add_parser(
+        "rollout", parents=[project], help="move traffic to the challenger stage by stage, judged on Prometheus"
+    )
+    rollout.add_argument("model", help="the model key in the stack file")
+    rollout.add_argument("--stack", required=True, help="stack name: Pulumi.<stack>.yaml")
+    rollout.add_argument("--prometheus", help="Prometheus URL (default: monitoring.prometheusUrl)")
+    rollout.add_argument("--log", type=Path, help="JSON-lines log (default: rollouts/<stack>-<model>.jsonl)")
+    mode = rollout.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="judge the current stage and print; change nothing")
+    mode.add_argument("--step", action="store_true", help="apply one stage's edit and stop (for a pull request)")
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted rollout from the stack file")
+    mode.add_argument("--abort", action="store_true", help="roll back now: the challenger to 0 %%")
+    rollout.set_defaults(func=cmd_rollout)
 
     seed = commands.add_parser(
         "seed", parents=[project], help="register a small real model in the dev stack's local registry"

@@ -65,6 +65,11 @@ def request_rate(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     return f"sum by ({BY_VARIANT}) (rate({REQUESTS}{_inference(scope)}[{window}]))"
 
 
+def requests_in_window(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
+    """How many inference requests each variant got in `window`: enough to judge it, or not yet."""
+    return f"sum by ({BY_VARIANT}) (increase({REQUESTS}{_inference(scope)}[{window}]))"
+
+
 def predictions_rate(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     """Successful predictions per second, per variant (requests that reached the model, on any protocol)."""
     return f"sum by ({BY_VARIANT}) (rate({INFER_SUCCESS}{scope.matchers()}[{window}]))"
@@ -175,6 +180,7 @@ def catalogue(model: str, champion: str, challengers: list[str], window: str = D
     scope = Scope(model=model)
     queries = {
         "request_rate": request_rate(scope, window),
+        "requests_in_window": requests_in_window(scope, window),
         "predictions_rate": predictions_rate(scope, window),
         "server_errors_rate": server_errors_rate(scope, window),
         "error_ratio": error_ratio(scope, window),

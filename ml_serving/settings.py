@@ -316,12 +316,38 @@ class Variant(_Config):
         return self.alias is not None or self.model_uri is None
 
 
+class Rollout(_Config):
+    """How `ml-serving rollout` moves traffic to a challenger, and what it takes to go on (Flagger-like gates)."""
+
+    champion: DnsLabel = "champion"
+    challenger: DnsLabel = "challenger"
+    stages: tuple[Annotated[StrictInt, Field(ge=1, le=100)], ...] = (5, 10, 25, 50, 100)
+    interval_seconds: Annotated[float, Field(gt=0)] = 60
+    min_requests: Annotated[StrictInt, Field(ge=1)] = 50
+    max_error_ratio: Annotated[float, Field(ge=0, le=1)] = 0.02
+    max_p95_seconds: Annotated[float, Field(gt=0)] = 0.5
+    max_error_ratio_vs_champion: Annotated[float, Field(ge=1)] = 2.0
+    max_p95_vs_champion: Annotated[float, Field(ge=1)] = 1.5
+    failure_threshold: Annotated[StrictInt, Field(ge=1)] = 1
+    inconclusive_threshold: Annotated[StrictInt, Field(ge=1)] = 3
+    on_inconclusive: Literal["rollback", "pause"] = "rollback"
+    promote: Literal["config", "alias"] = "config"
+
+    @field_validator("stages")
+    @classmethod
+    def _increasing(cls, stages: tuple[int, ...]) -> tuple[int, ...]:
+        if not stages or list(stages) != sorted(set(stages)) or stages[-1] != 100:
+            raise ValueError("stages must rise strictly and end at 100, e.g. [5, 10, 25, 50, 100]")
+        return stages
+
+
 class Model(_Config):
     registered_model: str = Field(min_length=1)
     resources: Resources = Resources()
     autoscaling: Autoscaling = Autoscaling()
     disruption_budget: DisruptionBudget = DisruptionBudget()
     serving: Serving = Serving()
+    rollout: Rollout | None = None
     variants: dict[DnsLabel, Variant] = Field(min_length=1)
 
     @field_validator("variants")
@@ -338,9 +364,24 @@ class Model(_Config):
             )
         return variants
 
+    @model_validator(mode="after")
+    def _rollout_variants(self) -> Model:
+        if self.rollout is not None:
+            for role in ("champion", "challenger"):
+                name = getattr(self.rollout, role)
+                if name not in self.variants or self.variants[name].shadow:
+                    raise PathError(
+                        f"rollout.{role}", f"{name!r} is not a weighted variant of this model: name one of its variants"
+                    )
+            if self.rollout.champion == self.rollout.challenger:
+                raise PathError("rollout.challenger", "the challenger must differ from the champion")
+        return self
+
     @property
     def champion(self) -> str:
-        """The variant serving most traffic: the one a rollout compares others with."""
+        """The variant others are compared with: the rollout's champion, else the one serving most traffic."""
+        if self.rollout is not None:
+            return self.rollout.champion
         served = [(v.weight or 0, name) for name, v in self.variants.items() if not v.shadow]
         return max(served, key=lambda item: item[0])[1]
 
@@ -513,7 +554,7 @@ def format_errors(exc: ValidationError, source: str) -> str:
         loc = [str(p) for p in error["loc"] if p != "[key]"]
         cause = (error.get("ctx") or {}).get("error")
         if isinstance(cause, PathError):
-            loc = cause.path.split(".")
+            loc = [*loc, *cause.path.split(".")]
         path = ".".join(loc) or "(top level)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":

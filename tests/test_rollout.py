@@ -1,0 +1,190 @@
+"""`ml-serving rollout` with a stand-in `pulumi` on PATH (the process boundary) and Prometheus real or absent."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ml_serving.stackfile import load_settings
+from tests import processes
+from tests.conftest import copy_project
+
+STANDIN = Path(__file__).resolve().parent / "standin"
+CLI = [sys.executable, "-m", "ml_serving.cli"]
+
+CANARY = """\
+# canary: the stack the rollout tests move
+config:
+  ml-serving:namespace: models
+  ml-serving:platform: {{seldon: existing, keda: existing, istioGateway: existing}}
+  ml-serving:monitoring: {{stack: existing, prometheusUrl: "{prometheus}"}}
+  ml-serving:models:
+    churn:
+      registeredModel: churn-classifier
+      rollout:
+        stages: [25, 50, 100]
+        intervalSeconds: {interval}
+        minRequests: {min_requests}
+        inconclusiveThreshold: 2
+        onInconclusive: {on_inconclusive}
+      variants:
+        champion:   # serving production today
+          version: "1"
+          modelUri: file:///models/churn/1
+          weight: 100
+        challenger: {{version: "2", modelUri: "file:///models/churn/2", weight: 0}}   # the candidate
+"""
+
+
+def canary(project: Path, prometheus: str = "http://127.0.0.1:9", interval: float = 0.2, min_requests: int = 10,
+           on_inconclusive: str = "rollback") -> Path:  # fmt: skip
+    path = project / "Pulumi.canary.yaml"
+    path.write_text(CANARY.format(prometheus=prometheus, interval=interval, min_requests=min_requests,
+                                  on_inconclusive=on_inconclusive))  # fmt: skip
+    return path
+
+
+def weights(project: Path) -> dict[str, int]:
+    variants = load_settings(project, "canary").models["churn"].variants
+    return {name: v.weight for name, v in variants.items()}
+
+
+def rollout(project: Path, *args: str, env: dict | None = None, wait: bool = True):
+    environment = {**os.environ, "PATH": f"{STANDIN}:{os.environ['PATH']}", "STANDIN_LOG": str(project / "calls.jsonl"),
+                   "COLUMNS": "200", **(env or {})}  # fmt: skip
+    command = [*CLI, "--project-dir", str(project), "rollout", "churn", "--stack", "canary", *args]
+    if not wait:
+        return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def ups(project: Path) -> int:
+    calls = project / "calls.jsonl"
+    if not calls.exists():
+        return 0
+    return sum(1 for line in calls.read_text().splitlines() if json.loads(line)["args"][:1] == ["up"])
+
+
+def log_records(project: Path) -> list[dict]:
+    return [json.loads(line) for line in (project / "rollouts" / "canary-churn.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def project(tmp_path):
+    return copy_project(tmp_path / "project")
+
+
+def test_prometheus_unreachable_is_inconclusive_then_rolls_back(project):
+    canary(project)
+    run = rollout(project)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "rolled-back" in run.stdout and "inconclusive" in run.stdout
+    assert "unreachable" in run.stdout
+    assert weights(project) == {"champion": 100, "challenger": 0}
+    text = (project / "Pulumi.canary.yaml").read_text()
+    assert "# serving production today" in text and "# the candidate" in text, "comments survive every edit"
+    records = log_records(project)
+    judged = [r for r in records if r["event"] == "judgement"]
+    assert len(judged) == 2 and all(r["verdict"] == "inconclusive" for r in judged)
+    assert "increase(rest_server_requests_total" in judged[0]["checks"][0]["query"]
+    assert [r["weights"]["challenger"] for r in records if r["event"] == "apply"] == [25, 0]
+    assert ups(project) == 2, "stage 1 applied, then the rollback applied"
+
+
+def test_inconclusive_can_pause_instead(project):
+    canary(project, on_inconclusive="pause")
+    run = rollout(project)
+    assert run.returncode == 1
+    assert "paused at 25 %" in run.stdout
+    assert weights(project) == {"champion": 75, "challenger": 25}, "a pause leaves the stage as applied"
+
+
+def test_empty_query_says_which_query_was_empty(project, tmp_path):
+    prometheus = shutil_which("prometheus")
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global: {scrape_interval: 1s}\nscrape_configs: []\n")
+    port = processes.free_port()
+    command = [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+               f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    with processes.running(command, tmp_path / "prometheus.log") as server:
+        processes.wait_for(f"http://127.0.0.1:{port}/-/ready", server, tmp_path / "prometheus.log")
+        canary(project, prometheus=f"http://127.0.0.1:{port}")
+        run = rollout(project)
+    assert run.returncode == 1
+    assert "the query returned nothing" in run.stdout
+    judged = [r for r in log_records(project) if r["event"] == "judgement"]
+    assert judged[0]["checks"][0]["name"] == "requests" and judged[0]["checks"][0]["note"].startswith("the query")
+
+
+def shutil_which(name: str) -> str:
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} not installed (apt-get install prometheus)")
+    return found
+
+
+def test_a_second_rollout_of_the_stack_is_refused(project):
+    canary(project)
+    with (project / ".rollout-canary.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run = rollout(project)
+    assert run.returncode == 2
+    assert "another rollout of stack canary is running" in run.stderr
+    assert weights(project) == {"champion": 100, "challenger": 0} and ups(project) == 0
+
+
+def test_failed_pulumi_up_leaves_the_file_as_last_applied(project):
+    canary(project, on_inconclusive="pause", min_requests=1)
+    first = rollout(project, "--step")
+    assert first.returncode == 0, first.stderr
+    assert weights(project) == {"champion": 75, "challenger": 25}
+    applied = (project / "Pulumi.canary.yaml").read_text()
+    run = rollout(project, "--abort", env={"STANDIN_FAIL_UP_AT": "2"})
+    assert run.returncode == 2
+    assert "`pulumi up` for stack canary failed" in run.stderr
+    assert (project / "Pulumi.canary.yaml").read_text() == applied, "the file still says what was applied"
+
+
+def test_killed_during_up_then_resume_continues_at_the_right_stage(project):
+    canary(project, on_inconclusive="pause")
+    assert rollout(project, "--step").returncode == 0
+    # --step again: judges stage 1 (inconclusive, pauses) ... so move on by hand to stage 2 as a PR would:
+    path = project / "Pulumi.canary.yaml"
+    path.write_text(path.read_text().replace("weight: 75", "weight: 50").replace("weight: 25}", "weight: 50}"))
+    running = rollout(project, "--resume", env={"STANDIN_SLEEP_UP_AT": "2"}, wait=False)
+    deadline = time.monotonic() + 60
+    while ups(project) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    running.send_signal(signal.SIGKILL)
+    running.wait()
+    assert weights(project) == {"champion": 50, "challenger": 50}, "the file is valid and says what was asked"
+    resumed = rollout(project, "--resume")
+    assert "resuming at 50 %" in resumed.stdout
+    assert "paused at 50 %" in resumed.stdout, "it judged stage 2, not stage 1"
+    assert ups(project) == 3
+
+
+def test_dry_run_changes_nothing(project):
+    canary(project)
+    run = rollout(project, "--dry-run")
+    assert run.returncode == 0
+    assert "dry run, nothing changed" in run.stdout
+    assert weights(project) == {"champion": 100, "challenger": 0} and ups(project) == 0
+
+
+def test_already_running_rollout_needs_resume_or_abort(project):
+    canary(project, on_inconclusive="pause", min_requests=1)
+    assert rollout(project, "--step").returncode == 0
+    run = rollout(project)
+    assert run.returncode == 2
+    assert "already at 25 %: continue with --resume, or roll back with --abort" in run.stderr
