@@ -278,6 +278,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     log_path = args.log or project_dir / "rollouts" / f"{args.stack}-{args.model}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pulumi = PulumiStack(project_dir, args.stack, on_output=None)
+    started = __import__("time").time()
     try:
         with locked(project_dir, args.stack):
             if args.abort:
@@ -289,7 +290,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 outcome = runner.run(dry_run=args.dry_run, step=args.step, resume=args.resume)
     except RolloutError as exc:
         raise UsageError(str(exc)) from None
-    console.print(f"{outcome.result}: {outcome.message} (log: {log_path})")
+    from ml_serving.report import read_log, stage_table, write_picture
+
+    records = [r for r in read_log(log_path) if r["time"] >= started]
+    console.print(stage_table(records))
+    picture = write_picture(records, log_path.with_suffix(".png"))
+    console.print(f"{outcome.result}: {outcome.message} (log: {log_path}, picture: {picture})")
     return 1 if outcome.result in ("rolled-back", "paused") else 0
 
 

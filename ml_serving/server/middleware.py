@@ -10,6 +10,7 @@ request under its route's path and final status.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 INVOCATIONS = "/invocations"
+logger = logging.getLogger("ml_serving.server")
 
 
 class ClientGone(Exception):
@@ -109,6 +111,9 @@ class ValidationMiddleware:
             response = await self.data_plane.infer(request, self.model_name, None)
         except MLServerError as exc:
             return exc.status_code, {"error": str(exc)}
+        except Exception as exc:  # the model itself failed on valid input: the server's fault, and counted so
+            logger.exception("inference failed")
+            return 500, {"error": f"the model failed: {type(exc).__name__}: {exc}"}
         return 200, response.model_dump(exclude_none=True)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:

@@ -1,0 +1,181 @@
+"""A whole canary with real processes: two serving processes, a real Prometheus, traffic split by the stack file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+import time
+from contextlib import ExitStack, suppress
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+from mlflow.tracking import MlflowClient
+
+from ml_serving.stackfile import load_settings
+from tests import processes
+from tests.conftest import copy_project
+from tests.test_rollout import CANARY, log_records, rollout, ups, weights
+
+pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
+INTERVAL = 4
+ROW = {"tenure_months": 3, "monthly_charges": 99.5, "support_calls": 4, "plan": "basic", "region": "north"}
+
+
+def flaky_model(target: Path) -> Path:
+    """The challenger: an MLflow model-from-code that fails on demand (tests/fixtures/flaky_model.py)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from ml_serving.seed import churn_frame
+
+    frame, _ = churn_frame(rows=5)
+    code = Path(__file__).resolve().parent / "fixtures" / "flaky_model.py"
+    mlflow.pyfunc.save_model(
+        str(target), python_model=str(code), signature=infer_signature(frame, (frame["support_calls"] > 2).astype("int64")),
+        input_example=frame.head(2), pip_requirements=["mlflow"],
+    )  # fmt: skip
+    return target
+
+
+class Traffic(threading.Thread):
+    """Sends `rate` requests a second, split between the variants by the weights in the stack file right now."""
+
+    def __init__(self, project: Path, urls: dict[str, str], rate: float = 40.0) -> None:
+        super().__init__(daemon=True)
+        self.project, self.urls, self.rate, self.stop = project, urls, rate, threading.Event()
+
+    def run(self) -> None:
+        session, credit = requests.Session(), dict.fromkeys(self.urls, 0.0)
+        split, checked, sent = {"champion": 100, "challenger": 0}, 0.0, 0
+        started = time.monotonic()
+        while not self.stop.is_set():
+            if time.monotonic() - checked > 0.25:
+                with suppress(Exception):  # the file is being replaced this instant: the last split stands
+                    split = weights(self.project)
+                checked = time.monotonic()
+            for variant in credit:
+                credit[variant] += split.get(variant, 0) / 100
+            variant = max(credit, key=credit.get)
+            credit[variant] -= 1
+            with suppress(requests.RequestException):
+                session.post(self.urls[variant], json={"dataframe_records": [ROW]}, timeout=5)
+            sent += 1
+            time.sleep(max(0.0, started + sent / self.rate - time.monotonic()))
+
+
+@pytest.fixture(scope="module")
+def world(registry, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("canary")
+    project = copy_project(workdir / "project")
+    client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
+    models = {
+        "champion": client.get_model_version_download_uri("churn-classifier", "1").removeprefix("file://"),
+        "challenger": str(flaky_model(workdir / "flaky")),
+    }
+    control = workdir / "fault-rate"
+    control.write_text("0")
+    ports = {v: {k: processes.free_port() for k in ("http", "grpc", "metrics")} for v in models}
+    with ExitStack() as stack:
+        for variant, model in models.items():
+            env = {
+                "MLSERVER_HTTP_PORT": str(ports[variant]["http"]), "MLSERVER_GRPC_PORT": str(ports[variant]["grpc"]),
+                "MLSERVER_METRICS_PORT": str(ports[variant]["metrics"]), "MLSERVER_PARALLEL_WORKERS": "1",
+                "MLSERVER_METRICS_DIR": str(workdir / f"metrics-{variant}"), "MLSERVER_MODEL_NAME": "churn",
+                "FLAKY_CONTROL_FILE": str(control),
+            }  # fmt: skip
+            server = stack.enter_context(
+                processes.running(
+                    [sys.executable, "-m", "ml_serving.server", model], workdir / f"{variant}.log", env=env
+                )
+            )
+            processes.wait_for(
+                f"http://127.0.0.1:{ports[variant]['http']}/v2/health/ready", server, workdir / f"{variant}.log"
+            )
+        config = {
+            "global": {"scrape_interval": "1s"},
+            "scrape_configs": [{"job_name": "ml-serving", "static_configs": [
+                {"targets": [f"127.0.0.1:{ports[v]['metrics']}"], "labels": {"ml_model": "churn", "ml_variant": v}}
+                for v in models]}],
+        }  # fmt: skip
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = processes.free_port()
+        prometheus = stack.enter_context(
+            processes.running(
+                [shutil.which("prometheus"), f"--config.file={workdir / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                workdir / "prometheus.log",
+            )
+        )  # fmt: skip
+        processes.wait_for(f"http://127.0.0.1:{port}/-/ready", prometheus, workdir / "prometheus.log")
+        urls = {v: f"http://127.0.0.1:{ports[v]['http']}/invocations" for v in models}
+        yield project, f"http://127.0.0.1:{port}", control, urls
+
+
+def fresh_canary(project: Path, prometheus: str) -> None:
+    (project / "Pulumi.canary.yaml").write_text(
+        CANARY.format(prometheus=prometheus, interval=INTERVAL, min_requests=10, on_inconclusive="rollback")
+    )
+    for stale in (project / "rollouts").glob("*"):
+        stale.unlink()
+    (project / "calls.jsonl").unlink(missing_ok=True)
+
+
+def run_with_traffic(project: Path, urls: dict[str, str]):
+    traffic = Traffic(project, urls)
+    traffic.start()
+    try:
+        return rollout(project)
+    finally:
+        traffic.stop.set()
+        traffic.join()
+
+
+def test_healthy_challenger_walks_every_stage_and_is_promoted(world):
+    project, prometheus, control, urls = world
+    control.write_text("0")
+    fresh_canary(project, prometheus)
+    run = run_with_traffic(project, urls)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "promoted" in run.stdout
+    records = log_records(project)
+    assert [r["weights"]["challenger"] for r in records if r["event"] == "apply"] == [25, 50, 100]
+    judged = [r for r in records if r["event"] == "judgement"]
+    assert "fail" not in {r["verdict"] for r in judged}
+    assert {r["stage"] for r in judged if r["verdict"] == "pass"} == {0, 1, 2}, "every stage passed before the next"
+    for record in judged:
+        if record["verdict"] == "inconclusive":  # a challenger's first seconds: no series yet, so it waits
+            assert record["checks"][0]["note"].startswith("the query returned nothing")
+    settings = load_settings(project, "canary")
+    champion = settings.models["churn"].variants["champion"]
+    assert (champion.version, champion.model_uri, champion.weight) == ("2", "file:///models/churn/2", 100)
+    assert settings.models["churn"].variants["challenger"].weight == 0
+    assert "# serving production today" in (project / "Pulumi.canary.yaml").read_text()
+    assert ups(project) == 4, "three stages and the promotion, each a `pulumi up`"
+    assert (project / "rollouts" / "canary-churn.png").stat().st_size > 10_000
+
+
+def test_faulty_challenger_is_rolled_back_within_two_intervals(world):
+    project, prometheus, control, urls = world
+    control.write_text("0.5")
+    fresh_canary(project, prometheus)
+    try:
+        run = run_with_traffic(project, urls)
+    finally:
+        control.write_text("0")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "rolled-back" in run.stdout and "error_ratio" in run.stdout
+    records = log_records(project)
+    first_apply = next(r["time"] for r in records if r["event"] == "apply")
+    rollback = next(r["time"] for r in records if r["event"] == "rollback")
+    assert rollback - first_apply <= 2 * INTERVAL + 3, "judged and undone within two analysis intervals"
+    assert weights(project) == {"champion": 100, "challenger": 0}
+    assert "# the candidate" in (project / "Pulumi.canary.yaml").read_text()
+    failed = next(r for r in records if r["event"] == "judgement" and r["verdict"] == "fail")
+    error_check = next(c for c in failed["checks"] if c["name"] == "error_ratio")
+    assert "rest_server_requests_total" in error_check["query"] and error_check["challenger"] > 0.02
+    assert error_check["champion"] == 0
+    assert json.dumps(failed)  # every value of the verdict is in the log
