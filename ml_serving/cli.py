@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -278,15 +279,16 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     log_path = args.log or project_dir / "rollouts" / f"{args.stack}-{args.model}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pulumi = PulumiStack(project_dir, args.stack, on_output=None)
-    started = __import__("time").time()
+    started = time.time()
     try:
         with locked(project_dir, args.stack):
             if args.abort:
                 outcome = abort(project_dir, args.stack, args.model, pulumi, log_path)
             else:
                 runner = RolloutRun(
-                    project_dir, args.stack, args.model, Prometheus(url), pulumi, log_path, report=console.print
-                )
+                    project_dir, args.stack, args.model, Prometheus(url), pulumi, log_path,
+                    report=console.print, sleep=_countdown,
+                )  # fmt: skip
                 outcome = runner.run(dry_run=args.dry_run, step=args.step, resume=args.resume)
     except RolloutError as exc:
         raise UsageError(str(exc)) from None
@@ -297,6 +299,15 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     picture = write_picture(records, log_path.with_suffix(".png"))
     console.print(f"{outcome.result}: {outcome.message} (log: {log_path}, picture: {picture})")
     return 1 if outcome.result in ("rolled-back", "paused") else 0
+
+
+def _countdown(seconds: float) -> None:
+    """Wait out an analysis interval, showing the time to the next judgement."""
+    end = time.monotonic() + seconds
+    with console.status("") as status:
+        while (left := end - time.monotonic()) > 0:
+            status.update(f"next judgement in {left:.0f} s")
+            time.sleep(min(1.0, left))
 
 
 def build_parser() -> argparse.ArgumentParser:

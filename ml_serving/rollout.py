@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -204,7 +205,7 @@ def locked(project_dir: Path, stack: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RolloutError(f"another rollout of stack {stack} is running (lock {path.name}): wait for it") from None
-        handle.write(str(__import__("os").getpid()))
+        handle.write(str(os.getpid()))
         handle.flush()
         yield
 
