@@ -244,7 +244,17 @@ def live(registry, tmp_path_factory):
     client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
     model_dir = client.get_model_version_download_uri("churn-classifier", "1").removeprefix("file://")
     servers, ports = {}, {}
-    with processes_for(model_dir, workdir, servers, ports):
+    # A stand-in for NVIDIA's DCGM exporter (no GPU here): its metric as the real exporter names and labels it.
+    dcgm = workdir / "dcgm"
+    dcgm.mkdir()
+    (dcgm / "metrics").write_text(
+        "# TYPE DCGM_FI_DEV_GPU_UTIL gauge\n"
+        'DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-0",modelName="NVIDIA A10G",namespace="models",pod="churn-champion",'
+        'container="churn"} 42\n'
+    )
+    dcgm_port = processes.free_port()
+    dcgm_server = [sys.executable, "-m", "http.server", str(dcgm_port), "--bind", "127.0.0.1", "--directory", str(dcgm)]
+    with processes.running(dcgm_server, workdir / "dcgm.log"), processes_for(model_dir, workdir, servers, ports):
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [
@@ -256,7 +266,8 @@ def live(registry, tmp_path_factory):
                          "labels": {"ml_model": "churn", "ml_variant": v, "ml_model_version": "1", "namespace": "models", "pod": f"churn-{v}"}}
                         for v in RATES
                     ],
-                }
+                },
+                {"job_name": "dcgm-exporter", "honor_labels": True, "static_configs": [{"targets": [f"127.0.0.1:{dcgm_port}"]}]},
             ],
         }  # fmt: skip
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -337,8 +348,6 @@ def test_every_module_query_answers_plausibly_on_a_live_server(live):
     queries = metrics.catalogue("churn", "champion", ["challenger"], window="15s")
     answered = {}
     for name, promql in queries.items():
-        if name == "gpu_utilization":
-            continue  # needs NVIDIA's DCGM exporter on a GPU node; see README
         result = query(url, promql, at)
         assert result, f"{name} returned nothing: {promql}"
         answered[name] = by_variant(result)
@@ -359,6 +368,7 @@ def test_every_module_query_answers_plausibly_on_a_live_server(live):
         assert answered["restarts"][variant] == 0
         assert answered["in_flight"][variant] >= 0
         assert answered["batch_queue"][variant] >= 0
+    assert answered["gpu_utilization"] == {"champion": 42.0}, "DCGM's per-pod series joined to the serving pod"
     share = answered["observed_share"]
     assert abs(share["champion"] - 75) < 8 and abs(share["challenger"] - 25) < 8
     assert (

@@ -174,6 +174,26 @@ def test_killed_during_up_then_resume_continues_at_the_right_stage(project):
     assert ups(project) == 3
 
 
+def selects(project: Path) -> int:
+    calls = project / "calls.jsonl"
+    return sum(1 for line in calls.read_text().splitlines() if json.loads(line)["args"][:2] == ["stack", "select"])
+
+
+def test_killed_between_the_file_write_and_up_then_resume(project):
+    canary(project, on_inconclusive="pause")
+    running = rollout(project, env={"STANDIN_SLEEP_SELECT_AT": "1"}, wait=False)
+    deadline = time.monotonic() + 60
+    while (not (project / "calls.jsonl").exists() or selects(project) < 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    running.send_signal(signal.SIGKILL)
+    running.wait()
+    assert ups(project) == 0, "killed before `pulumi up`"
+    assert weights(project) == {"champion": 75, "challenger": 25}, "the file was written whole: it parses"
+    resumed = rollout(project, "--resume")
+    assert "resuming at 25 %" in resumed.stdout and "paused at 25 %" in resumed.stdout
+    assert ups(project) == 1, "resume applied what the file says"
+
+
 def test_dry_run_changes_nothing(project):
     canary(project)
     run = rollout(project, "--dry-run")

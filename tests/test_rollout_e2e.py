@@ -124,11 +124,11 @@ def fresh_canary(project: Path, prometheus: str) -> None:
     (project / "calls.jsonl").unlink(missing_ok=True)
 
 
-def run_with_traffic(project: Path, urls: dict[str, str]):
+def run_with_traffic(project: Path, urls: dict[str, str], env: dict | None = None):
     traffic = Traffic(project, urls)
     traffic.start()
     try:
-        return rollout(project)
+        return rollout(project, env=env)
     finally:
         traffic.stop.set()
         traffic.join()
@@ -179,3 +179,27 @@ def test_faulty_challenger_is_rolled_back_within_two_intervals(world):
     assert "rest_server_requests_total" in error_check["query"] and error_check["challenger"] > 0.02
     assert error_check["champion"] == 0
     assert json.dumps(failed)  # every value of the verdict is in the log
+
+
+def test_too_few_requests_never_advance_and_roll_back(world):
+    project, prometheus, control, urls = world
+    control.write_text("0")
+    fresh_canary(project, prometheus)
+    path = project / "Pulumi.canary.yaml"
+    path.write_text(path.read_text().replace("minRequests: 10", "minRequests: 100000"))
+    run = run_with_traffic(project, urls)
+    assert run.returncode == 1
+    assert "only" in run.stdout and "need 100000 to judge" in run.stdout
+    records = log_records(project)
+    assert [r["weights"]["challenger"] for r in records if r["event"] == "apply"] == [25, 0], "never advanced"
+    assert weights(project) == {"champion": 100, "challenger": 0}
+
+
+def test_pulumi_up_failing_mid_rollout_stops_with_the_file_as_applied(world):
+    project, prometheus, control, urls = world
+    control.write_text("0")
+    fresh_canary(project, prometheus)
+    run = run_with_traffic(project, urls, env={"STANDIN_FAIL_UP_AT": "2"})
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "`pulumi up` for stack canary failed" in run.stderr
+    assert weights(project) == {"champion": 75, "challenger": 25}, "stage 2 never applied: the file says stage 1"
