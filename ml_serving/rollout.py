@@ -294,25 +294,39 @@ class RolloutRun:
 
     def promote(self, judgements: list[Judgement]) -> Outcome:
         settings = self.settings()
-        challenger = settings.models[self.model_key].variants[self.plan.challenger]
-        if self.plan.promote == "alias" and challenger.alias is None and challenger.version is not None:
-            self._move_alias(settings, str(challenger.version))
+        model = settings.models[self.model_key]
+        challenger = model.variants[self.plan.challenger]
+        if self.plan.promote == "alias":
+            version = self._move_alias(settings)
             write_weights(self.path, self.model_key, {self.plan.champion: 100, self.plan.challenger: 0})
         else:
+            version = challenger.version or f"@{challenger.alias}"
             promote_in_config(self.path, self.model_key, self.plan)
         self.pulumi.up()
-        self.log({"event": "promote", "version": challenger.version or f"@{challenger.alias}"})
-        return Outcome("promoted", judgements, f"promoted {self.plan.challenger} to {self.plan.champion}")
+        self.log({"event": "promote", "version": version, "how": self.plan.promote})
+        return Outcome("promoted", judgements, f"promoted {self.plan.challenger} (version {version}) to champion")
 
-    def _move_alias(self, settings: Settings, version: str) -> None:
+    def _move_alias(self, settings: Settings) -> str:
+        """Point the champion's registry alias at the challenger's version; the next `pulumi up` resolves it."""
         from mlflow.tracking import MlflowClient
 
-        assert settings.registry is not None
+        from ml_serving.registry import RegistryResolver
+
         model = settings.models[self.model_key]
-        champion = model.variants[self.plan.champion]
-        alias = champion.alias or champion.pinned_from or self.plan.champion
-        client = MlflowClient(tracking_uri=settings.registry.tracking_uri, registry_uri=settings.registry.tracking_uri)
-        client.set_registered_model_alias(model.registered_model, alias, version)
+        champion, challenger = model.variants[self.plan.champion], model.variants[self.plan.challenger]
+        if settings.registry is None or champion.alias is None:
+            raise RolloutError(
+                f"models.{self.model_key}.rollout.promote: alias needs the champion to follow a registry alias "
+                "(alias: champion) and ml-serving:registry; use promote: config otherwise"
+            )
+        uri = settings.registry.tracking_uri
+        version = (
+            challenger.version or RegistryResolver(uri).by_alias(model.registered_model, str(challenger.alias)).version
+        )
+        MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(
+            model.registered_model, champion.alias, version
+        )
+        return str(version)
 
     def run(self, dry_run: bool = False, step: bool = False, resume: bool = False) -> Outcome:
         plan, stages, judgements = self.plan, list(self.plan.stages), []

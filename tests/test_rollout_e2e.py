@@ -203,3 +203,30 @@ def test_pulumi_up_failing_mid_rollout_stops_with_the_file_as_applied(world):
     assert run.returncode == 2, run.stdout + run.stderr
     assert "`pulumi up` for stack canary failed" in run.stderr
     assert weights(project) == {"champion": 75, "challenger": 25}, "stage 2 never applied: the file says stage 1"
+
+
+def test_promotion_by_alias_moves_the_champion_alias_in_mlflow(world, registry):
+    project, prometheus, control, urls = world
+    control.write_text("0")
+    fresh_canary(project, prometheus)
+    path = project / "Pulumi.canary.yaml"
+    text = path.read_text().replace("inconclusiveThreshold: 2", "inconclusiveThreshold: 2\n        promote: alias")
+    text = text.replace('version: "1"\n          modelUri: file:///models/churn/1', "alias: champion")
+    text = text.replace(
+        '{version: "2", modelUri: "file:///models/churn/2", weight: 0}', "{alias: candidate, weight: 0}"
+    )
+    text = text.replace(
+        "ml-serving:namespace: models",
+        f"ml-serving:namespace: models\n  ml-serving:registry: {{trackingUri: '{registry.tracking_uri}'}}",
+    )
+    path.write_text(text)
+    client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
+    try:
+        run = run_with_traffic(project, urls)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert str(client.get_model_version_by_alias("churn-classifier", "champion").version) == "2"
+    finally:
+        client.set_registered_model_alias("churn-classifier", "champion", "1")
+    settings = load_settings(project, "canary")
+    assert settings.models["churn"].variants["champion"].alias == "champion", "the config keeps following the alias"
+    assert weights(project) == {"champion": 100, "challenger": 0}
