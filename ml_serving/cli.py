@@ -22,6 +22,8 @@ from ml_serving import PROJECT, labels
 from ml_serving.settings import ConfigError
 
 console = Console(highlight=False)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 160  # piped or in CI: rich's default of 80 columns would fold the model URIs into ribbons
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

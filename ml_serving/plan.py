@@ -6,6 +6,7 @@ summarised, so a stack can be reviewed without the Pulumi CLI, a cluster or clou
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import runpy
@@ -126,6 +127,8 @@ def run_program(
     if config is None:
         config, secret_keys = read_config(stack_file(project_dir, stack))
     mocks = _mocks_class()(declared if declared is not None else [])
+    loop = asyncio.new_event_loop()  # before set_mocks, which binds the engine's futures to the current loop
+    asyncio.set_event_loop(loop)
     runtime_settings.reset_options()
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=True)
     pulumi.runtime.set_all_config(
@@ -142,8 +145,16 @@ def run_program(
         program()
     finally:
         pulumi.runtime.set_all_config({}, [])
+        _close(loop)
     plan.resources = mocks.resources
     return plan
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """Close the engine's event loop now: left to the garbage collector at exit, it can print a traceback."""
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
+    asyncio.set_event_loop(None)
 
 
 def _json(value: Any) -> str:

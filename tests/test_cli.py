@@ -53,6 +53,7 @@ def test_plan_prod_needs_no_registry_and_writes_every_object(project):
     assert list(sdep)[:3] == ["apiVersion", "kind", "metadata"]
     for expected in ("SeldonDeployment", "churn", "challenger", "10%", "shadow", "pinned from @candidate"):
         assert expected in run.stdout
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr
 
 
 def test_plan_diff_shows_exactly_what_a_weight_edit_changes(project):
