@@ -50,6 +50,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     project_dir = args.project_dir or find_project_dir()
     settings = load_settings(project_dir, args.stack)  # a bad stack file fails here, with its own message
+    if args.diff:
+        from ml_serving.diff import DiffError, check_ref
+
+        try:
+            check_ref(project_dir, args.diff)
+        except DiffError as exc:
+            raise UsageError(str(exc)) from None
     plan = _run(lambda: run_program(project_dir, args.stack, cwd=args.cwd))
     out_dir = args.out or project_dir / "rendered" / args.stack
     written = write_rendered(plan, out_dir)

@@ -28,6 +28,15 @@ class ObjectChange:
     lines: list[str]
 
 
+def check_ref(project_dir: Path, ref: str) -> None:
+    """Fail before planning anything when git knows no commit by that name."""
+    run = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=project_dir, capture_output=True
+    )
+    if run.returncode != 0:
+        raise DiffError(f"git cannot read ref {ref!r}: name a branch, tag or commit (see `git log --oneline`)")
+
+
 def plan_at_ref(project_dir: Path, ref: str, stack: str, out_dir: Path) -> None:
     """Check `ref` out into a temporary folder and plan `stack` with that tree's code into `out_dir`."""
     with tempfile.TemporaryDirectory(prefix="ml-serving-ref-") as tmp:

@@ -82,6 +82,20 @@ def test_plan_diff_with_a_bad_ref_is_a_clear_error(project):
     assert run.returncode == 2
     assert "git cannot read ref 'no-such-branch'" in run.stderr
     assert "Traceback" not in run.stderr
+    assert run.stdout == "" and not (project / "rendered").exists(), "refused before planning anything"
+
+
+def test_serve_an_unknown_model_or_alias_is_a_clear_error(project, registry):
+    for model, reason in (
+        ("models:/no-such-model@champion", "no-such-model"),
+        ("models:/churn-classifier@gold", "alias gold not found"),
+    ):
+        run = ml_serving("serve", model, "--tracking-uri", registry.tracking_uri, cwd=project)
+        assert run.returncode == 2, run.stderr
+        assert f"cannot fetch {model} from the registry at {registry.tracking_uri}" in run.stderr
+        assert reason in run.stderr and "Traceback" not in run.stderr
+    folder = ml_serving("serve", str(project / "serving_image"), cwd=project)
+    assert folder.returncode == 2 and "has no MLmodel file" in folder.stderr
 
 
 STAGING = """\

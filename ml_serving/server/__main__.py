@@ -71,20 +71,31 @@ def model_settings(folder: Path, model_path: Path, name: str | None) -> Any:
     )
 
 
+class ModelNotFound(RuntimeError):
+    """The model to serve cannot be found or fetched: a user's mistake, reported in one line, exit code 2."""
+
+
 def local_model(model: str, download_to: Path | None = None) -> Path:
     """A local folder with the MLflow model: a path as is, `models:/…` or `runs:/…` downloaded from the registry."""
     path = Path(model)
     if path.is_dir():
         if not (path / "MLmodel").exists():
-            raise SystemExit(f"error: {path} has no MLmodel file: point at the folder MLflow logged the model to")
+            raise ModelNotFound(f"{path} has no MLmodel file: point at the folder MLflow logged the model to")
         return path.resolve()
     if "://" in model or model.startswith("models:/") or model.startswith("runs:/"):
         import mlflow
 
         target = download_to or Path(os.environ.get("TMPDIR", "/tmp")) / "ml-serving-models"
         target.mkdir(parents=True, exist_ok=True)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(target)))
-    raise SystemExit(f"error: model {model!r} is neither a folder nor a models:/, runs:/ or storage URI")
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(target)))
+        except Exception as error:  # MlflowException, OSError, requests' errors: all mean "cannot fetch it"
+            reason = getattr(error, "message", None) or str(error) or type(error).__name__
+            raise ModelNotFound(
+                f"cannot fetch {model} from the registry at {mlflow.get_registry_uri()}: {reason.strip()}\n"
+                "check the model name and alias or version (`mlflow models` / the registry UI) and the tracking URI"
+            ) from None
+    raise ModelNotFound(f"model {model!r} is neither a folder nor a models:/, runs:/ or storage URI")
 
 
 async def serve(settings: Any, model: Any, columns: Any, limits: Any) -> None:
@@ -116,7 +127,7 @@ async def _served_by_middleware() -> None:
     raise NotImplementedError
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ml_serving.server", description=__doc__.splitlines()[0])
     parser.add_argument(
         "model",
@@ -132,7 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     from ml_serving.server.validation import columns_from_signature
 
     folder = settings_dir()
-    path = local_model(args.model)
+    try:
+        path = local_model(args.model)
+    except ModelNotFound as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     columns = columns_from_signature(Model.load(str(path)).signature)
     settings = server_settings(folder)
     Path(settings.metrics_dir).mkdir(parents=True, exist_ok=True)
@@ -143,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     asyncio.run(serve(settings, model_settings(folder, path, args.name), columns, load_limits(folder)))
+    return 0
 
 
 if __name__ == "__main__":
