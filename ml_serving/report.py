@@ -60,7 +60,8 @@ def write_picture(records: list[dict[str, Any]], path: Path) -> Path:
             if record["event"] in ("rollback", "promote", "pause"):
                 axis.axvline(record["time"] - start, color="red" if record["event"] == "rollback" else "green")
         axis.set_ylabel(label)
-        axis.legend(loc="upper left")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(loc="upper left")
     for record in records:
         if record["event"] == "apply":
             axes[0].annotate(f"{record['weights'].get('challenger', '?')}%", (record["time"] - start, 1.0),

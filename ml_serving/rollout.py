@@ -13,6 +13,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -186,6 +187,15 @@ class PulumiStack:
     def __init__(self, project_dir: Path, stack: str, on_output: Callable[[str], None] | None = None) -> None:
         self.project_dir, self.stack, self.on_output = project_dir, stack, on_output
 
+    def ensure_cli(self) -> None:
+        """Fail before the stack file is touched when there is no Pulumi CLI to apply it with."""
+        if shutil.which("pulumi") is None:
+            raise RolloutError(
+                "the Pulumi CLI is not on PATH, so no stage could be applied: install it "
+                "(https://www.pulumi.com/docs/iac/download-install/), or use --dry-run to judge, or --step to "
+                "write the next edit for a pull request"
+            )
+
     def up(self) -> None:
         from pulumi import automation as auto
 
@@ -248,6 +258,7 @@ class RolloutRun:
             raise RolloutError(f"{self.path.name}: models.{model_key}.rollout is not set: add the stages and gates")
         self.plan = model.rollout
         self.window = f"{max(int(self.plan.interval_seconds), 1)}s"
+        self.propose_only = False  # --step: write each edit for a pull request; the merge's deploy applies it
 
     def settings(self) -> Settings:
         return load_settings(self.project_dir, self.stack)
@@ -260,7 +271,9 @@ class RolloutRun:
         weights = stage_weights(self.settings().models[self.model_key], self.plan, challenger_weight)
         applied = self.path.read_text()
         write_weights(self.path, self.model_key, weights)
-        self.log({"event": "apply", "weights": weights})
+        self.log({"event": "apply", "weights": weights, "proposed": self.propose_only})
+        if self.propose_only:
+            return weights
         try:
             self.pulumi.up()
         except RolloutError:
@@ -289,8 +302,11 @@ class RolloutRun:
 
     def rollback(self, why: str, judgements: list[Judgement]) -> Outcome:
         weights = self.apply(0)
-        self.log({"event": "rollback", "reason": why, "weights": weights})
-        return Outcome("rolled-back", judgements, f"rolled back ({why}): {self.plan.challenger} at 0 %")
+        self.log({"event": "rollback", "reason": why, "weights": weights, "proposed": self.propose_only})
+        done = f"{self.plan.challenger} at 0 %"
+        if self.propose_only:
+            done += f" written to {self.path.name}: merge it now"
+        return Outcome("rolled-back", judgements, f"rolled back ({why}): {done}")
 
     def promote(self, judgements: list[Judgement]) -> Outcome:
         settings = self.settings()
@@ -302,9 +318,13 @@ class RolloutRun:
         else:
             version = challenger.version or f"@{challenger.alias}"
             promote_in_config(self.path, self.model_key, self.plan)
-        self.pulumi.up()
-        self.log({"event": "promote", "version": version, "how": self.plan.promote})
-        return Outcome("promoted", judgements, f"promoted {self.plan.challenger} (version {version}) to champion")
+        if not self.propose_only:
+            self.pulumi.up()
+        self.log({"event": "promote", "version": version, "how": self.plan.promote, "proposed": self.propose_only})
+        message = f"promoted {self.plan.challenger} (version {version}) to champion"
+        if self.propose_only:
+            message += f": the edit is in {self.path.name}, for a pull request"
+        return Outcome("promoted", judgements, message)
 
     def _move_alias(self, settings: Settings) -> str:
         """Point the champion's registry alias at the challenger's version; the next `pulumi up` resolves it."""
@@ -338,13 +358,19 @@ class RolloutRun:
             )
         if dry_run:
             weights = stage_weights(self.settings().models[self.model_key], plan, current)
-            judgement = self.judge(stages.index(current) if current else -1, weights)
+            index = stages.index(current) if current else -1
+            judgement = self.judge(index, weights)
+            self.report(_describe(judgement, index, len(stages)))
             return Outcome("judged", [judgement], f"dry run, nothing changed: verdict {judgement.verdict}")
+        self.propose_only = step
+        if not step:
+            self.pulumi.ensure_cli()
+        next_step = "after it is deployed, run --step again to judge it and write the next one"
         if current == 0:
             index = 0
             self.report(f"stage 1/{len(stages)}: {self.apply(stages[0])}")
             if step:
-                return Outcome("stepped", [], f"applied stage 1 ({stages[0]} %); run with --step again to judge it")
+                return Outcome("stepped", [], f"wrote stage 1 ({stages[0]} %) to {self.path.name}; {next_step}")
         elif resume or step:
             index = stages.index(current)
             if resume:
@@ -355,9 +381,12 @@ class RolloutRun:
                 f"{plan.challenger} is already at {current} %: continue with --resume, or roll back with --abort"
             )
         failures = inconclusive = 0
+        deployed_a_while = step  # a --step run judges a stage its pull request deployed earlier: no need to wait
         while True:
             weights = stage_weights(self.settings().models[self.model_key], plan, stages[index])
-            self.sleep(plan.interval_seconds)
+            if not deployed_a_while:
+                self.sleep(plan.interval_seconds)
+            deployed_a_while = False
             judgement = self.judge(index, weights)
             judgements.append(judgement)
             self.report(_describe(judgement, index, len(stages)))
@@ -380,11 +409,16 @@ class RolloutRun:
                 index += 1
                 self.report(f"stage {index + 1}/{len(stages)}: {self.apply(stages[index])}")
                 if step:
-                    return Outcome("stepped", judgements, f"applied stage {index + 1} ({stages[index]} %)")
+                    return Outcome(
+                        "stepped",
+                        judgements,
+                        f"wrote stage {index + 1} ({stages[index]} %) to {self.path.name}; {next_step}",
+                    )
 
 
 def _describe(judgement: Judgement, index: int, total: int) -> str:
-    parts = [f"stage {index + 1}/{total} {judgement.weights}: {judgement.verdict}"]
+    where = f"stage {index + 1}/{total}" if index >= 0 else "before stage 1"
+    parts = [f"{where} {judgement.weights}: {judgement.verdict}"]
     for check in judgement.checks:
         chall = "-" if check.challenger is None else f"{check.challenger:.4g}"
         champ = "-" if check.champion is None else f"{check.champion:.4g}"
@@ -397,4 +431,5 @@ def _describe(judgement: Judgement, index: int, total: int) -> str:
 def abort(project_dir: Path, stack: str, model_key: str, pulumi: PulumiStack, log_path: Path) -> Outcome:
     """Roll back now: the challenger to 0 %, applied."""
     runner = RolloutRun(project_dir, stack, model_key, Prometheus("http://unused"), pulumi, log_path)
+    pulumi.ensure_cli()
     return runner.rollback("aborted by hand", [])

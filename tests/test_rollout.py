@@ -149,7 +149,7 @@ def test_failed_pulumi_up_leaves_the_file_as_last_applied(project):
     assert first.returncode == 0, first.stderr
     assert weights(project) == {"champion": 75, "challenger": 25}
     applied = (project / "Pulumi.canary.yaml").read_text()
-    run = rollout(project, "--abort", env={"STANDIN_FAIL_UP_AT": "2"})
+    run = rollout(project, "--abort", env={"STANDIN_FAIL_UP_AT": "1"})
     assert run.returncode == 2
     assert "`pulumi up` for stack canary failed" in run.stderr
     assert (project / "Pulumi.canary.yaml").read_text() == applied, "the file still says what was applied"
@@ -161,9 +161,9 @@ def test_killed_during_up_then_resume_continues_at_the_right_stage(project):
     # --step again: judges stage 1 (inconclusive, pauses) ... so move on by hand to stage 2 as a PR would:
     path = project / "Pulumi.canary.yaml"
     path.write_text(path.read_text().replace("weight: 75", "weight: 50").replace("weight: 25}", "weight: 50}"))
-    running = rollout(project, "--resume", env={"STANDIN_SLEEP_UP_AT": "2"}, wait=False)
+    running = rollout(project, "--resume", env={"STANDIN_SLEEP_UP_AT": "1"}, wait=False)
     deadline = time.monotonic() + 60
-    while ups(project) < 2 and time.monotonic() < deadline:
+    while ups(project) < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     running.send_signal(signal.SIGKILL)
     running.wait()
@@ -171,7 +171,7 @@ def test_killed_during_up_then_resume_continues_at_the_right_stage(project):
     resumed = rollout(project, "--resume")
     assert "resuming at 50 %" in resumed.stdout
     assert "paused at 50 %" in resumed.stdout, "it judged stage 2, not stage 1"
-    assert ups(project) == 3
+    assert ups(project) == 2
 
 
 def selects(project: Path) -> int:
@@ -208,3 +208,38 @@ def test_already_running_rollout_needs_resume_or_abort(project):
     run = rollout(project)
     assert run.returncode == 2
     assert "already at 25 %: continue with --resume, or roll back with --abort" in run.stderr
+
+
+def test_step_writes_each_edit_for_a_pull_request_and_never_applies(project):
+    canary(project, on_inconclusive="rollback", min_requests=1)
+    first = rollout(project, "--step")
+    assert first.returncode == 0, first.stderr
+    assert "wrote stage 1 (25 %) to Pulumi.canary.yaml" in first.stdout
+    assert weights(project) == {"champion": 75, "challenger": 25} and ups(project) == 0
+    # The pull request merged and deployed stage 1; the next --step judges it at once (Prometheus is down here,
+    # so the checks are inconclusive) and, after the threshold, writes the rollback for the next pull request.
+    second = rollout(project, "--step")
+    assert second.returncode == 1
+    assert "written to Pulumi.canary.yaml: merge it now" in second.stdout
+    assert weights(project) == {"champion": 100, "challenger": 0} and ups(project) == 0
+    text = (project / "Pulumi.canary.yaml").read_text()
+    assert "# serving production today" in text and "# the candidate" in text
+
+
+def test_without_the_pulumi_cli_nothing_is_written(project):
+    canary(project)
+    before = (project / "Pulumi.canary.yaml").read_text()
+    path = str(Path(sys.executable).parent) + ":/usr/bin:/bin"
+    for args in ((), ("--abort",)):
+        run = subprocess.run([*CLI, "--project-dir", str(project), "rollout", "churn", "--stack", "canary", *args],
+                             env={**os.environ, "PATH": path}, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert "the Pulumi CLI is not on PATH" in run.stderr and "Traceback" not in run.stderr
+        assert (project / "Pulumi.canary.yaml").read_text() == before
+
+
+def test_dry_run_explains_its_verdict(project):
+    canary(project)
+    run = rollout(project, "--dry-run")
+    assert "before stage 1" in run.stdout and "unreachable" in run.stdout
+    assert "UserWarning" not in run.stderr
