@@ -1,4 +1,4 @@
-"""`ml-serving`: plan a stack offline, pin its versions, seed the dev registry.
+"""`ml-serving`: plan a stack offline, pin its versions, serve a model locally, roll a challenger out.
 
 Every failure a user can cause ends in one clear message and exit code 2, never a traceback.
 """
