@@ -14,6 +14,7 @@ import types
 import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -271,6 +272,15 @@ class Monitoring(_Config):
     stack: Literal["install", "existing"] = "install"
     namespace: DnsLabel = "monitoring"
     prometheus_url: str = "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL, e.g. http://prometheus.monitoring.svc:9090")
+        return url.rstrip("/")
+
     retention: Duration = "15d"
     storage_size: Quantity = "50Gi"
     scrape_interval: Duration = "30s"

@@ -166,6 +166,12 @@ CASES = [
         "at least 1",
     ),
     (
+        "prometheus-url-without-scheme",
+        lambda c: c["ml-serving:monitoring"].update(prometheusUrl="prometheus.monitoring.svc:9090"),
+        "monitoring.prometheusUrl",
+        "http://",
+    ),
+    (
         "behaviour-with-hpa",
         lambda c: c["ml-serving:platform"].update(autoscaler="hpa"),
         "models.churn.autoscaling.scaleDown",

@@ -398,3 +398,23 @@ def test_alert_expressions_evaluate_on_the_live_server(live, settings):
         for rule in group["rules"]:
             answer = requests.get(f"{url}/api/v1/query", params={"query": rule["expr"]}, timeout=10).json()
             assert answer["status"] == "success", (rule["alert"], answer)
+
+
+def test_prometheus_adapter_takes_host_and_port_from_any_prometheus_url():
+    from ml_serving.settings import parse_settings
+
+    def adapter(url: str) -> dict:
+        settings = parse_settings(
+            {"ml-serving:platform": {"autoscaler": "hpa"}, "ml-serving:monitoring": {"stack": "existing", "prometheusUrl": url},
+             "ml-serving:models": {"m": {"registeredModel": "m",
+                                         "variants": {"v": {"version": "1", "modelUri": "file:///m", "weight": 100}}}}},
+            "Pulumi.test.yaml",
+        )  # fmt: skip
+        return monitoring.prometheus_adapter(settings).values["prometheus"]
+
+    assert adapter("http://prometheus.monitoring.svc:9090") == {"url": "http://prometheus.monitoring.svc", "port": 9090}
+    assert adapter("http://prometheus.monitoring.svc") == {"url": "http://prometheus.monitoring.svc", "port": 80}
+    assert adapter("https://prom.example.com/") == {"url": "https://prom.example.com", "port": 443}
+    assert adapter("http://thanos.monitoring.svc:10902/prometheus") == {
+        "url": "http://thanos.monitoring.svc", "port": 10902, "path": "/prometheus"
+    }  # fmt: skip

@@ -151,7 +151,7 @@ def device_plugin(settings: Settings) -> HelmChart:
         if pool.gpu is not None and pool.gpu.time_slicing is not None
     }
     values: dict[str, Any] = {
-        "tolerations": [{"key": settings.gpu.taint_key, "operator": "Exists", "effect": "NoSchedule"}],
+        "tolerations": _gpu_tolerations(settings),
         "nodeSelector": {},
         "affinity": _gpu_nodes_affinity(),
     }
@@ -179,9 +179,7 @@ def gpu_operator(settings: Settings) -> HelmChart:
             "driver": {"enabled": False},
             "toolkit": {"enabled": False},
             "dcgmExporter": {"enabled": False},
-            "daemonsets": {
-                "tolerations": [{"key": settings.gpu.taint_key, "operator": "Exists", "effect": "NoSchedule"}]
-            },
+            "daemonsets": {"tolerations": _gpu_tolerations(settings)},
         },
     )
 
@@ -195,21 +193,29 @@ def dcgm_exporter(settings: Settings) -> HelmChart:
         repository="https://nvidia.github.io/dcgm-exporter/helm-charts",
         namespace="nvidia-dcgm-exporter",
         values={
-            "tolerations": [{"key": settings.gpu.taint_key, "operator": "Exists", "effect": "NoSchedule"}],
+            "tolerations": _gpu_tolerations(settings),
             "affinity": _gpu_nodes_affinity(),
             "serviceMonitor": {"enabled": settings.gpu.dcgm_service_monitor},
         },
     )
 
 
-def _gpu_nodes_affinity() -> dict[str, Any]:
+def _gpu_tolerations(settings: Settings) -> list[dict[str, Any]]:
+    """Tolerate the GPU pools' taint: what lets a pod onto GPU nodes at all."""
+    return [{"key": settings.gpu.taint_key, "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def _required_node_affinity(expressions: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchExpressions": [{"key": GPU_NAME_LABEL, "operator": "Exists"}]}]
-            }
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": expressions}]}
         }
     }
+
+
+def _gpu_nodes_affinity() -> dict[str, Any]:
+    """Any node with a GPU: where the NVIDIA daemon sets belong."""
+    return _required_node_affinity([{"key": GPU_NAME_LABEL, "operator": "Exists"}])
 
 
 def scheduling(settings: Settings, variant: Variant) -> dict[str, Any]:
@@ -221,12 +227,6 @@ def scheduling(settings: Settings, variant: Variant) -> dict[str, Any]:
     if variant.gpu_type:
         expressions.append({"key": GPU_NAME_LABEL, "operator": "In", "values": [variant.gpu_type]})
     return {
-        "tolerations": [{"key": settings.gpu.taint_key, "operator": "Exists", "effect": "NoSchedule"}],
-        "affinity": {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [{"matchExpressions": expressions}]
-                }
-            }
-        },
+        "tolerations": _gpu_tolerations(settings),
+        "affinity": _required_node_affinity(expressions),
     }

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 from ml_serving import labels, metrics
 from ml_serving.metrics import Scope
 from ml_serving.settings import Model, Settings
-from ml_serving.specs.platform import HelmChart
+from ml_serving.specs.platform import HelmChart, namespace_object
 
 MONITORING_API = "monitoring.coreos.com/v1"
 DASHBOARD_LABEL = "grafana_dashboard"
@@ -309,7 +310,13 @@ def dashboard_config_map(settings: Settings, key: str) -> dict[str, Any]:
 def prometheus_adapter(settings: Settings) -> HelmChart:
     """Serves the request rate to Kubernetes' custom metrics API for stacks on Seldon's hpaSpec (no KEDA)."""
     monitoring = _monitoring(settings)
-    url, _, port = monitoring.prometheus_url.rpartition(":")
+    url = urlsplit(monitoring.prometheus_url)
+    prometheus: dict[str, Any] = {
+        "url": f"{url.scheme}://{url.hostname}",
+        "port": url.port or (443 if url.scheme == "https" else 80),
+    }
+    if url.path.strip("/"):
+        prometheus["path"] = url.path
     return HelmChart(
         release="prometheus-adapter",
         chart="prometheus-adapter",
@@ -317,18 +324,14 @@ def prometheus_adapter(settings: Settings) -> HelmChart:
         repository="https://prometheus-community.github.io/helm-charts",
         namespace=monitoring.namespace,
         values={
-            "prometheus": {"url": url, "port": int(port)},
+            "prometheus": prometheus,
             "rules": {"default": False, "custom": [metrics.adapter_rule()]},
         },
     )
 
 
 def monitoring_namespace(settings: Settings) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {"name": _monitoring(settings).namespace, "labels": labels.common("monitoring")},
-    }
+    return namespace_object(_monitoring(settings).namespace, "monitoring")
 
 
 def grafana_admin_secret(settings: Settings) -> dict[str, Any]:

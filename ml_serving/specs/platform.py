@@ -26,12 +26,12 @@ class HelmChart:
     values: dict[str, Any]
 
 
+def namespace_object(name: str, component: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels.common(component)}}
+
+
 def namespace(settings: Settings) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {"name": settings.namespace, "labels": labels.common("serving")},
-    }
+    return namespace_object(settings.namespace, "serving")
 
 
 def seldon_operator(settings: Settings) -> HelmChart:
