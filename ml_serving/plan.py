@@ -115,11 +115,13 @@ def run_program(
     secret_keys: list[str] | None = None,
     cwd: Path | None = None,
     declared: list[Declared] | None = None,
+    preview: bool = True,
 ) -> Plan:
     """Run `project_dir/__main__.py` for `stack` under the mock engine and return what it declared.
 
     `config` defaults to the stack file's config. Errors the program raises (bad config, registry) propagate;
-    what was declared before the error is left in `declared`, if given.
+    what was declared before the error is left in `declared`, if given. `preview=False` runs it as `pulumi up`
+    would (e.g. baked models are downloaded into their build contexts).
     """
     import pulumi
     from pulumi.runtime import settings as runtime_settings
@@ -130,7 +132,7 @@ def run_program(
     loop = asyncio.new_event_loop()  # before set_mocks, which binds the engine's futures to the current loop
     asyncio.set_event_loop(loop)
     runtime_settings.reset_options()
-    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=True)
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=preview)
     pulumi.runtime.set_all_config(
         {k: v if isinstance(v, str) else _json(v) for k, v in config.items()}, secret_keys or []
     )

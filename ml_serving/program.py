@@ -14,7 +14,14 @@ from pulumi.runtime import config as runtime_config
 from pydantic import SecretStr
 
 from ml_serving import PROJECT
-from ml_serving.image import ImageError, PreparedContext, build_context, model_environment, write_context
+from ml_serving.image import (
+    ImageError,
+    ModelEnvironment,
+    PreparedContext,
+    build_context,
+    model_environment,
+    write_context,
+)
 from ml_serving.registry import RegistryError, Resolution, resolve
 from ml_serving.settings import ConfigError, KubernetesTarget, Settings, parse_settings
 
@@ -44,19 +51,22 @@ def build_contexts(settings: Settings, versions: Resolution, build_dir: Path) ->
     Paths are relative to the project folder, where Pulumi (and `ml-serving plan`) run the program.
     """
     prepared: dict[str, dict[str, PreparedContext]] = {}
+    environments: dict[tuple[str, str, str], ModelEnvironment] = {}  # variants sharing a version read it once
+    written: set[Path] = set()  # ... and share one context folder
     try:
         for model_key, model in settings.models.items():
             prepared[model_key] = {}
             for variant in model.variants:
                 resolved = versions.of(model_key, variant)
-                environment = model_environment(
-                    model.registered_model, resolved.version, resolved.model_uri, lock_dir=Path("model-lock")
-                )
+                key = (model.registered_model, resolved.version, resolved.model_uri)
+                if key not in environments:
+                    environments[key] = model_environment(*key, lock_dir=Path("model-lock"))
                 bake_from = resolved.model_uri if model.serving.bake else None
-                context = build_context(environment, bake_from, gpu=model.variants[variant].gpu > 0)
+                context = build_context(environments[key], bake_from, gpu=model.variants[variant].gpu > 0)
                 path = build_dir / f"{model_key}-{context.tag}"
-                if not path.exists() or not pulumi.runtime.is_dry_run():
+                if path not in written and (not path.exists() or not pulumi.runtime.is_dry_run()):
                     write_context(context, path, with_model=not pulumi.runtime.is_dry_run())
+                written.add(path)
                 prepared[model_key][variant] = PreparedContext(context, path)
     except ImageError as exc:
         raise pulumi.RunError(f"Pulumi.{pulumi.get_stack()}.yaml: {exc}") from None

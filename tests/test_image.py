@@ -148,3 +148,26 @@ def test_registry_password_never_reaches_the_rendered_plan(tmp_path):
     assert "registryPassword" not in text and "ci-bot" not in text, "image registry credentials stay out"
     assert "4dabf18193072939515e22adb298388d" not in text, "secret values are masked, not written"
     assert "stringData: '[secret]'" in text
+
+
+def test_variants_sharing_a_baked_version_build_from_one_context(registry, tmp_path, monkeypatch):
+    """As `pulumi up` runs it: two variants on the same version get one context, and the model is fetched once."""
+    from ml_serving import program
+    from ml_serving.plan import run_program
+    from tests.conftest import PROJECT_DIR, stack_config
+
+    config = stack_config("dev")
+    config["ml-serving:registry"] = {"trackingUri": registry.tracking_uri}
+    churn = config["ml-serving:models"]["churn"]
+    churn["serving"] = {"bake": True}
+    churn["variants"] = {
+        "champion": {"alias": "champion", "weight": 100},
+        "mirror": {"alias": "champion", "shadow": True},
+    }
+    written = []
+    real = program.write_context
+    monkeypatch.setattr(program, "write_context", lambda *args, **kw: written.append(args[1]) or real(*args, **kw))
+    plan = run_program(PROJECT_DIR, "dev", config=config, cwd=tmp_path, preview=False)
+    assert len(plan.images) == 1
+    assert len(written) == 1, f"one context, written (and its model downloaded) once: {written}"
+    assert (tmp_path / written[0] / "model" / "MLmodel").exists(), "the model is baked into it"
