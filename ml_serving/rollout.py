@@ -100,26 +100,19 @@ def judge(
             return None
         return found.get(champion), found.get(challenger)
 
-    counted = values("requests", metrics.requests_in_window(scope, window))
+    requests_query = metrics.requests_in_window(scope, window)
+    counted = values("requests", requests_query)
     if counted is None:
         return judgement
-    if counted[1] is None or counted[1] < plan.min_requests:
-        note = "the query returned nothing" if counted[1] is None else f"only {counted[1]:.0f} requests"
+    champ_requests, chall_requests = counted
+    if chall_requests is None or chall_requests < plan.min_requests:
+        note = "the query returned nothing" if chall_requests is None else f"only {chall_requests:.0f} requests"
         judgement.checks.append(
-            Check(
-                "requests",
-                metrics.requests_in_window(scope, window),
-                counted[0],
-                counted[1],
-                plan.min_requests,
-                INCONCLUSIVE,
-                f"{note}; need {plan.min_requests} to judge",
-            )
-        )
+            Check("requests", requests_query, champ_requests, chall_requests, plan.min_requests, INCONCLUSIVE,
+                  f"{note}; need {plan.min_requests} to judge")
+        )  # fmt: skip
         return judgement
-    judgement.checks.append(
-        Check("requests", metrics.requests_in_window(scope, window), *counted, plan.min_requests, PASS)
-    )
+    judgement.checks.append(Check("requests", requests_query, champ_requests, chall_requests, plan.min_requests, PASS))
     gates: list[tuple[str, Callable[[Scope, str], str], float, float]] = [
         ("error_ratio", metrics.error_ratio, plan.max_error_ratio, plan.max_error_ratio_vs_champion),
         ("latency_p95", metrics.latency_p95, plan.max_p95_seconds, plan.max_p95_vs_champion),
@@ -381,12 +374,10 @@ class RolloutRun:
                 f"{plan.challenger} is already at {current} %: continue with --resume, or roll back with --abort"
             )
         failures = inconclusive = 0
-        deployed_a_while = step  # a --step run judges a stage its pull request deployed earlier: no need to wait
         while True:
             weights = stage_weights(self.settings().models[self.model_key], plan, stages[index])
-            if not deployed_a_while:
+            if judgements or not step:  # a --step run first judges a stage its pull request deployed a while ago
                 self.sleep(plan.interval_seconds)
-            deployed_a_while = False
             judgement = self.judge(index, weights)
             judgements.append(judgement)
             self.report(_describe(judgement, index, len(stages)))

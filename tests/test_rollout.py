@@ -211,14 +211,18 @@ def test_already_running_rollout_needs_resume_or_abort(project):
 
 
 def test_step_writes_each_edit_for_a_pull_request_and_never_applies(project):
-    canary(project, on_inconclusive="rollback", min_requests=1)
+    canary(project, on_inconclusive="rollback", min_requests=1, interval=10)
     first = rollout(project, "--step")
     assert first.returncode == 0, first.stderr
     assert "wrote stage 1 (25 %) to Pulumi.canary.yaml" in first.stdout
     assert weights(project) == {"champion": 75, "challenger": 25} and ups(project) == 0
     # The pull request merged and deployed stage 1; the next --step judges it at once (Prometheus is down here,
     # so the checks are inconclusive) and, after the threshold, writes the rollback for the next pull request.
+    started = time.time()
     second = rollout(project, "--step")
+    judged = [r["time"] for r in log_records(project) if r["event"] == "judgement"]
+    assert judged[0] - started < 8, "the first judgement does not wait out the 10 s interval"
+    assert judged[1] - judged[0] >= 10, "a held (inconclusive) stage is judged again after the interval"
     assert second.returncode == 1
     assert "written to Pulumi.canary.yaml: merge it now" in second.stdout
     assert weights(project) == {"champion": 100, "challenger": 0} and ups(project) == 0
