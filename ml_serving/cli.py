@@ -6,6 +6,7 @@ Every failure a user can cause ends in one clear message and exit code 2, never 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -66,9 +67,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if settings.node_pools:
         _print_pools(settings)
     if args.diff:
-        return _print_diff(project_dir, args.stack, args.diff, out_dir)
+        _print_diff(project_dir, args.stack, args.diff, out_dir)
     if args.preview:
-        return _pulumi_preview(project_dir, args.stack)
+        _pulumi_preview(project_dir, args.stack)
     return 0
 
 
@@ -146,7 +147,7 @@ def _print_pools(settings) -> None:  # type: ignore[no-untyped-def]
     console.print(placed)
 
 
-def _print_diff(project_dir: Path, stack: str, ref: str, out_dir: Path) -> int:
+def _print_diff(project_dir: Path, stack: str, ref: str, out_dir: Path) -> None:
     from ml_serving.diff import DiffError, diff_rendered, plan_at_ref
 
     with tempfile.TemporaryDirectory(prefix="ml-serving-plan-") as tmp:
@@ -158,7 +159,7 @@ def _print_diff(project_dir: Path, stack: str, ref: str, out_dir: Path) -> int:
         changes = diff_rendered(before, out_dir)
     if not changes:
         console.print(f"no object changes against {ref}")
-        return 0
+        return
     marks = {"added": "[green]+[/]", "removed": "[red]-[/]", "changed": "[yellow]~[/]"}
     console.print(f"{len(changes)} object(s) differ from the plan at {ref}:")
     for change in changes:
@@ -167,15 +168,14 @@ def _print_diff(project_dir: Path, stack: str, ref: str, out_dir: Path) -> int:
         for line in change.lines:
             style = "green" if line.startswith("+") else "red" if line.startswith("-") else None
             console.print(line, style=style, markup=False)
-    return 0
 
 
-def _pulumi_preview(project_dir: Path, stack: str) -> int:
+def _pulumi_preview(project_dir: Path, stack: str) -> None:
     """`pulumi preview --diff` on a local file backend (`.pulumi-state/`), when the Pulumi CLI is installed."""
     pulumi_cli = shutil.which("pulumi")
     if pulumi_cli is None:
         console.print("pulumi CLI not on PATH: skipped `pulumi preview` (the plan above ran the same program)")
-        return 0
+        return
     state = project_dir / ".pulumi-state"
     state.mkdir(exist_ok=True)
     env = {**os.environ, "PULUMI_BACKEND_URL": state.as_uri()}
@@ -184,7 +184,6 @@ def _pulumi_preview(project_dir: Path, stack: str) -> int:
         run = subprocess.run([pulumi_cli, "--non-interactive", *args], cwd=project_dir, env=env)
         if run.returncode != 0:
             raise UsageError(f"`pulumi {' '.join(args)}` failed (exit {run.returncode}); its output is above")
-    return 0
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
@@ -209,52 +208,33 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 def cmd_seed(args: argparse.Namespace) -> int:
     from ml_serving.seed import seed
-    from ml_serving.stackfile import load_settings
 
     project_dir = args.project_dir or find_project_dir()
-    uri = args.tracking_uri
-    if uri is None:
-        settings = load_settings(project_dir, args.stack)
-        if settings.registry is None:
-            raise UsageError(f"Pulumi.{args.stack}.yaml has no ml-serving:registry: pass --tracking-uri")
-        uri = settings.registry.tracking_uri
-    with _chdir(project_dir):
+    uri = args.tracking_uri or _stack_tracking_uri(project_dir, args.stack)
+    with contextlib.chdir(project_dir):
         seeded = seed(uri)
     state = "registered" if seeded.created else "already there"
     console.print(f"{seeded.model} v{seeded.version} @{', @'.join(seeded.aliases)} in {uri}: {state}")
     return 0
 
 
-class _chdir:
-    """Relative registry URIs (sqlite:///.mlflow/…) are relative to the project, as they are for the program."""
+def _stack_tracking_uri(project_dir: Path, stack: str) -> str:
+    """The stack's MLflow registry; a relative one (sqlite:///.mlflow/…) is relative to the project folder."""
+    from ml_serving.stackfile import load_settings
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.old = path, Path.cwd()
-
-    def __enter__(self) -> None:
-        import os
-
-        os.chdir(self.path)
-
-    def __exit__(self, *exc: object) -> None:
-        import os
-
-        os.chdir(self.old)
+    settings = load_settings(project_dir, stack)
+    if settings.registry is None:
+        raise UsageError(f"Pulumi.{stack}.yaml has no ml-serving:registry: pass --tracking-uri")
+    return settings.registry.tracking_uri
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the serving image's own entrypoint here, without Docker: same settings files, same validation."""
     env = dict(os.environ)
-    uri = args.tracking_uri
+    uri, cwd = args.tracking_uri, None
     if uri is None and not Path(args.model).is_dir():
-        project_dir = args.project_dir or find_project_dir()
-        from ml_serving.stackfile import load_settings
-
-        settings = load_settings(project_dir, args.stack)
-        if settings.registry is None:
-            raise UsageError(f"Pulumi.{args.stack}.yaml has no ml-serving:registry: pass --tracking-uri")
-        uri = settings.registry.tracking_uri
-        os.chdir(project_dir)  # relative sqlite URIs are relative to the project
+        cwd = args.project_dir or find_project_dir()
+        uri = _stack_tracking_uri(cwd, args.stack)
     if uri:
         env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = uri
     for name, value in (
@@ -266,7 +246,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             env[f"MLSERVER_{name}"] = str(value)
     command = [sys.executable, "-m", "ml_serving.server", args.model, "--name", args.name or _model_name(args.model)]
     console.print(f"serving {args.model} as '{command[-1]}': {' '.join(command)}")
-    return subprocess.call(command, env=env)
+    return subprocess.call(command, env=env, cwd=cwd)
 
 
 def _model_name(model: str) -> str:

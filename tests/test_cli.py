@@ -188,8 +188,10 @@ def test_plan_preview_drives_the_pulumi_cli_on_a_local_backend(project, tmp_path
     stand_in = bin_dir / "pulumi"
     stand_in.write_text(f'#!/bin/sh\necho "$PULUMI_BACKEND_URL $*" >> {record}\n')
     stand_in.chmod(0o755)
-    run = ml_serving("plan", "prod", "--preview", cwd=project, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    run = ml_serving("plan", "prod", "--diff", "main", "--preview", cwd=project,
+                     env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})  # fmt: skip
     assert run.returncode == 0, run.stderr
+    assert "no object changes against main" in run.stdout, "--diff and --preview together do both"
     backend = (project / ".pulumi-state").as_uri()
     assert record.read_text().splitlines() == [
         f"{backend} --non-interactive stack select --create prod",
