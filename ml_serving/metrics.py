@@ -122,9 +122,8 @@ def restarts(scope: Scope = Scope(), window: str = "15m") -> str:
 def observed_share(model: str, served: list[str], window: str = DEFAULT_WINDOW) -> str:
     """Each served variant's share of the model's traffic, in percent (shadows, which get copies, left out)."""
     served_matcher = f'{VARIANT}=~"{"|".join(served)}"'
-    variants = f"sum by ({BY_VARIANT}) (rate({REQUESTS}{_inference(Scope(model=model), served_matcher)}[{window}]))"
-    total = f"sum by ({MODEL}) (rate({REQUESTS}{_inference(Scope(model=model), served_matcher)}[{window}]))"
-    return f"100 * {variants} / ignoring({VARIANT}) group_left {total}"
+    rates = f"rate({REQUESTS}{_inference(Scope(model=model), served_matcher)}[{window}])"
+    return f"100 * sum by ({BY_VARIANT}) ({rates}) / ignoring({VARIANT}) group_left sum by ({MODEL}) ({rates})"
 
 
 def configured_value(model: str, variant: str, value: float) -> str:
@@ -154,7 +153,7 @@ def gpu_utilization(scope: Scope = Scope()) -> str:
 
 def scaling_request_rate(model: str, variant: str, window: str = DEFAULT_WINDOW) -> str:
     """One number for KEDA's prometheus trigger: the variant's inference requests per second across its pods."""
-    return f"sum(rate({REQUESTS}{_inference(Scope(model=model, variant=variant))}[{window}]))"
+    return f"sum({request_rate(Scope(model=model, variant=variant), window)})"
 
 
 ADAPTER_METRIC = "ml_serving_requests_per_second"
