@@ -10,6 +10,7 @@ plans offline), else from the registry.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ SERVING_IMAGE_DIR = PROJECT_DIR / "serving_image"
 LOCK_DIR = PROJECT_DIR / "model-lock"
 SETTINGS_FILES = ("settings.json", "model-settings.json", "limits.json")
 BAKED_MODEL_PATH = "/app/model"
+METRICS_PORT: int = json.loads((SERVING_IMAGE_DIR / "settings.json").read_text())["metrics_port"]
 DEFAULT_PYTHON = "3.11.14"
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 from ml_serving import labels, metrics
+from ml_serving.image import BAKED_MODEL_PATH, METRICS_PORT
 from ml_serving.registry import ResolvedVersion
 from ml_serving.settings import Autoscaling, Model, Settings, Variant
 from ml_serving.specs import gpu
 
 API_VERSION = "machinelearning.seldon.io/v1"
 TMP_VOLUME = "tmp"
-METRICS_PORT = 8082
-BAKED_MODEL_PATH = "/app/model"
 
 
 def predictor_labels(model_key: str, model: Model, variant_name: str, resolved: ResolvedVersion) -> dict[str, str]:
