@@ -243,7 +243,6 @@ def live(registry, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("live")
     client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
     model_dir = client.get_model_version_download_uri("churn-classifier", "1").removeprefix("file://")
-    servers, ports = {}, {}
     # A stand-in for NVIDIA's DCGM exporter (no GPU here): its metric as the real exporter names and labels it.
     dcgm = workdir / "dcgm"
     dcgm.mkdir()
@@ -254,7 +253,10 @@ def live(registry, tmp_path_factory):
     )
     dcgm_port = processes.free_port()
     dcgm_server = [sys.executable, "-m", "http.server", str(dcgm_port), "--bind", "127.0.0.1", "--directory", str(dcgm)]
-    with processes.running(dcgm_server, workdir / "dcgm.log"), processes_for(model_dir, workdir, servers, ports):
+    with (
+        processes.running(dcgm_server, workdir / "dcgm.log"),
+        processes.serving_servers(dict.fromkeys(RATES, model_dir), workdir) as ports,
+    ):
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [
@@ -270,42 +272,11 @@ def live(registry, tmp_path_factory):
                 {"job_name": "dcgm-exporter", "honor_labels": True, "static_configs": [{"targets": [f"127.0.0.1:{dcgm_port}"]}]},
             ],
         }  # fmt: skip
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = processes.free_port()
-        command = [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-                   f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
-        with processes.running(command, workdir / "prometheus.log") as prometheus:
-            url = f"http://127.0.0.1:{port}"
-            processes.wait_for(f"{url}/-/ready", prometheus, workdir / "prometheus.log")
+        with processes.prometheus_server(config, workdir) as url:
             sent = send_traffic(ports, seconds=25)
             at = time.time() - 1  # evaluate inside the traffic, not after it
             time.sleep(3)  # let the last scrapes land
             yield url, sent, at
-
-
-from contextlib import contextmanager  # noqa: E402
-
-
-@contextmanager
-def processes_for(model_dir: str, workdir: Path, servers: dict, ports: dict):
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        for variant in RATES:
-            ports[variant] = {k: processes.free_port() for k in ("http", "grpc", "metrics")}
-            env = {
-                "MLSERVER_HTTP_PORT": str(ports[variant]["http"]), "MLSERVER_GRPC_PORT": str(ports[variant]["grpc"]),
-                "MLSERVER_METRICS_PORT": str(ports[variant]["metrics"]), "MLSERVER_PARALLEL_WORKERS": "1",
-                "MLSERVER_METRICS_DIR": str(workdir / f"metrics-{variant}"), "MLSERVER_MODEL_NAME": "churn",
-            }  # fmt: skip
-            log = workdir / f"{variant}.log"
-            servers[variant] = stack.enter_context(
-                processes.running([sys.executable, "-m", "ml_serving.server", model_dir], log, env=env)
-            )
-        for variant in RATES:
-            processes.wait_for(f"http://127.0.0.1:{ports[variant]['http']}/v2/health/ready", servers[variant],
-                               workdir / f"{variant}.log")  # fmt: skip
-        yield
 
 
 ROW = {"tenure_months": 3, "monthly_charges": 99.5, "support_calls": 4, "plan": "basic", "region": "north"}

@@ -108,15 +108,9 @@ def test_inconclusive_can_pause_instead(project):
 
 
 def test_empty_query_says_which_query_was_empty(project, tmp_path):
-    prometheus = shutil_which("prometheus")
-    config = tmp_path / "prometheus.yml"
-    config.write_text("global: {scrape_interval: 1s}\nscrape_configs: []\n")
-    port = processes.free_port()
-    command = [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-               f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
-    with processes.running(command, tmp_path / "prometheus.log") as server:
-        processes.wait_for(f"http://127.0.0.1:{port}/-/ready", server, tmp_path / "prometheus.log")
-        canary(project, prometheus=f"http://127.0.0.1:{port}")
+    shutil_which("prometheus")
+    with processes.prometheus_server({"global": {"scrape_interval": "1s"}, "scrape_configs": []}, tmp_path) as url:
+        canary(project, prometheus=url)
         run = rollout(project)
     assert run.returncode == 1
     assert "the query returned nothing" in run.stdout

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import threading
 import time
-from contextlib import ExitStack, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 import requests
-import yaml
 from mlflow.tracking import MlflowClient
 
 from ml_serving.stackfile import load_settings
@@ -78,41 +76,16 @@ def world(registry, tmp_path_factory):
     }
     control = workdir / "fault-rate"
     control.write_text("0")
-    ports = {v: {k: processes.free_port() for k in ("http", "grpc", "metrics")} for v in models}
-    with ExitStack() as stack:
-        for variant, model in models.items():
-            env = {
-                "MLSERVER_HTTP_PORT": str(ports[variant]["http"]), "MLSERVER_GRPC_PORT": str(ports[variant]["grpc"]),
-                "MLSERVER_METRICS_PORT": str(ports[variant]["metrics"]), "MLSERVER_PARALLEL_WORKERS": "1",
-                "MLSERVER_METRICS_DIR": str(workdir / f"metrics-{variant}"), "MLSERVER_MODEL_NAME": "churn",
-                "FLAKY_CONTROL_FILE": str(control),
-            }  # fmt: skip
-            server = stack.enter_context(
-                processes.running(
-                    [sys.executable, "-m", "ml_serving.server", model], workdir / f"{variant}.log", env=env
-                )
-            )
-            processes.wait_for(
-                f"http://127.0.0.1:{ports[variant]['http']}/v2/health/ready", server, workdir / f"{variant}.log"
-            )
+    with processes.serving_servers(models, workdir, env={"FLAKY_CONTROL_FILE": str(control)}) as ports:
         config = {
             "global": {"scrape_interval": "1s"},
             "scrape_configs": [{"job_name": "ml-serving", "static_configs": [
                 {"targets": [f"127.0.0.1:{ports[v]['metrics']}"], "labels": {"ml_model": "churn", "ml_variant": v}}
                 for v in models]}],
         }  # fmt: skip
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = processes.free_port()
-        prometheus = stack.enter_context(
-            processes.running(
-                [shutil.which("prometheus"), f"--config.file={workdir / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                workdir / "prometheus.log",
-            )
-        )  # fmt: skip
-        processes.wait_for(f"http://127.0.0.1:{port}/-/ready", prometheus, workdir / "prometheus.log")
-        urls = {v: f"http://127.0.0.1:{ports[v]['http']}/invocations" for v in models}
-        yield project, f"http://127.0.0.1:{port}", control, urls
+        with processes.prometheus_server(config, workdir) as prometheus:
+            urls = {v: f"http://127.0.0.1:{ports[v]['http']}/invocations" for v in models}
+            yield project, prometheus, control, urls
 
 
 def fresh_canary(project: Path, prometheus: str) -> None:
