@@ -79,12 +79,5 @@ def lock_environment(registered_model: str, resolved: ResolvedVersion, lock_dir:
     """Keep the version's requirements under model-lock/, so its image builds (and plans) from the repository."""
     target = lock_path(registered_model, resolved.version, lock_dir)
     if not (target / "requirements.txt").exists():
-        if resolved.model_uri.startswith("file://"):
-            source = Path(resolved.model_uri.removeprefix("file://"))
-            target.mkdir(parents=True, exist_ok=True)
-            for name in ("requirements.txt", "python_env.yaml"):
-                if (source / name).exists():
-                    (target / name).write_bytes((source / name).read_bytes())
-        else:
-            download_environment(resolved.model_uri, target)
+        download_environment(resolved.model_uri, target)
     return target

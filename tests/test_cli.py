@@ -137,6 +137,8 @@ def test_pin_writes_versions_keeps_comments_and_plans_offline(project, registry)
     locked = project / "model-lock" / "churn-classifier" / "v2" / "requirements.txt"
     source = client.get_model_version_download_uri("churn-classifier", "2").removeprefix("file://")
     assert locked.read_text() == (Path(source) / "requirements.txt").read_text(), "the image builds from this copy"
+    python_env = locked.parent / "python_env.yaml"
+    assert python_env.read_text() == (Path(source) / "python_env.yaml").read_text(), "and its Python version"
 
     stack.write_text(text.replace(registry.tracking_uri, "http://127.0.0.1:9"))
     run = ml_serving("plan", "staging", cwd=project, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
