@@ -31,6 +31,7 @@ def _yaml() -> YAML:
     yaml.preserve_quotes = True
     yaml.allow_duplicate_keys = False
     yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)  # block lists indented under their key, as the stack files write them
     return yaml
 
 
@@ -61,7 +62,11 @@ def read_config(path: Path) -> tuple[dict[str, Any], list[str]]:
 
     Secrets cannot be decrypted without the Pulumi CLI; they are replaced with a placeholder.
     """
-    document = load_document(path)
+    return config_of(load_document(path))
+
+
+def config_of(document: Any) -> tuple[dict[str, Any], list[str]]:
+    """The config of a loaded stack document, plain values, secrets as a placeholder; and the secret keys."""
     config: dict[str, Any] = {}
     secrets: list[str] = []
     for key, value in (document.get("config") or {}).items():
@@ -100,8 +105,8 @@ def edit(path: Path, change: Callable[[Any], None], validate: bool = True) -> st
     _yaml().dump(document, buffer)
     text = buffer.getvalue()
     if validate:
-        check = _yaml().load(text)
-        parse_settings({str(k): _plain(v) for k, v in (check.get("config") or {}).items()}, path.name)
+        config, _ = config_of(_yaml().load(text))
+        parse_settings(config, path.name)
     write_atomically(path, text)
     return text
 

@@ -241,3 +241,16 @@ def test_dry_run_explains_its_verdict(project):
     run = rollout(project, "--dry-run")
     assert "before stage 1" in run.stdout and "unreachable" in run.stdout
     assert "UserWarning" not in run.stderr
+
+
+def test_stage_edits_work_on_the_real_prod_stack_and_keep_its_secrets(project):
+    """Prod carries encrypted values (`secure:`): an edit must validate them as secrets and keep them verbatim."""
+    from ml_serving.rollout import write_weights
+
+    path = project / "Pulumi.prod.yaml"
+    before = path.read_text()
+    write_weights(path, "churn", {"champion": 75, "challenger": 25})
+    after = path.read_text()
+    assert load_settings(project, "prod").models["churn"].variants["challenger"].weight == 25
+    changed = [(old, new) for old, new in zip(before.splitlines(), after.splitlines(), strict=True) if old != new]
+    assert len(changed) == 2 and all("weight" in new for _, new in changed), changed
