@@ -365,21 +365,7 @@ def check_v2(payload: Any, columns: list[Column] | None, limits: Limits) -> None
         raise RequestError(UNPROCESSABLE, f"inputs: ragged batch: every input needs the same number of rows ({shown})")
 
 
-_ALL_V2 = {
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BYTES",
-}
+_ALL_V2 = frozenset().union(*V2_TYPES.values())  # every Open Inference Protocol datatype
 
 
 def _flatten(data: Any, where: str) -> list:
