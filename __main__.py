@@ -60,3 +60,4 @@ if settings.monitoring is not None:
 
 pulumi.export("namespace", settings.namespace)
 pulumi.export("models", {name: deployment.variants for name, deployment in deployments.items()})
+pulumi.export("traffic", {name: model.traffic_fingerprint() for name, model in settings.models.items()})

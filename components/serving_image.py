@@ -24,25 +24,29 @@ class ServingImage(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: ServingImageArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ml-serving:image:ServingImage", name, None, opts)
-        settings, built = args.settings, {}
+        settings = args.settings
         registry = None
         if settings.push and settings.registry_server:
             registry = docker.RegistryArgs(
                 server=settings.registry_server, username=settings.registry_username, password=args.password
             )
+        names: dict[str, pulumi.Input[str]] = {}
         for prepared in {p.context.tag: p for p in args.contexts.values()}.values():
-            built[prepared.context.tag] = docker.Image(
-                f"{name}-{prepared.context.tag}",
-                build=docker.DockerBuildArgs(
-                    context=str(prepared.path),
-                    dockerfile=str(prepared.path / "Dockerfile"),
-                    platform=settings.platform,
-                    args=prepared.context.build_args,
-                ),
-                image_name=f"{settings.repository}/{args.model}:{prepared.context.tag}",
-                skip_push=not settings.push,
-                registry=registry,
-                opts=pulumi.ResourceOptions(parent=self),
-            )
-        self.images = {variant: built[p.context.tag].image_name for variant, p in args.contexts.items()}
+            tag = prepared.context.tag
+            names[tag] = f"{settings.repository}/{args.model}:{tag}"
+            if settings.build:
+                names[tag] = docker.Image(
+                    f"{name}-{tag}",
+                    build=docker.DockerBuildArgs(
+                        context=str(prepared.path),
+                        dockerfile=str(prepared.path / "Dockerfile"),
+                        platform=settings.platform,
+                        args=prepared.context.build_args,
+                    ),
+                    image_name=names[tag],
+                    skip_push=not settings.push,
+                    registry=registry,
+                    opts=pulumi.ResourceOptions(parent=self),
+                ).image_name
+        self.images = {variant: names[p.context.tag] for variant, p in args.contexts.items()}
         self.register_outputs({"images": self.images})

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ml_serving import PROJECT, labels
+from ml_serving.localcluster import CRD_DIR
 from ml_serving.settings import ConfigError
 
 console = Console(highlight=False)
@@ -171,19 +172,77 @@ def _print_diff(project_dir: Path, stack: str, ref: str, out_dir: Path) -> None:
 
 
 def _pulumi_preview(project_dir: Path, stack: str) -> None:
-    """`pulumi preview --diff` on a local file backend (`.pulumi-state/`), when the Pulumi CLI is installed."""
-    pulumi_cli = shutil.which("pulumi")
-    if pulumi_cli is None:
-        console.print("pulumi CLI not on PATH: skipped `pulumi preview` (the plan above ran the same program)")
-        return
-    state = project_dir / ".pulumi-state"
-    state.mkdir(exist_ok=True)
-    env = {**os.environ, "PULUMI_BACKEND_URL": state.as_uri()}
-    env.setdefault("PULUMI_CONFIG_PASSPHRASE", "")
-    for args in (["stack", "select", "--create", stack], ["preview", "--diff", "--stack", stack]):
-        run = subprocess.run([pulumi_cli, "--non-interactive", *args], cwd=project_dir, env=env)
-        if run.returncode != 0:
-            raise UsageError(f"`pulumi {' '.join(args)}` failed (exit {run.returncode}); its output is above")
+    """`plan --preview`: the real engine's preview after the mock plan, when a Pulumi CLI is there."""
+    from ml_serving.engine import EngineError
+
+    try:
+        _engine(project_dir, stack, "preview", as_json=False)
+    except EngineError as exc:
+        console.print(f"skipped `pulumi preview`: {exc} (the plan above ran the same program)")
+
+
+def _engine(project_dir: Path, stack: str, action: str, as_json: bool) -> list[dict[str, str]]:
+    """Run `action` with the real engine; each resource's step (op, type, name) is collected and returned."""
+    from ml_serving.engine import run
+
+    steps: list[dict[str, str]] = []
+
+    def on_event(event) -> None:  # type: ignore[no-untyped-def]
+        pre = getattr(event, "resource_pre_event", None)
+        if pre is not None and pre.metadata is not None:
+            meta = pre.metadata
+            steps.append({"op": str(getattr(meta.op, "value", meta.op)), "type": meta.type, "urn": meta.urn})
+
+    output = None if as_json else (lambda line: console.print(line.rstrip("\n"), markup=False, highlight=False))
+    extra = {"diff": True} if action in ("preview", "up") else {}
+    run(project_dir, stack, action, on_output=output, on_event=on_event, **extra)
+    return steps
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    """`preview`, `up`, `destroy`: the real Pulumi engine on this stack (see `./run tools`)."""
+    from ml_serving.engine import EngineError
+
+    project_dir = args.project_dir or find_project_dir()
+    try:
+        steps = _engine(project_dir, args.stack, args.command, as_json=args.json)
+    except EngineError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(steps))
+        return 0
+    changed = [s for s in steps if s["op"] not in ("same", "read")]
+    summary = Table(title=f"{args.command} {args.stack}: {len(changed)} change(s)", title_justify="left")
+    for column in ("op", "type", "name"):
+        summary.add_column(column)
+    for step in changed:
+        summary.add_row(step["op"], step["type"], step["urn"].rsplit("::", 1)[-1])
+    console.print(summary)
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """A local API server (etcd + kube-apiserver, the upstream CRDs applied) until Ctrl-C."""
+    from ml_serving.localcluster import ClusterError, LocalCluster, tools_dir
+
+    folder = tools_dir()
+    if folder is None:
+        raise UsageError("etcd and kube-apiserver are not built: run `./run tools` first (a cold build takes a while)")
+    cluster = LocalCluster(folder / "bin")
+    try:
+        cluster.start(crd_dir=args.crds, namespaces=tuple(args.namespace))
+    except ClusterError as exc:
+        raise UsageError(str(exc)) from None
+    console.print(f"API server {cluster.server} is up; in another shell:\n  export KUBECONFIG={cluster.kubeconfig}")
+    try:
+        while all(p.poll() is None for p in cluster.processes):
+            time.sleep(1)
+        console.print("[red]etcd or kube-apiserver exited[/]; logs in " + str(cluster.root))
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        cluster.stop()
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
@@ -257,37 +316,49 @@ def _model_name(model: str) -> str:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from ml_serving.rollout import Prometheus, PulumiStack, RolloutError, RolloutRun, abort, locked
+    from ml_serving.rollout import (
+        Mode,
+        Prometheus,
+        PulumiStack,
+        RolloutError,
+        RolloutRun,
+        interruptible,
+        locked,
+        stop_running,
+    )
     from ml_serving.stackfile import load_settings
 
     project_dir = args.project_dir or find_project_dir()
     settings = load_settings(project_dir, args.stack)
     url = args.prometheus or (settings.monitoring.prometheus_url if settings.monitoring else None)
-    if url is None:
+    if url is None and not args.abort:
         raise UsageError("no Prometheus to judge with: pass --prometheus URL or set ml-serving:monitoring")
     log_path = args.log or project_dir / "rollouts" / f"{args.stack}-{args.model}.jsonl"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    pulumi = PulumiStack(project_dir, args.stack, on_output=None)
+    mode = next((m for m in Mode if getattr(args, m.value.replace("-", "_"), False)), Mode.RUN)
     started = time.time()
     try:
-        with locked(project_dir, args.stack):
-            if args.abort:
-                outcome = abort(project_dir, args.stack, args.model, pulumi, log_path)
-            else:
-                runner = RolloutRun(
-                    project_dir, args.stack, args.model, Prometheus(url), pulumi, log_path,
-                    report=console.print, sleep=_countdown,
-                )  # fmt: skip
-                outcome = runner.run(dry_run=args.dry_run, step=args.step, resume=args.resume)
+        if mode == Mode.ABORT and (pid := stop_running(project_dir, args.stack)) is not None:
+            console.print(f"asked the running rollout (PID {pid}) to stop: it rolled back (see {log_path})")
+            return 0
+        with locked(project_dir, args.stack), interruptible():
+            runner = RolloutRun(
+                project_dir, args.stack, args.model, Prometheus(url or "http://unused"),
+                PulumiStack(project_dir, args.stack, on_output=None), log_path,
+                mode=mode, report=console.print, sleep=_countdown,
+            )  # fmt: skip
+            outcome = runner.run()
     except RolloutError as exc:
         raise UsageError(str(exc)) from None
+    if mode == Mode.DRY_RUN or not log_path.exists():
+        console.print(f"{outcome.result}: {outcome.message}")
+        return outcome.exit_code
     from ml_serving.report import read_log, stage_table, write_picture
 
     records = [r for r in read_log(log_path) if r["time"] >= started]
     console.print(stage_table(records))
     picture = write_picture(records, log_path.with_suffix(".png"))
     console.print(f"{outcome.result}: {outcome.message} (log: {log_path}, picture: {picture})")
-    return 1 if outcome.result in ("rolled-back", "paused") else 0
+    return outcome.exit_code
 
 
 def _countdown(seconds: float) -> None:
@@ -300,6 +371,8 @@ def _countdown(seconds: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ml_serving.rollout import EXIT_MEANINGS
+
     parser = argparse.ArgumentParser(prog="ml-serving", description=__doc__.splitlines()[0])
     project = argparse.ArgumentParser(add_help=False)
     project.add_argument(
@@ -322,6 +395,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cwd", type=Path, help=argparse.SUPPRESS)
     plan.set_defaults(func=cmd_plan)
 
+    for action, description in (
+        ("preview", "the real `pulumi preview --diff` of a stack (the engine from `./run tools`)"),
+        ("up", "the real `pulumi up` of a stack: create or update its objects in the cluster"),
+        ("destroy", "the real `pulumi destroy` of a stack: delete everything it created"),
+    ):
+        engine = commands.add_parser(action, parents=[project], help=description)
+        engine.add_argument("stack", help="stack name: Pulumi.<stack>.yaml")
+        engine.add_argument("--json", action="store_true", help="print each resource's step as JSON instead")
+        engine.set_defaults(func=cmd_engine)
+
+    cluster = commands.add_parser(
+        "cluster", parents=[project], help="run a local Kubernetes API server (no nodes) for `up` to talk to"
+    )
+    cluster.add_argument("--crds", type=Path, default=CRD_DIR, help="apply these CRDs (default: %(default)s)")
+    cluster.add_argument(
+        "--namespace",
+        action="append",
+        default=["istio-system", "monitoring"],
+        help="namespaces its installs would have made (default: istio-system, monitoring)",
+    )
+    cluster.set_defaults(func=cmd_cluster)
+
     pin = commands.add_parser(
         "pin", parents=[project], help="resolve aliases in the registry and pin versions in the stack file"
     )
@@ -342,17 +437,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     rollout = commands.add_parser(
-        "rollout", parents=[project], help="move traffic to the challenger stage by stage, judged on Prometheus"
+        "rollout",
+        parents=[project],
+        help="move traffic to the challenger stage by stage, judged on Prometheus",
+        epilog="exit codes: " + "; ".join(f"{int(code)} {meaning}" for code, meaning in EXIT_MEANINGS.items()),
     )
     rollout.add_argument("model", help="the model key in the stack file")
     rollout.add_argument("--stack", required=True, help="stack name: Pulumi.<stack>.yaml")
     rollout.add_argument("--prometheus", help="Prometheus URL (default: monitoring.prometheusUrl)")
     rollout.add_argument("--log", type=Path, help="JSON-lines log (default: rollouts/<stack>-<model>.jsonl)")
     mode = rollout.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="judge the current stage and print; change nothing")
+    mode.add_argument("--dry-run", action="store_true", help="judge the current stage and print; write nothing")
     mode.add_argument("--step", action="store_true", help="apply one stage's edit and stop (for a pull request)")
     mode.add_argument("--resume", action="store_true", help="continue an interrupted rollout from the stack file")
-    mode.add_argument("--abort", action="store_true", help="roll back now: the challenger to 0 %%")
+    mode.add_argument(
+        "--abort", action="store_true", help="roll back now (a running rollout is asked to stop and roll back)"
+    )
     rollout.set_defaults(func=cmd_rollout)
 
     seed = commands.add_parser(

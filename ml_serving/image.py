@@ -14,6 +14,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -37,6 +38,7 @@ class ModelEnvironment:
 
     requirements: str
     python_version: str
+    signature_inputs: tuple[dict[str, Any], ...] | None = None  # from the MLmodel file, when there is one
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,13 @@ def read_environment(folder: Path) -> ModelEnvironment:
     python_env = folder / "python_env.yaml"
     if python_env.exists():
         python = str((yaml.safe_load(python_env.read_text()) or {}).get("python") or DEFAULT_PYTHON)
-    return ModelEnvironment(requirements.read_text(), python)
+    inputs = None
+    if (folder / "MLmodel").exists():
+        from ml_serving.signatures import inputs_of
+
+        found = inputs_of(yaml.safe_load((folder / "MLmodel").read_text()))
+        inputs = tuple(found) if found is not None else None
+    return ModelEnvironment(requirements.read_text(), python, inputs)
 
 
 def model_environment(
@@ -85,11 +93,11 @@ def model_environment(
 
 
 def download_environment(model_uri: str, target: Path) -> Path:
-    """Fetch only `requirements.txt` and `python_env.yaml` of a model: small, and enough to build from."""
+    """Fetch only `requirements.txt`, `python_env.yaml` and `MLmodel` (its signature): small, enough to build from."""
     import mlflow
 
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("requirements.txt", "python_env.yaml"):
+    for name in ("requirements.txt", "python_env.yaml", "MLmodel"):
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{name}", dst_path=str(target))
         except Exception as exc:

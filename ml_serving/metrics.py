@@ -87,6 +87,14 @@ def error_ratio(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     return f"{server_errors_rate(scope, window)} / {request_rate(scope, window)}"
 
 
+def rejected_ratio(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
+    """Share of inference requests refused as the client's mistake (4xx): a challenger whose signature refuses
+    what the champion accepts shows here, not in the error ratio."""
+    client_errors = _inference(scope, 'status_code=~"4.."')
+    refused = f"sum by ({BY_VARIANT}) (rate({REQUESTS}{client_errors}[{window}]))"
+    return f"({refused} or {request_rate(scope, window)} * 0) / {request_rate(scope, window)}"
+
+
 def latency_quantile(quantile: float, scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     """Request latency in seconds at `quantile`, per variant."""
     buckets = f"rate({REQUEST_DURATION}_bucket{_inference(scope)}[{window}])"
@@ -183,6 +191,7 @@ def catalogue(model: str, champion: str, challengers: list[str], window: str = D
         "predictions_rate": predictions_rate(scope, window),
         "server_errors_rate": server_errors_rate(scope, window),
         "error_ratio": error_ratio(scope, window),
+        "rejected_ratio": rejected_ratio(scope, window),
         "latency_p50": latency_quantile(0.5, scope, window),
         "latency_p95": latency_p95(scope, window),
         "latency_p99": latency_quantile(0.99, scope, window),

@@ -13,6 +13,7 @@ from typing import Any
 from ml_serving.image import download_environment, lock_path
 from ml_serving.registry import RegistryResolver, ResolvedVersion
 from ml_serving.settings import ConfigError, Settings
+from ml_serving.signatures import SignatureError, check_model
 from ml_serving.stackfile import edit, load_settings, stack_file
 
 
@@ -71,6 +72,16 @@ def pin_stack(project_dir: Path, stack: str, tracking_uri: str | None = None) ->
     registered = {m: model.registered_model for m, model in settings.models.items()}
     for pin in pins:
         lock_environment(registered[pin.model], pin.after, project_dir / "model-lock")
+    for model_key, model in settings.models.items():
+        pinned = {(p.model, p.variant): (p.after.version, p.after.model_uri) for p in pins}
+        versions = {
+            name: pinned.get((model_key, name)) or ((v.version, v.model_uri) if v.version and v.model_uri else None)
+            for name, v in model.variants.items()
+        }
+        try:
+            check_model(f"models.{model_key}", model, versions, project_dir / "model-lock")
+        except SignatureError as exc:
+            raise ConfigError(f"{path.name}: {exc}") from None
     text = edit(path, lambda document: apply_pins(document, pins)) if pins else path.read_text()
     return pins, text
 

@@ -24,6 +24,7 @@ from ml_serving.image import (
 )
 from ml_serving.registry import RegistryError, Resolution, resolve
 from ml_serving.settings import ConfigError, KubernetesTarget, Settings, parse_settings
+from ml_serving.signatures import SignatureError, check_variants
 
 
 def stack_config() -> dict[str, Any]:
@@ -55,12 +56,14 @@ def build_contexts(settings: Settings, versions: Resolution, build_dir: Path) ->
     written: set[Path] = set()  # ... and share one context folder
     try:
         for model_key, model in settings.models.items():
-            prepared[model_key] = {}
+            prepared[model_key], signatures = {}, {}
             for variant in model.variants:
                 resolved = versions.of(model_key, variant)
                 key = (model.registered_model, resolved.version, resolved.model_uri)
                 if key not in environments:
                     environments[key] = model_environment(*key, lock_dir=Path("model-lock"))
+                inputs = environments[key].signature_inputs
+                signatures[variant] = list(inputs) if inputs is not None else None
                 bake_from = resolved.model_uri if model.serving.bake else None
                 context = build_context(environments[key], bake_from, gpu=model.variants[variant].gpu > 0)
                 path = build_dir / f"{model_key}-{context.tag}"
@@ -68,7 +71,9 @@ def build_contexts(settings: Settings, versions: Resolution, build_dir: Path) ->
                     write_context(context, path, with_model=not pulumi.runtime.is_dry_run())
                 written.add(path)
                 prepared[model_key][variant] = PreparedContext(context, path)
-    except ImageError as exc:
+            if not model.allow_breaking_signature:
+                check_variants(f"models.{model_key}", signatures, model.champion)
+    except (ImageError, SignatureError) as exc:
         raise pulumi.RunError(f"Pulumi.{pulumi.get_stack()}.yaml: {exc}") from None
     return prepared
 
@@ -87,4 +92,7 @@ def kubernetes_provider(target: KubernetesTarget) -> k8s.Provider:
         render_yaml_to_directory=target.render_yaml_to_directory,
         context=target.context,
         enable_server_side_apply=True,
+        # A dashboard edit updates its ConfigMap in place: nothing mounts it, so a replace (the provider's default,
+        # delete then create under the same name) would only blink the dashboard out of Grafana.
+        enable_config_map_mutable=True,
     )

@@ -8,6 +8,7 @@ the stack file, the config path and the fix.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import re
 import types
@@ -112,9 +113,14 @@ class KubernetesTarget(_Config):
 
 
 class ServingImage(_Config):
-    """Where the per-model serving images go. Without `push`, images are built locally only (the dev stack)."""
+    """Where the per-model serving images go. Without `push`, images are built locally only.
+
+    `build: false` is for teams whose CI builds images (`ml-serving image build`): the program computes the same
+    content-addressed tag and expects the image to exist, so `pulumi up` needs no Docker engine.
+    """
 
     repository: str = Field(default="ml-serving", pattern=r"^[a-z0-9]+([._/:-][a-z0-9]+)*$")
+    build: StrictBool = True
     push: StrictBool = False
     registry_server: str | None = None
     registry_username: str | None = None
@@ -338,6 +344,9 @@ class Rollout(_Config):
     max_p95_seconds: Annotated[float, Field(gt=0)] = 0.5
     max_error_ratio_vs_champion: Annotated[float, Field(ge=1)] = 2.0
     max_p95_vs_champion: Annotated[float, Field(ge=1)] = 1.5
+    # A challenger answering 4xx to what the champion accepts (e.g. a signature needing a new column) shows no
+    # server errors: its share of refused requests may exceed the champion's by at most this much.
+    max_rejected_increase: Annotated[float, Field(ge=0, le=1)] = 0.02
     failure_threshold: Annotated[StrictInt, Field(ge=1)] = 1
     inconclusive_threshold: Annotated[StrictInt, Field(ge=1)] = 3
     on_inconclusive: Literal["rollback", "pause"] = "rollback"
@@ -358,6 +367,8 @@ class Model(_Config):
     disruption_budget: DisruptionBudget = DisruptionBudget()
     serving: Serving = Serving()
     rollout: Rollout | None = None
+    # Variants whose signatures refuse what the champion accepts are an error, unless this says it is deliberate.
+    allow_breaking_signature: StrictBool = False
     variants: dict[DnsLabel, Variant] = Field(min_length=1)
 
     @field_validator("variants")
@@ -394,6 +405,12 @@ class Model(_Config):
             return self.rollout.champion
         served = [(v.weight or 0, name) for name, v in self.variants.items() if not v.shadow]
         return max(served, key=lambda item: item[0])[1]
+
+    def traffic_fingerprint(self) -> str:
+        """A short hash of every variant's weight and shadow flag: exported by the program as a stack output, so
+        the rollout can tell which weights the stack's last update deployed."""
+        traffic = sorted((name, v.weight or 0, v.shadow) for name, v in self.variants.items())
+        return hashlib.sha256(json.dumps(traffic).encode()).hexdigest()[:16]
 
 
 class Settings(_Config):

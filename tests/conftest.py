@@ -56,3 +56,28 @@ def copy_project(destination: Path) -> Path:
     ignore = shutil.ignore_patterns(".venv", ".git", "rendered", ".mlflow", "__pycache__", "*.egg-info", ".*_cache")
     shutil.copytree(PROJECT_DIR, destination, ignore=ignore)
     return destination
+
+
+@pytest.fixture(scope="session")
+def tools() -> Path:
+    """The folder `./run tools` built (the real Pulumi CLI, Kubernetes provider, etcd, kube-apiserver)."""
+    import os
+
+    from ml_serving.localcluster import tools_dir
+
+    folder = tools_dir()
+    if folder is None:
+        if os.environ.get("ML_SERVING_REQUIRE_ENGINE"):  # .ci/run built them: a missing tool is a failure there
+            pytest.fail("ML_SERVING_REQUIRE_ENGINE is set but `./run tools` has not built every tool")
+        pytest.skip("the real Pulumi CLI, provider, etcd and kube-apiserver are not built: run `./run tools`")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cluster(tools: Path):
+    """One real API server on loopback for every engine test (each test uses its own namespace)."""
+    from ml_serving.localcluster import LocalCluster
+
+    cluster = LocalCluster(tools / "bin").start()
+    yield cluster
+    cluster.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -183,26 +184,20 @@ def test_seed_registers_a_champion_once(tmp_path, project):
 
 
 def test_plan_preview_drives_the_pulumi_cli_on_a_local_backend(project, tmp_path):
-    """A stand-in `pulumi` on PATH records its arguments and environment: the process boundary, nothing mocked."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "calls.txt"
-    stand_in = bin_dir / "pulumi"
-    stand_in.write_text(f'#!/bin/sh\necho "$PULUMI_BACKEND_URL $*" >> {record}\n')
-    stand_in.chmod(0o755)
-    run = ml_serving("plan", "prod", "--diff", "main", "--preview", cwd=project,
-                     env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})  # fmt: skip
+    """The stand-in `pulumi` records its calls: the process boundary (the real engine has tests of its own)."""
+    from tests.test_rollout import standin_env
+
+    run = ml_serving("plan", "prod", "--diff", "main", "--preview", cwd=project, env=standin_env(project))
     assert run.returncode == 0, run.stderr
     assert "no object changes against main" in run.stdout, "--diff and --preview together do both"
-    backend = (project / ".pulumi-state").as_uri()
-    assert record.read_text().splitlines() == [
-        f"{backend} --non-interactive stack select --create prod",
-        f"{backend} --non-interactive preview --diff --stack prod",
-    ]
+    calls = [json.loads(line)["args"] for line in (project / "calls.jsonl").read_text().splitlines()]
+    preview = next(call for call in calls if call[0] == "preview")
+    assert {"--diff", "--stack", "prod", "--exec-kind", "auto.inline"} <= set(preview), "inline program, diff shown"
+    assert (project / ".pulumi-state").is_dir(), "a local file backend unless PULUMI_BACKEND_URL says otherwise"
 
 
 def test_plan_preview_without_the_cli_says_so(project, tmp_path):
-    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "ML_SERVING_TOOLS_CACHE": str(tmp_path)}
     run = ml_serving("plan", "prod", "--preview", cwd=project, env=env)
     assert run.returncode == 0, run.stderr
-    assert "pulumi CLI not on PATH" in run.stdout
+    assert "skipped `pulumi preview`: no Pulumi CLI: run `./run tools`" in run.stdout

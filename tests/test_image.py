@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from ml_serving import image
 from tests import processes
-from tests.conftest import plan_stack
+from tests.conftest import plan_stack, stack_config
 
 DOCKERFILE = Path(image.SERVING_IMAGE_DIR) / "Dockerfile"
 
@@ -122,9 +122,15 @@ def test_stacks_declare_one_image_per_distinct_context(registry):
     assert credentials["4dabf18193072939515e22adb298388d"] == "1b47061264138c4ac30d75fd1eb44270", "a Pulumi secret"
     assert credentials["value"]["server"] == "registry.example.com"
     assert credentials["value"]["username"] == "ci-bot"
-    dev = plan_stack("dev", registry=registry)
+    config = stack_config("dev")
+    config["ml-serving:servingImage"] = {**config["ml-serving:servingImage"], "build": True}
+    dev = plan_stack("dev", config, registry=registry)
     (local,) = dev.images
     assert local["skipPush"] is True and local["imageName"].startswith("ml-serving-dev/churn:")
+    unbuilt = plan_stack("dev", registry=registry)
+    assert not unbuilt.images, "build: false declares no image; the SeldonDeployment names the same tag"
+    (sdep,) = unbuilt.find("SeldonDeployment")
+    assert sdep["spec"]["predictors"][0]["componentSpecs"][0]["spec"]["containers"][0]["image"] == local["imageName"]
 
 
 def test_baked_model_skips_the_storage_initializer():
@@ -158,6 +164,7 @@ def test_variants_sharing_a_baked_version_build_from_one_context(registry, tmp_p
 
     config = stack_config("dev")
     config["ml-serving:registry"] = {"trackingUri": registry.tracking_uri}
+    config["ml-serving:servingImage"] = {**config["ml-serving:servingImage"], "build": True}
     churn = config["ml-serving:models"]["churn"]
     churn["serving"] = {"bake": True}
     churn["variants"] = {

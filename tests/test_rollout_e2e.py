@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import threading
 import time
 from contextlib import suppress
@@ -16,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from ml_serving.stackfile import load_settings
 from tests import processes
 from tests.conftest import copy_project
-from tests.test_rollout import CANARY, log_records, rollout, ups, weights
+from tests.test_rollout import CANARY, CLI, log_records, rollout, ups, weights
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
 INTERVAL = 4
@@ -42,9 +44,10 @@ def flaky_model(target: Path) -> Path:
 class Traffic(threading.Thread):
     """Sends `rate` requests a second, split between the variants by the weights in the stack file right now."""
 
-    def __init__(self, project: Path, urls: dict[str, str], rate: float = 40.0) -> None:
+    def __init__(self, project: Path, urls: dict[str, str], rate: float = 40.0, stack: str = "canary") -> None:
         super().__init__(daemon=True)
         self.project, self.urls, self.rate, self.stop = project, urls, rate, threading.Event()
+        self.stack = stack
 
     def run(self) -> None:
         session, credit = requests.Session(), dict.fromkeys(self.urls, 0.0)
@@ -53,7 +56,7 @@ class Traffic(threading.Thread):
         while not self.stop.is_set():
             if time.monotonic() - checked > 0.25:
                 with suppress(Exception):  # the file is being replaced this instant: the last split stands
-                    split = weights(self.project)
+                    split = weights(self.project, self.stack)
                 checked = time.monotonic()
             for variant in credit:
                 credit[variant] += split.get(variant, 0) / 100
@@ -85,6 +88,7 @@ def world(registry, tmp_path_factory):
         }  # fmt: skip
         with processes.prometheus_server(config, workdir) as prometheus:
             urls = {v: f"http://127.0.0.1:{ports[v]['http']}/invocations" for v in models}
+            (project / "models.json").write_text(json.dumps(models))  # for the stacks that read the real folders
             yield project, prometheus, control, urls
 
 
@@ -117,8 +121,8 @@ def test_healthy_challenger_walks_every_stage_and_is_promoted(world):
     records = log_records(project)
     assert [r["weights"]["challenger"] for r in records if r["event"] == "apply"] == [25, 50, 100]
     judged = [r for r in records if r["event"] == "judgement"]
-    assert "fail" not in {r["verdict"] for r in judged}
-    assert {r["stage"] for r in judged if r["verdict"] == "pass"} == {0, 1, 2}, "every stage passed before the next"
+    assert "failed" not in {r["verdict"] for r in judged}
+    assert {r["stage"] for r in judged if r["verdict"] == "passed"} == {0, 1, 2}, "every stage passed before the next"
     for record in judged:
         if record["verdict"] == "inconclusive":  # a challenger's first seconds: no series yet, so it waits
             assert record["checks"][0]["note"].startswith("the query returned nothing")
@@ -147,7 +151,7 @@ def test_faulty_challenger_is_rolled_back_within_two_intervals(world):
     assert rollback - first_apply <= 2 * INTERVAL + 3, "judged and undone within two analysis intervals"
     assert weights(project) == {"champion": 100, "challenger": 0}
     assert "# the candidate" in (project / "Pulumi.canary.yaml").read_text()
-    failed = next(r for r in records if r["event"] == "judgement" and r["verdict"] == "fail")
+    failed = next(r for r in records if r["event"] == "judgement" and r["verdict"] == "failed")
     error_check = next(c for c in failed["checks"] if c["name"] == "error_ratio")
     assert "rest_server_requests_total" in error_check["query"] and error_check["challenger"] > 0.02
     assert error_check["champion"] == 0
@@ -173,8 +177,8 @@ def test_pulumi_up_failing_mid_rollout_stops_with_the_file_as_applied(world):
     control.write_text("0")
     fresh_canary(project, prometheus)
     run = run_with_traffic(project, urls, env={"STANDIN_FAIL_UP_AT": "2"})
-    assert run.returncode == 2, run.stdout + run.stderr
-    assert "`pulumi up` for stack canary failed" in run.stderr
+    assert run.returncode == 6, run.stdout + run.stderr
+    assert "`pulumi up` for stack canary failed" in run.stdout
     assert weights(project) == {"champion": 75, "challenger": 25}, "stage 2 never applied: the file says stage 1"
 
 
@@ -203,3 +207,101 @@ def test_promotion_by_alias_moves_the_champion_alias_in_mlflow(world, registry):
     settings = load_settings(project, "canary")
     assert settings.models["churn"].variants["champion"].alias == "champion", "the config keeps following the alias"
     assert weights(project) == {"champion": 100, "challenger": 0}
+
+
+# -- the same rollouts with the real Pulumi engine and a real API server (tests marked `engine`) -----------------
+
+
+@pytest.fixture(scope="module")
+def engine_env(tools, cluster, tmp_path_factory):
+    from ml_serving.localcluster import tools_env
+    from tests.test_engine import PASSPHRASE
+
+    state = tmp_path_factory.mktemp("canary-state")
+    return {**tools_env(tools), "KUBECONFIG": str(cluster.kubeconfig), "PULUMI_CONFIG_PASSPHRASE": PASSPHRASE,
+            "PULUMI_BACKEND_URL": state.as_uri()}  # fmt: skip
+
+
+def engine_canary(project: Path, prometheus: str, stack: str) -> None:
+    """The canary stack in namespace `stack`, with the served models' real folders (the program reads their
+    requirements and signatures), images not built, secrets under the committed dev salt."""
+    models = json.loads((project / "models.json").read_text())
+    salt = next(line for line in (project / "Pulumi.dev.yaml").read_text().splitlines() if line.startswith("encryp"))
+    text = CANARY.format(prometheus=prometheus, interval=INTERVAL, min_requests=10, on_inconclusive="rollback")
+    text = text.replace("config:\n", f"{salt}\nconfig:\n  ml-serving:servingImage: {{build: false}}\n", 1)
+    text = text.replace("ml-serving:namespace: models\n", f"ml-serving:namespace: {stack}\n")
+    for variant, version in (("champion", "1"), ("challenger", "2")):
+        text = text.replace(f"file:///models/churn/{version}", Path(models[variant]).as_uri())
+    (project / f"Pulumi.{stack}.yaml").write_text(text)
+    for stale in (project / "rollouts").glob("*"):
+        stale.unlink()
+
+
+class Watcher(threading.Thread):
+    """Records each distinct traffic split the API server holds for the SeldonDeployment, as it changes."""
+
+    def __init__(self, cluster, namespace: str) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.namespace, self.seen, self.stop = cluster, namespace, [], threading.Event()
+
+    def run(self) -> None:
+        from tests.test_engine import traffic
+
+        while not self.stop.wait(0.1):
+            with suppress(Exception):  # not created yet
+                split = traffic(self.cluster, self.namespace, "churn")
+                if not self.seen or self.seen[-1] != split:
+                    self.seen.append(split)
+
+
+def engine_rollout(project: Path, stack: str, urls: dict[str, str], env: dict[str, str], cluster):
+    watcher = Watcher(cluster, stack)
+    watcher.start()
+    traffic = Traffic(project, urls, stack=stack)
+    traffic.start()
+    try:
+        command = [*CLI, "--project-dir", str(project), "rollout", "churn", "--stack", stack]
+        run = subprocess.run(command, env={**os.environ, **env, "COLUMNS": "200"}, capture_output=True, text=True,
+                             timeout=900)  # fmt: skip
+    finally:
+        traffic.stop.set()
+        traffic.join()
+        watcher.stop.set()
+        watcher.join()
+    return run, watcher.seen
+
+
+def history(project: Path, stack: str, env: dict[str, str]) -> list[dict]:
+    done = subprocess.run(["pulumi", "--non-interactive", "stack", "history", "--json", "--stack", stack],
+                          cwd=project, env={**os.environ, **env}, capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(done.stdout)
+
+
+@pytest.mark.engine
+def test_real_engine_rollout_walks_every_stage_into_the_api_server(world, engine_env, cluster):
+    project, prometheus, control, urls = world
+    control.write_text("0")
+    engine_canary(project, prometheus, "canary-real")
+    run, seen = engine_rollout(project, "canary-real", urls, engine_env, cluster)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    records = [json.loads(line) for line in (project / "rollouts" / "canary-real-churn.jsonl").read_text().splitlines()]
+    applied = [r["weights"] for r in records if r["event"] == "apply"] + [{"champion": 100, "challenger": 0}]
+    assert seen == applied, "every stage, then the promotion, reached the API server in order"
+    updates = [u for u in history(project, "canary-real", engine_env) if u["kind"] == "update"]
+    assert len(updates) == 4 and all(u["result"] == "succeeded" for u in updates), "one update per step"
+
+
+@pytest.mark.engine
+def test_real_engine_rollout_rolls_a_faulty_challenger_back_in_the_api_server(world, engine_env, cluster):
+    project, prometheus, control, urls = world
+    control.write_text("0.5")
+    engine_canary(project, prometheus, "canary-faulty")
+    try:
+        run, seen = engine_rollout(project, "canary-faulty", urls, engine_env, cluster)
+    finally:
+        control.write_text("0")
+    assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-4000:]
+    assert seen == [{"challenger": 25, "champion": 75}, {"challenger": 0, "champion": 100}]
+    assert weights(project, "canary-faulty") == {"champion": 100, "challenger": 0}
+    updates = [u for u in history(project, "canary-faulty", engine_env) if u["kind"] == "update"]
+    assert len(updates) == 2, "the stage and the rollback"

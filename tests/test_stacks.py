@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ml_serving import labels
@@ -161,11 +163,14 @@ def test_prod_installs_the_platform_pinned(prod):
     assert sorted(ns["metadata"]["name"] for ns in prod.find("Namespace")) == ["models", "monitoring"]
 
 
-def test_dev_renders_yaml_with_one_variant_resolved_from_the_registry(dev, registry):
-    assert not dev.releases, "dev's provider renders YAML; Helm releases cannot be rendered"
+def test_dev_targets_the_kube_context_with_one_variant_resolved_from_the_registry(dev, registry):
+    assert not dev.releases, "dev assumes Seldon and KEDA are there: no chart downloads"
     (provider,) = dev.components("pulumi:providers:kubernetes")
-    assert provider.inputs["renderYamlToDirectory"] == "rendered/dev-pulumi"
+    assert "renderYamlToDirectory" not in provider.inputs, "dev talks to the current kube context"
+    assert not dev.images, "servingImage.build: false: the image is built outside `pulumi up`"
     champion = predictors(dev, "churn")["champion"]
+    image = champion["componentSpecs"][0]["spec"]["containers"][0]["image"]
+    assert re.fullmatch(r"ml-serving-dev/churn:[0-9a-f]{16}", image), "the same content-addressed tag CI builds"
     assert champion["traffic"] == 100
     assert champion["labels"][labels.MODEL_VERSION] == "1"
     assert champion["annotations"][labels.RESOLVED_FROM] == "@champion"
