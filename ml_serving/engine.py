@@ -97,4 +97,11 @@ def run(project_dir: Path, stack: str, action: str, on_output: Callable[[str], N
     try:
         return getattr(selected, action)(on_output=on_output, **kwargs)
     except (auto.errors.CommandError, RuntimeError) as exc:  # RuntimeError: the CLI sent no summary event
-        raise EngineError(f"`pulumi {action}` of stack {stack} failed: {str(exc).strip()[-1500:]}") from None
+        raise EngineError(f"`pulumi {action}` of stack {stack} failed: {failure(exc)}") from None
+
+
+def failure(exc: Exception) -> str:
+    """The CLI's own error lines (each resource's, then the update's), not the whole captured output."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    errors = [line for line in lines if line.startswith("error:") or ": error:" in line]
+    return " | ".join(dict.fromkeys(errors))[-2000:] if errors else str(exc).strip()[-1000:]

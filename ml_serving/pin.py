@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ml_serving import registry
 from ml_serving.image import download_environment, lock_path
 from ml_serving.registry import RegistryResolver, ResolvedVersion
 from ml_serving.settings import ConfigError, Settings
@@ -68,16 +69,19 @@ def pin_stack(project_dir: Path, stack: str, tracking_uri: str | None = None) ->
     uri = tracking_uri or (settings.registry.tracking_uri if settings.registry else None)
     if uri is None:
         raise ConfigError(f"{path.name}: ml-serving:registry.trackingUri is not set: set it or pass --tracking-uri")
-    pins = plan_pins(settings, RegistryResolver(uri))
+    resolver = RegistryResolver(uri)
+    pins = plan_pins(settings, resolver)
     registered = {m: model.registered_model for m, model in settings.models.items()}
     for pin in pins:
         lock_environment(registered[pin.model], pin.after, project_dir / "model-lock")
+    pinned = {(p.model, p.variant): p.after for p in pins}
     for model_key, model in settings.models.items():
-        pinned = {(p.model, p.variant): (p.after.version, p.after.model_uri) for p in pins}
-        versions = {
-            name: pinned.get((model_key, name)) or ((v.version, v.model_uri) if v.version and v.model_uri else None)
-            for name, v in model.variants.items()
-        }
+        versions = {}
+        for name, variant in model.variants.items():
+            found = pinned.get((model_key, name)) or registry.pinned(variant)
+            if found is None and variant.version is not None:
+                found = resolver.by_version(model.registered_model, str(variant.version))
+            versions[name] = (found.version, found.model_uri) if found else None
         try:
             check_model(f"models.{model_key}", model, versions, project_dir / "model-lock")
         except SignatureError as exc:

@@ -414,10 +414,12 @@ class PulumiStack:
     def up(self) -> None:
         from pulumi import automation as auto
 
+        from ml_serving.engine import failure
+
         try:
             self._stack().up(on_output=self.on_output)
         except auto.errors.CommandError as exc:
-            raise RolloutError(f"`pulumi up` for stack {self.stack} failed: {str(exc).strip()[-500:]}") from None
+            raise RolloutError(f"`pulumi up` for stack {self.stack} failed: {failure(exc)}") from None
 
     def deployed(self) -> Deployed | None:
         """The stack's state, or None when it has never been updated (or cannot be read)."""

@@ -66,7 +66,7 @@ def test_plan_diff_shows_exactly_what_a_weight_edit_changes(project):
     assert "3 object(s) differ from the plan at HEAD" in out
     assert "~ seldondeployment_models_churn (changed)" in out
     assert "~ prometheusrule_models_ml-serving-alerts (changed)" in out, "the no-traffic alert names the weight"
-    assert "~ configmap_monitoring_ml-serving-dashboard-churn (changed)" in out, "configured weights are drawn"
+    assert "~ configmap_monitoring_ml-serving-dashboard-models-churn (changed)" in out, "configured weights are drawn"
     sdep_diff = out.split("+++ b/seldondeployment_models_churn.yaml")[1].split("--- a/")[0]
     changed = [line for line in sdep_diff.splitlines() if line.startswith(("+", "-"))]
     assert sorted(changed) == ["+    traffic: 25", "+    traffic: 75", "-    traffic: 10", "-    traffic: 90"]

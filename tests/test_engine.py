@@ -118,9 +118,10 @@ def test_a_weight_edit_is_one_in_place_update_of_the_seldon_deployment(engine, c
     engine.steps("up")
     path.write_text(with_challenger.replace("weight: 100}", "weight: 75}").replace("weight: 0}", "weight: 25}"))
     changed = [s for s in engine.steps("preview") if s["op"] not in ("same", "read")]
-    assert [(s["op"], s["type"]) for s in changed] == [
-        ("update", "kubernetes:machinelearning.seldon.io/v1:SeldonDeployment")
-    ], changed
+    kinds = {s["type"].rsplit(":", 1)[-1]: s["op"] for s in changed}
+    assert [s["op"] for s in changed if s["type"].endswith(":SeldonDeployment")] == ["update"], "in place, once"
+    assert {op for op in kinds.values()} == {"update"}, f"no replace, create or delete anywhere: {changed}"
+    assert set(kinds) <= {"SeldonDeployment", "PrometheusRule", "ConfigMap"}, "traffic, its alert, its dashboard"
     engine.steps("up")
     assert traffic(cluster, "models-dev", "churn") == {"champion": 75, "challenger": 25}
     path.write_text(text)
@@ -129,9 +130,13 @@ def test_a_weight_edit_is_one_in_place_update_of_the_seldon_deployment(engine, c
 
 
 def test_secrets_of_the_committed_stack_files_decrypt_and_reach_up(engine):
+    committed = (engine.project / "Pulumi.prod.yaml").read_text()
+    engine.pulumi("stack", "select", "--create", stack="prod")
+    assert (engine.project / "Pulumi.prod.yaml").read_text() == committed, "the committed salt is used as it is"
     assert engine.pulumi("config", "get", "ml-serving:registryPassword", stack="prod").strip() == (
         "change-me-registry-password"
     ), "prod's committed placeholder decrypts with the committed salt and the documented passphrase"
+    engine.pulumi("stack", "select", "--create")
     engine.pulumi("config", "set", "--secret", "ml-serving:registryPassword", "s3cr3t-value")
     assert "secure: v1:" in (engine.project / "Pulumi.dev.yaml").read_text()
     assert "s3cr3t-value" not in (engine.project / "Pulumi.dev.yaml").read_text()

@@ -156,7 +156,7 @@ def test_dashboards_are_grafana_json_built_only_from_module_queries(settings):
         config_map = monitoring.dashboard_config_map(settings, key)
         (document,) = config_map["data"].values()
         board = json.loads(document)
-        assert board["title"] == f"ml-serving / {key}"
+        assert board["title"] == f"ml-serving / {settings.namespace} / {key}"
         assert [v["name"] for v in board["templating"]["list"]] == ["namespace", "model"]
         panels = [p for p in board["panels"] if p["type"] == "timeseries"]
         titles = [p["title"] for p in panels]
@@ -389,3 +389,15 @@ def test_prometheus_adapter_takes_host_and_port_from_any_prometheus_url():
     assert adapter("http://thanos.monitoring.svc:10902/prometheus") == {
         "url": "http://thanos.monitoring.svc", "port": 10902, "path": "/prometheus"
     }  # fmt: skip
+
+
+def test_two_stacks_on_one_cluster_get_their_own_dashboards():
+    """Every stack's dashboards land in the shared monitoring namespace: the names carry the stack's namespace."""
+    dev, prod = load_settings(PROJECT_DIR, "dev"), load_settings(PROJECT_DIR, "prod")
+    names = {s.namespace: monitoring.dashboard_config_map(s, "churn")["metadata"]["name"] for s in (dev, prod)}
+    assert names == {
+        "models-dev": "ml-serving-dashboard-models-dev-churn",
+        "models": "ml-serving-dashboard-models-churn",
+    }
+    uids = {monitoring.dashboard(s, "churn")["uid"] for s in (dev, prod)}
+    assert len(uids) == 2, "Grafana keeps one dashboard per uid"

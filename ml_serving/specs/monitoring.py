@@ -222,8 +222,8 @@ def dashboard(settings: Settings, key: str) -> dict[str, Any]:
     if any(v.gpu for v in model.variants.values()):
         row.panel("GPU utilisation (%)", [metrics.gpu_utilization(scope)], "percent")
     return {
-        "title": f"ml-serving / {key}",
-        "uid": f"ml-serving-{key}"[:40],
+        "title": f"ml-serving / {settings.namespace} / {key}",
+        "uid": f"ml-serving-{settings.namespace}-{key}"[:40],
         "tags": ["ml-serving", key],
         "timezone": "browser",
         "schemaVersion": 39,
@@ -294,16 +294,18 @@ class _Layout:
 
 
 def dashboard_config_map(settings: Settings, key: str) -> dict[str, Any]:
-    """Grafana's sidecar loads every ConfigMap with the dashboard label."""
+    """Grafana's sidecar loads every ConfigMap with the dashboard label. The shared monitoring namespace holds every
+    stack's dashboards, so the name carries the stack's own namespace (two stacks may both serve `churn`)."""
+    board = json.dumps(dashboard(settings, key), indent=1, sort_keys=True)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": f"ml-serving-dashboard-{key}",
+            "name": f"ml-serving-dashboard-{settings.namespace}-{key}",
             "namespace": _monitoring(settings).namespace,
             "labels": {**labels.common("monitoring"), DASHBOARD_LABEL: "1"},
         },
-        "data": {f"ml-serving-{key}.json": json.dumps(dashboard(settings, key), indent=1, sort_keys=True)},
+        "data": {f"ml-serving-{settings.namespace}-{key}.json": board},
     }
 
 
