@@ -9,7 +9,7 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -234,6 +234,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     except ClusterError as exc:
         raise UsageError(str(exc)) from None
     console.print(f"API server {cluster.server} is up; in another shell:\n  export KUBECONFIG={cluster.kubeconfig}")
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop etcd and kube-apiserver on SIGTERM too
     try:
         while all(p.poll() is None for p in cluster.processes):
             time.sleep(1)
@@ -288,7 +289,13 @@ def _stack_tracking_uri(project_dir: Path, stack: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the serving image's own entrypoint here, without Docker: same settings files, same validation."""
+    """Run the serving image's own entrypoint here, without Docker: same settings files, same validation.
+
+    It replaces this process (exec), so the PID printed is the server's: SIGTERM to it stops the server and its
+    workers. Ports are checked first: one in use is a one-line error before any model is fetched.
+    """
+    from ml_serving.server.__main__ import server_settings, settings_dir
+
     env = dict(os.environ)
     uri, cwd = args.tracking_uri, None
     if uri is None and not Path(args.model).is_dir():
@@ -296,6 +303,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uri = _stack_tracking_uri(cwd, args.stack)
     if uri:
         env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = uri
+    defaults = server_settings(settings_dir())
+    env["MLSERVER_HOST"] = args.host
+    ports = {}
     for name, value in (
         ("HTTP_PORT", args.http_port),
         ("GRPC_PORT", args.grpc_port),
@@ -303,9 +313,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             env[f"MLSERVER_{name}"] = str(value)
+        ports[name] = int(env.get(f"MLSERVER_{name}") or getattr(defaults, name.lower()))
+    for name, port in ports.items():
+        _check_port_free(args.host, port, f"--{name.lower().replace('_', '-')}")
     command = [sys.executable, "-m", "ml_serving.server", args.model, "--name", args.name or _model_name(args.model)]
-    console.print(f"serving {args.model} as '{command[-1]}': {' '.join(command)}")
-    return subprocess.call(command, env=env, cwd=cwd)
+    console.print(f"serving {args.model} as '{command[5]}' on {args.host} (PID {os.getpid()}): {' '.join(command)}")
+    sys.stdout.flush()
+    if cwd is not None:
+        os.chdir(cwd)
+    os.execve(sys.executable, command, env)
+    return 0  # not reached
+
+
+def _check_port_free(host: str, port: int, flag: str) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise UsageError(f"port {port} on {host} is in use (another server?): stop it, or pass {flag}") from None
 
 
 def _model_name(model: str) -> str:
@@ -431,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stack", default="dev", help="whose registry.trackingUri to use (default: dev)")
     serve.add_argument("--tracking-uri", help="the MLflow registry to download from")
     serve.add_argument("--name", help="model name in V2 paths (default: the registered model's name)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the image listens on 0.0.0.0)"
+    )
     serve.add_argument("--http-port", type=int, help="REST port (default 8080)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8081)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8082)")

@@ -34,7 +34,9 @@ V2_TYPES = {
 
 
 class Server:
-    def __init__(self, http: int, grpc_port: int, metrics: int, ready_after: float, expected: list[int]):
+    def __init__(self, http: int, grpc_port: int, metrics: int, ready_after: float, expected: list[int],
+                 version: str = "", workdir: Path | None = None, registry: str = "") -> None:  # fmt: skip
+        self.version, self.workdir, self.registry = version, workdir, registry
         self.url = f"http://127.0.0.1:{http}"
         self.grpc = f"127.0.0.1:{grpc_port}"
         self.metrics = f"http://127.0.0.1:{metrics}/metrics"
@@ -79,7 +81,7 @@ def server(tmp_path_factory):
         env = {"ML_SERVING_BODY_TIMEOUT_SECONDS": "2", "TMPDIR": str(workdir)}
         with processes.running(command, log, env=env) as process:
             ready_after = processes.wait_for(f"http://127.0.0.1:{http}/v2/health/ready", process, log, seconds=180)
-            yield Server(http, grpc_port, metrics, ready_after, expected)
+            yield Server(http, grpc_port, metrics, ready_after, expected, str(version), workdir, registry_url)
 
 
 def test_readiness_goes_ready(server):
@@ -308,3 +310,116 @@ def test_still_ready_and_right_after_all_the_bad_input(server):
     assert server.post("/invocations", {"dataframe_records": ROWS}).json() == {"predictions": server.expected}
     errors = total(scrape(server), "rest_server_requests_total", 'status_code="5')
     assert errors == 0, "a client's mistake must never be counted as a server error"
+
+
+def test_answers_as_the_registry_version_on_every_route(server):
+    answer = server.post("/v2/models/churn-classifier/infer", v2_body()).json()
+    assert answer["model_version"] == server.version, "the registry's version, not Seldon's 'v1'"
+    versioned = server.post(f"/v2/models/churn-classifier/versions/{server.version}/infer", v2_body())
+    assert versioned.status_code == 200 and versioned.json()["model_version"] == server.version
+    assert server.post("/v2/models/churn-classifier/versions/999/infer", v2_body()).status_code == 404
+    index = requests.post(server.url + "/v2/repository/index", json={}, timeout=10).json()
+    assert [(m["name"], m.get("version"), m.get("state")) for m in index] == [
+        ("churn-classifier", server.version, "READY")
+    ]
+
+
+def test_nobody_can_unload_the_model_over_rest_or_grpc(server):
+    from mlserver.grpc import model_repository_pb2, model_repository_pb2_grpc
+
+    for action in ("unload", "load"):
+        answer = requests.post(f"{server.url}/v2/repository/models/churn-classifier/{action}", timeout=10)
+        assert answer.status_code == 403 and "disabled" in answer.text, answer.text
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = model_repository_pb2_grpc.ModelRepositoryServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.RepositoryModelUnload(model_repository_pb2.RepositoryModelUnloadRequest(model_name="churn-classifier"))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert requests.get(server.url + "/v2/health/ready", timeout=5).status_code == 200
+    assert server.post("/invocations", {"dataframe_records": ROWS}).json() == {"predictions": server.expected}
+
+
+def test_two_servers_started_together_serve_their_own_models_and_metrics(server, tmp_path):
+    """Two `ml-serving serve` at the same moment: own download folder, own metrics (even in a folder that held
+    another server's files), then SIGTERM to the printed PID stops each whole tree and frees its ports."""
+    import os
+    import signal
+    import subprocess
+
+    import pandas as pd
+    from mlflow.pyfunc import load_model
+
+    from ml_serving.seed import register_churn_model
+
+    uri = server.registry
+    other = register_churn_model(uri, name="churn-other", random_state=7)
+    stale = tmp_path / "stale-metrics"
+    shutil.copytree(next(server.workdir.glob("ml-serving-metrics-*")), stale)  # the module server's counters
+    assert list(stale.glob("*.db")), "the copied folder holds another server's metric files"
+    models = {
+        "churn-classifier": f"models:/churn-classifier/{server.version}",
+        "churn-other": f"models:/churn-other/{other}",
+    }
+    ports = {name: [processes.free_port() for _ in range(3)] for name in models}
+    started = {}
+    for name, model in models.items():
+        env = {**os.environ, "TMPDIR": str(tmp_path)}
+        if name == "churn-other":
+            env["MLSERVER_METRICS_DIR"] = str(stale)
+        command = [CLI, "serve", model, "--tracking-uri", uri, "--http-port", str(ports[name][0]),
+                   "--grpc-port", str(ports[name][1]), "--metrics-port", str(ports[name][2])]  # fmt: skip
+        started[name] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         start_new_session=True, text=True)  # fmt: skip
+    try:
+        for name, process in started.items():
+            processes.wait_for(f"http://127.0.0.1:{ports[name][0]}/v2/health/ready", process, tmp_path / "x", 180)
+        sent = {"churn-classifier": 3, "churn-other": 5}
+        for name, count in sent.items():
+            own = load_model(models[name]).predict(pd.DataFrame(ROWS))
+            for _ in range(count):
+                answer = requests.post(f"http://127.0.0.1:{ports[name][0]}/v2/models/{name}/infer", json=v2_body(),
+                                       timeout=30).json()  # fmt: skip
+                assert answer["model_name"] == name and list(np.ravel(answer["outputs"][0]["data"])) == list(own)
+        for name, count in sent.items():
+            text = requests.get(f"http://127.0.0.1:{ports[name][2]}/metrics", timeout=5).text
+            counted = sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                          if line.startswith("rest_server_requests_total{") and "/infer" in line)  # fmt: skip
+            assert counted == count, f"{name} counts only its own requests (from zero, whatever its folder held)"
+        for name, process in started.items():
+            children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+            assert children, "the server's workers run as its children (serve exec'd the server: same PID)"
+            os.kill(process.pid, signal.SIGTERM)
+            assert process.wait(timeout=60) is not None
+            deadline = time.monotonic() + 30
+            while any(_alive(int(child)) for child in children) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not any(_alive(int(child)) for child in children), "no worker left behind"
+            for port in ports[name]:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))  # free again
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                os.killpg(process.pid, 9)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited
+        return stat.read().split()[2] != "Z"
+
+
+def test_a_port_in_use_is_a_one_line_error_before_anything_loads(server):
+    import subprocess
+
+    busy = int(server.url.rsplit(":", 1)[1])
+    run = subprocess.run([CLI, "serve", "models:/churn-classifier/1", "--tracking-uri", "sqlite:///nowhere.db",
+                          "--http-port", str(busy)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2
+    assert f"port {busy} on 127.0.0.1 is in use" in run.stderr and "--http-port" in run.stderr
+    assert "Traceback" not in run.stderr

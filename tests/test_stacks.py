@@ -187,3 +187,13 @@ def test_components_use_the_project_type_tokens(prod):
         "ml-serving:gpu:GpuNodePool",
     } <= types
     assert len(prod.components("ml-serving:serving:ModelDeployment")) == 3
+
+
+def test_each_predictor_tells_its_server_the_registry_version(prod):
+    """Seldon sets MLSERVER_MODEL_VERSION=v1 for every predictor; the server answers as the registry's version."""
+    from ml_serving.server import VERSION_ENV
+
+    for name, predictor in predictors(prod, "churn").items():
+        (container,) = predictor["componentSpecs"][0]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env[VERSION_ENV] == predictor["labels"][labels.MODEL_VERSION], name

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import sys
-from dataclasses import fields
+import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from ml_serving.server import VERSION_ENV
 
 DEFAULT_SETTINGS_DIR = Path(__file__).resolve().parents[2] / "serving_image"
 IMAGE_SETTINGS_DIR = Path("/app/serving")
@@ -54,7 +59,7 @@ def server_settings(folder: Path) -> Any:
     return Settings(**_without_env(_read(folder / "settings.json"), "MLSERVER_"))
 
 
-def model_settings(folder: Path, model_path: Path, name: str | None) -> Any:
+def model_settings(folder: Path, model_path: Path, name: str | None, version: str | None = None) -> Any:
     from mlserver.settings import ModelParameters, ModelSettings
 
     from ml_serving.server.runtime import ServingRuntime
@@ -63,6 +68,8 @@ def model_settings(folder: Path, model_path: Path, name: str | None) -> Any:
     parameters = _without_env(values.pop("parameters", {}), "MLSERVER_MODEL_")
     values.pop("name", None)
     values.pop("implementation", None)
+    if version:  # the registry's version; Seldon's MLSERVER_MODEL_VERSION is always "v1" and loses to it
+        parameters["version"] = version
     return ModelSettings(
         name=name or os.environ.get("MLSERVER_MODEL_NAME", "model"),
         implementation=ServingRuntime,
@@ -75,27 +82,90 @@ class ModelNotFound(RuntimeError):
     """The model to serve cannot be found or fetched: a user's mistake, reported in one line, exit code 2."""
 
 
-def local_model(model: str, download_to: Path | None = None) -> Path:
-    """A local folder with the MLflow model: a path as is, `models:/…` or `runs:/…` downloaded from the registry."""
+@dataclass(frozen=True)
+class Served:
+    """The model folder this process loads, and the registry version it is (None for a folder given by hand)."""
+
+    path: Path
+    version: str | None
+
+
+def local_model(model: str, version: str | None = None) -> Served:
+    """A local folder with the MLflow model, or a registry or storage URI downloaded into this process's own folder.
+
+    `models:/NAME@ALIAS` is resolved to its version first and that version is downloaded, so an alias moving
+    meanwhile cannot mix two versions; the loaded MLmodel's run must be the version's run.
+    """
     path = Path(model)
     if path.is_dir():
         if not (path / "MLmodel").exists():
             raise ModelNotFound(f"{path} has no MLmodel file: point at the folder MLflow logged the model to")
-        return path.resolve()
-    if "://" in model or model.startswith("models:/") or model.startswith("runs:/"):
-        import mlflow
+        return Served(path.resolve(), version)
+    if not ("://" in model or model.startswith(("models:/", "runs:/"))):
+        raise ModelNotFound(f"model {model!r} is neither a folder nor a models:/, runs:/ or storage URI")
+    import mlflow
 
-        target = download_to or Path(os.environ.get("TMPDIR", "/tmp")) / "ml-serving-models"
-        target.mkdir(parents=True, exist_ok=True)
-        try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(target)))
-        except Exception as error:  # MlflowException, OSError, requests' errors: all mean "cannot fetch it"
-            reason = getattr(error, "message", None) or str(error) or type(error).__name__
-            raise ModelNotFound(
-                f"cannot fetch {model} from the registry at {mlflow.get_registry_uri()}: {reason.strip()}\n"
-                "check the model name and alias or version (`mlflow models` / the registry UI) and the tracking URI"
-            ) from None
-    raise ModelNotFound(f"model {model!r} is neither a folder nor a models:/, runs:/ or storage URI")
+    registered = _registry_version(model) if model.startswith("models:/") else None
+    uri = f"models:/{registered.name}/{registered.version}" if registered else model
+    target = Path(tempfile.mkdtemp(prefix="ml-serving-model-"))  # this process's own: never shared
+    atexit.register(shutil.rmtree, target, True)
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    except Exception as error:  # MlflowException, OSError, requests' errors: all mean "cannot fetch it"
+        reason = getattr(error, "message", None) or str(error) or type(error).__name__
+        raise ModelNotFound(
+            f"cannot fetch {model} from the registry at {mlflow.get_registry_uri()}: {reason.strip()}\n"
+            "check the model name and alias or version (`mlflow models` / the registry UI) and the tracking URI"
+        ) from None
+    if registered is None:
+        return Served(path, version)
+    from mlflow.models import Model
+
+    loaded_run = Model.load(str(path)).run_id
+    if registered.run_id and loaded_run and loaded_run != registered.run_id:
+        raise ModelNotFound(
+            f"{model} is version {registered.version} (run {registered.run_id}), but the folder loaded holds run "
+            f"{loaded_run}: refusing to serve another model"
+        )
+    return Served(path, str(registered.version))
+
+
+def _registry_version(model: str) -> Any:
+    """The registry's model version behind `models:/NAME@ALIAS`, `models:/NAME/VERSION` (None for other forms)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    reference = model.removeprefix("models:/").rstrip("/")
+    client = MlflowClient()
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, version = reference.partition("/")
+        if version.isdigit():
+            return client.get_model_version(name, version)
+    except Exception as error:
+        reason = getattr(error, "message", None) or str(error) or type(error).__name__
+        raise ModelNotFound(
+            f"cannot fetch {model} from the registry at {mlflow.get_registry_uri()}: {reason.strip()}\n"
+            "check the model name and alias or version (`mlflow models` / the registry UI) and the tracking URI"
+        ) from None
+    return None
+
+
+def own_metrics_dir(configured: str | None) -> str:
+    """MLServer sums every file in its metrics folder into /metrics: a folder of this process, emptied at start.
+
+    A folder named by MLSERVER_METRICS_DIR (the pod's own /tmp under Seldon) is emptied; otherwise a new one.
+    """
+    if configured:
+        folder = Path(configured)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
+    folder = tempfile.mkdtemp(prefix="ml-serving-metrics-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 async def serve(settings: Any, model: Any, columns: Any, limits: Any) -> None:
@@ -105,6 +175,7 @@ async def serve(settings: Any, model: Any, columns: Any, limits: Any) -> None:
     from ml_serving.server.middleware import ValidationMiddleware
 
     server = MLServer(settings)
+    seal_repository(server, model)
     app = server._rest_server._app
     # A route for metrics and docs to match; the middleware answers every /invocations request itself.
     app.add_api_route("/invocations", _served_by_middleware, methods=["POST"])
@@ -123,6 +194,32 @@ async def serve(settings: Any, model: Any, columns: Any, limits: Any) -> None:
     await server.start([model])
 
 
+def seal_repository(server: Any, model: Any) -> None:
+    """A pod serves the one model its stack declares: the repository API's load and unload are refused (403) on
+    REST and gRPC alike, since both call these handlers (loading at start does not go through them), and its
+    index lists that model (loaded at start, not found on disk, so MLServer's own scan would list nothing)."""
+    import grpc
+    from mlserver.errors import MLServerError
+    from mlserver.grpc import utils as grpc_utils
+
+    async def refuse(*args: Any, **kwargs: Any) -> bool:
+        raise MLServerError(
+            f"loading and unloading models is disabled here: this server serves '{model.name}', as its stack declares",
+            status_code=FORBIDDEN,
+        )
+
+    async def served() -> list[Any]:
+        return [model]
+
+    handlers = server._model_repository_handlers
+    handlers.load = handlers.unload = refuse
+    handlers._repository.list = served
+    grpc_utils.STATUS_CODE_MAPPING.setdefault(FORBIDDEN, grpc.StatusCode.PERMISSION_DENIED)
+
+
+FORBIDDEN = 403
+
+
 async def _served_by_middleware() -> None:
     raise NotImplementedError
 
@@ -136,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a local MLflow model folder, models:/NAME@ALIAS, models:/NAME/VERSION or a storage URI",
     )
     parser.add_argument("--name", help="the model name in V2 paths (default: MLSERVER_MODEL_NAME or 'model')")
+    parser.add_argument(
+        "--version",
+        default=os.environ.get(VERSION_ENV),
+        help=f"the registry version it answers as (default: {VERSION_ENV}, or the registry's for models:/ URIs)",
+    )
     args = parser.parse_args(argv)
 
     from mlflow.models import Model
@@ -144,20 +246,21 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = settings_dir()
     try:
-        path = local_model(args.model)
+        served = local_model(args.model, args.version)
     except ModelNotFound as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    columns = columns_from_signature(Model.load(str(path)).signature)
+    columns = columns_from_signature(Model.load(str(served.path)).signature)
     settings = server_settings(folder)
-    Path(settings.metrics_dir).mkdir(parents=True, exist_ok=True)
+    settings.metrics_dir = own_metrics_dir(os.environ.get("MLSERVER_METRICS_DIR"))
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(settings, model_settings(folder, path, args.name), columns, load_limits(folder)))
+    model = model_settings(folder, served.path, args.name, served.version)
+    asyncio.run(serve(settings, model, columns, load_limits(folder)))
     return 0
 
 

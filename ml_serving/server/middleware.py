@@ -24,6 +24,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 INVOCATIONS = "/invocations"
+READY = "/v2/health/ready"
 logger = logging.getLogger("ml_serving.server")
 
 
@@ -55,6 +56,8 @@ class ValidationMiddleware:
         try:
             if path == INVOCATIONS:
                 return await self._invocations(scope, receive, send)
+            if path == READY:
+                return await self._ready(send)
             if path.startswith("/v2/models/"):
                 self._check_model(path)
                 if path.endswith("/infer") and scope["method"] == "POST":
@@ -79,6 +82,16 @@ class ValidationMiddleware:
                 v.NOT_FOUND,
                 f"model '{name}' version '{parts[5]}' is not served here; the version is '{self.model_version}'",
             )
+
+    async def _ready(self, send: Send) -> None:
+        """Readiness is "this model is loaded and can predict", not "the server is up": the probe's question."""
+        try:
+            ready = await self.data_plane.model_ready(self.model_name, self.model_version)
+        except Exception:  # the model is not in the registry at all
+            ready = False
+        if ready:
+            return await _respond(send, 200, {"ready": True})
+        await _respond(send, 503, {"ready": False, "error": f"model '{self.model_name}' is not loaded"})
 
     async def _v2_infer(self, scope: Scope, receive: Receive, send: Send) -> None:
         _check_content_type(scope, required=False)
@@ -108,7 +121,7 @@ class ValidationMiddleware:
         except ValueError as exc:
             return v.UNPROCESSABLE, {"error": f"not a valid inference request: {exc}"}
         try:
-            response = await self.data_plane.infer(request, self.model_name, None)
+            response = await self.data_plane.infer(request, self.model_name, self.model_version)
         except MLServerError as exc:
             return exc.status_code, {"error": str(exc)}
         except Exception as exc:  # the model itself failed on valid input: the server's fault, and counted so

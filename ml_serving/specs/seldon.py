@@ -20,6 +20,7 @@ from typing import Any
 from ml_serving import labels, metrics
 from ml_serving.image import BAKED_MODEL_PATH, METRICS_PORT
 from ml_serving.registry import ResolvedVersion
+from ml_serving.server import VERSION_ENV
 from ml_serving.settings import Autoscaling, Model, Settings, Variant
 from ml_serving.specs import gpu
 
@@ -53,10 +54,12 @@ def resources(model: Model, variant: Variant | None = None) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
-def serving_env(model: Model) -> list[dict[str, str]]:
-    """Per-model overrides of serving_image/'s settings files; the image lets variables win over files."""
+def serving_env(model: Model, version: str) -> list[dict[str, str]]:
+    """Per-model overrides of serving_image/'s settings files (the image lets variables win over files), and the
+    registry version the server answers as (Seldon's own MLSERVER_MODEL_VERSION is always "v1")."""
     serving = model.serving
     values = {
+        VERSION_ENV: version,
         # The root filesystem is read-only: MLServer's metrics files and any cache go to the /tmp volume.
         "MLSERVER_METRICS_DIR": "/tmp/mlserver-metrics",
         "HOME": "/tmp",
@@ -69,7 +72,7 @@ def serving_env(model: Model) -> list[dict[str, str]]:
     return [{"name": name, "value": str(value)} for name, value in values.items() if value is not None]
 
 
-def serving_container(model_key: str, model: Model, variant: Variant, image: str) -> dict[str, Any]:
+def serving_container(model_key: str, model: Model, variant: Variant, image: str, version: str) -> dict[str, Any]:
     """The serving image's container, named like the graph node so Seldon runs it as the model."""
     return {
         "name": model_key,
@@ -86,7 +89,7 @@ def serving_container(model_key: str, model: Model, variant: Variant, image: str
         "livenessProbe": _probe("/v2/health/live", period=10, failures=6, delay=30),
         # Loading a large model can take minutes: hold liveness off until the first success.
         "startupProbe": _probe("/v2/health/live", period=5, failures=60, delay=0),
-        "env": serving_env(model),
+        "env": serving_env(model, version),
         "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
     }
 
@@ -101,7 +104,7 @@ def _probe(path: str, period: int, failures: int, delay: int) -> dict[str, Any]:
     }
 
 
-def pod_spec(settings: Settings, model_key: str, variant: Variant, image: str) -> dict[str, Any]:
+def pod_spec(settings: Settings, model_key: str, variant: Variant, image: str, version: str) -> dict[str, Any]:
     model = settings.models[model_key]
     return {
         **gpu.scheduling(settings, variant),
@@ -112,7 +115,7 @@ def pod_spec(settings: Settings, model_key: str, variant: Variant, image: str) -
             "fsGroup": 1000,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [serving_container(model_key, model, variant, image)],
+        "containers": [serving_container(model_key, model, variant, image, version)],
         "volumes": [{"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}}],
     }
 
@@ -183,11 +186,11 @@ def requests_trigger(settings: Settings, model_key: str, variant_name: str) -> d
     }
 
 
-def component_spec(settings: Settings, model_key: str, variant_name: str, image: str) -> dict[str, Any]:
+def component_spec(settings: Settings, model_key: str, variant_name: str, image: str, version: str) -> dict[str, Any]:
     variant = settings.models[model_key].variants[variant_name]
     model = settings.models[model_key]
     spec: dict[str, Any] = {
-        "spec": pod_spec(settings, model_key, variant, image),
+        "spec": pod_spec(settings, model_key, variant, image, version),
         "pdbSpec": {"maxUnavailable": model.disruption_budget.max_unavailable},
     }
     if settings.platform.autoscaler == "keda":
@@ -209,7 +212,7 @@ def predictor(
         "labels": predictor_labels(model_key, model, name, resolved),
         "annotations": predictor_annotations(resolved),
         "graph": graph,
-        "componentSpecs": [component_spec(settings, model_key, name, image)],
+        "componentSpecs": [component_spec(settings, model_key, name, image, resolved.version)],
     }
     if variant.shadow:
         spec["shadow"] = True
