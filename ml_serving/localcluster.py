@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 TOOLS_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "build.sh"
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "crds"
+# The upstream CRDs the team keeps beside the checkout (../shared/crds), or where ML_SERVING_CRD_DIR says.
+CRD_DIR = Path(os.environ.get("ML_SERVING_CRD_DIR") or Path(__file__).resolve().parents[2] / "shared" / "crds")
 ADMIN = "ml-serving-admin"
 
 
@@ -256,6 +257,8 @@ def apply_crds(api_client: Any, crd_dir: Path, seconds: float = 60) -> list[str]
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
+    if not any(crd_dir.glob("*.yaml")):
+        raise ClusterError(f"no CRDs in {crd_dir}: point ML_SERVING_CRD_DIR at the upstream CRDs (../shared/crds)")
     api = client.ApiextensionsV1Api(api_client)
     names = []
     for path in sorted(crd_dir.glob("*.yaml")):
