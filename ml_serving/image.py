@@ -97,17 +97,30 @@ def download_environment(model_uri: str, target: Path) -> Path:
     import mlflow
 
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("requirements.txt", "python_env.yaml", "MLmodel"):
-        try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{name}", dst_path=str(target))
-        except Exception as exc:
-            if name == "requirements.txt":
-                shutil.rmtree(target, ignore_errors=True)
-                raise ImageError(
-                    f"cannot read {name} of {model_uri} ({type(exc).__name__}): make the artifact store reachable, "
-                    "or run `ml-serving pin STACK` where it is, which keeps a copy under model-lock/"
-                ) from None
+    try:
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model_uri.rstrip('/')}/requirements.txt", dst_path=str(target)
+        )
+    except Exception as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        raise ImageError(
+            f"cannot read requirements.txt of {model_uri} ({type(exc).__name__}): make the artifact store reachable, "
+            "or run `ml-serving pin STACK` where it is, which keeps a copy under model-lock/"
+        ) from None
+    for name in ("python_env.yaml", "MLmodel"):
+        download_optional(model_uri, name, target)
     return target
+
+
+def download_optional(model_uri: str, name: str, target: Path) -> bool:
+    """One more file of the model if it has it (older models lack python_env.yaml; MLmodel may be unreadable)."""
+    import mlflow
+
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{name}", dst_path=str(target))
+    except Exception:
+        return False
+    return True
 
 
 def server_files(gpu: bool = False) -> dict[str, bytes]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_serving import registry
-from ml_serving.image import download_environment, lock_path
+from ml_serving.image import download_environment, download_optional, lock_path
 from ml_serving.registry import RegistryResolver, ResolvedVersion
 from ml_serving.settings import ConfigError, Settings
 from ml_serving.signatures import SignatureError, check_model
@@ -95,4 +95,6 @@ def lock_environment(registered_model: str, resolved: ResolvedVersion, lock_dir:
     target = lock_path(registered_model, resolved.version, lock_dir)
     if not (target / "requirements.txt").exists():
         download_environment(resolved.model_uri, target)
+    elif not (target / "MLmodel").exists():  # locked before MLmodel (the signature) was kept
+        download_optional(resolved.model_uri, "MLmodel", target)
     return target
