@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     pin = commands.add_parser(
         "pin", parents=[project], help="resolve aliases in the registry and pin versions in the stack file"
     )
-    pin.add_argument("stack")
+    pin.add_argument("stack", help="stack name: Pulumi.<stack>.yaml (its aliases are resolved and pinned)")
     pin.add_argument("--tracking-uri", help="registry to ask (default: the stack's registry.trackingUri)")
     pin.set_defaults(func=cmd_pin)
 

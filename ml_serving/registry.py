@@ -140,9 +140,13 @@ def resolve(settings: Settings, resolver: RegistryResolver | None = None) -> Res
             found = pinned(variant)
             if found is None:
                 assert resolver is not None, "settings validation guarantees a registry for unpinned variants"
-                if variant.alias is not None:
-                    found = resolver.by_alias(model.registered_model, variant.alias)
-                else:
-                    found = resolver.by_version(model.registered_model, str(variant.version))
+                key = "alias" if variant.alias is not None else "version"
+                try:
+                    if variant.alias is not None:
+                        found = resolver.by_alias(model.registered_model, variant.alias)
+                    else:
+                        found = resolver.by_version(model.registered_model, str(variant.version))
+                except RegistryError as exc:  # say which line of the stack file asked for it
+                    raise RegistryError(f"ml-serving:models.{model_key}.variants.{name}.{key}: {exc}") from None
             versions[(model_key, name)] = found
     return Resolution(versions)

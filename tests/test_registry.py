@@ -86,7 +86,7 @@ def test_unknown_alias_names_model_alias_and_tracking_uri(registry):
     with pytest.raises(pulumi.RunError) as raised:
         plan_stack("dev", config=config, registry=registry)
     message = str(raised.value)
-    assert "Pulumi.dev.yaml" in message
+    assert "Pulumi.dev.yaml: ml-serving:models.churn.variants.champion.alias:" in message, "names the line to fix"
     assert "'churn-classifier' has no alias 'gold'" in message
     assert registry.tracking_uri in message
     assert "@champion→v1" in message and "@candidate→v2" in message
