@@ -45,6 +45,11 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def limit_series(judged: list[dict[str, Any]], check: str, start: float) -> list[tuple[float, float]]:
+    """Each judgement's limit for `check` (seconds since the start, limit): gates re-read per stage may move it."""
+    return [(r["time"] - start, found["limit"]) for r in judged if (found := _check(r, check))]
+
+
 def write_picture(records: list[dict[str, Any]], path: Path) -> Path:
     """Error ratio and p95 latency of both variants at each judgement, each gate's limit beside them, stage changes
     and the end marked."""
@@ -65,7 +70,7 @@ def write_picture(records: list[dict[str, Any]], path: Path) -> Path:
             points = [(t, v) for t, v in points if v is not None and math.isfinite(v)]
             if points:
                 axis.plot(*zip(*points, strict=True), style, label=side)
-        limits = [(r["time"] - start, found["limit"]) for r in judged if (found := _check(r, check))]
+        limits = limit_series(judged, check, start)
         if limits:
             axis.step(*zip(*limits, strict=True), "r--", where="post", linewidth=1, label="limit")
         for record in records:

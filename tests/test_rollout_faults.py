@@ -376,6 +376,20 @@ def test_11_gate_edits_during_a_run_apply_from_the_next_judgement(project, prome
     assert outcome.result == Result.ROLLED_BACK and "limit 0.1" in outcome.message
 
 
+def test_11_the_picture_draws_each_gates_limit_beside_its_values(project, prometheus):
+    from ml_serving.report import limit_series, read_log, write_picture
+
+    clock = Clock()
+    path = project / "Pulumi.canary.yaml"
+    clock.during_sleep.extend([lambda: None, lambda: path.write_text(
+        path.read_text().replace("minRequests: 10", "minRequests: 10\n        maxP95Seconds: 0.3"))])  # fmt: skip
+    runner(project, prometheus, clock).run()
+    records = read_log(project / "rollouts" / "canary-churn.jsonl")
+    judged = [r for r in records if r["event"] == "judgement"]
+    assert [limit for _, limit in limit_series(judged, Gate.LATENCY_P95, records[0]["time"])] == [0.5, 0.3, 0.3]
+    assert write_picture(records, project / "picture.png").stat().st_size > 10_000
+
+
 def test_10_abort_stops_a_running_rollout_which_rolls_back_once(tmp_path, prometheus):
     project = copy_project(tmp_path / "project")
     canary(project, prometheus=prometheus.url, interval=600)
