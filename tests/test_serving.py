@@ -202,6 +202,34 @@ BAD_V2 = [
     ("v2-oversized-body", b'{"inputs": [' + b" " * 1_100_000 + b"]}", "application/json", 413, "limit"),
     ("v2-no-inputs", {"id": "1"}, None, 422, "inputs"),
     ("v2-unknown-field", {**v2_body(), "input": []}, None, 400, "input"),
+    (
+        "v2-unknown-request-content-type",
+        {**v2_body(), "parameters": {"content_type": "nope"}},
+        None,
+        422,
+        "parameters.content_type: 'nope' is not decoded here; use pd",
+    ),
+    (
+        "v2-unknown-input-content-type",
+        {"inputs": [{**v2_body()["inputs"][0], "parameters": {"content_type": "nope"}}, *v2_body()["inputs"][1:]]},
+        None,
+        422,
+        "inputs[0] ('tenure_months').parameters.content_type: 'nope'",
+    ),
+    (
+        "v2-text-content-type-on-numbers",
+        {"inputs": [{**v2_body()["inputs"][0], "parameters": {"content_type": "str"}}, *v2_body()["inputs"][1:]]},
+        None,
+        422,
+        "use np",
+    ),
+    (
+        "v2-parameters-not-an-object",
+        {"inputs": [{**v2_body()["inputs"][0], "parameters": ["x"]}, *v2_body()["inputs"][1:]]},
+        None,
+        422,
+        "parameters: expected an object",
+    ),
     ("v2-missing-column", {"inputs": v2_body()["inputs"][:4]}, None, 422, "missing column(s) region"),
     (
         "v2-unknown-input",
@@ -423,3 +451,13 @@ def test_a_port_in_use_is_a_one_line_error_before_anything_loads(server):
     assert run.returncode == 2
     assert f"port {busy} on 127.0.0.1 is in use" in run.stderr and "--http-port" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_content_types_the_runtime_decodes_are_accepted(server):
+    body = v2_body()
+    body["parameters"] = {"content_type": "pd"}
+    for tensor in body["inputs"]:
+        tensor["parameters"] = {"content_type": "str" if tensor["datatype"] == "BYTES" else "np"}
+    answer = server.post("/v2/models/churn-classifier/infer", body)
+    assert answer.status_code == 200, answer.text
+    assert list(np.ravel(answer.json()["outputs"][0]["data"])) == server.expected

@@ -306,8 +306,7 @@ def check_v2(payload: Any, columns: list[Column] | None, limits: Limits) -> None
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise RequestError(UNPROCESSABLE, "inputs: expected a non-empty array of tensors")
-    if "parameters" in payload and not isinstance(payload["parameters"], dict):
-        raise RequestError(UNPROCESSABLE, "parameters: expected an object")
+    _check_parameters("parameters", payload.get("parameters"), REQUEST_CONTENT_TYPES)
     rows: dict[str, int] = {}
     by_name = {c.name: c for c in columns or []}
     for index, tensor in enumerate(inputs):
@@ -331,6 +330,7 @@ def check_v2(payload: Any, columns: list[Column] | None, limits: Limits) -> None
             raise RequestError(
                 UNPROCESSABLE, f"{where}.datatype: {datatype!r} is not a V2 datatype ({', '.join(sorted(_ALL_V2))})"
             )
+        _check_parameters(f"{where}.parameters", tensor.get("parameters"), input_content_types(datatype))
         data = _flatten(tensor["data"], where)
         expected = math.prod(shape)
         if len(data) != expected:
@@ -366,6 +366,31 @@ def check_v2(payload: Any, columns: list[Column] | None, limits: Limits) -> None
 
 
 _ALL_V2 = frozenset().union(*V2_TYPES.values())  # every Open Inference Protocol datatype
+
+# The content types (MLServer's codecs) the MLflow runtime decodes: the request as a whole is a DataFrame; a
+# tensor of bytes is text, base64 or datetimes, any other tensor a NumPy array. Anything else would reach
+# MLflow's schema enforcement undecoded and come back 500.
+REQUEST_CONTENT_TYPES = ("pd",)
+BYTES_CONTENT_TYPES = ("str", "base64", "datetime")
+NUMERIC_CONTENT_TYPES = ("np",)
+
+
+def input_content_types(datatype: str) -> tuple[str, ...]:
+    return BYTES_CONTENT_TYPES if datatype == "BYTES" else NUMERIC_CONTENT_TYPES
+
+
+def _check_parameters(where: str, parameters: Any, content_types: tuple[str, ...]) -> None:
+    if parameters is None:
+        return
+    if not isinstance(parameters, dict):
+        raise RequestError(UNPROCESSABLE, f"{where}: expected an object")
+    content_type = parameters.get("content_type")
+    if content_type is not None and content_type not in content_types:
+        raise RequestError(
+            UNPROCESSABLE,
+            f"{where}.content_type: {content_type!r} is not decoded here; use {' or '.join(content_types)} "
+            "(or leave it out)",
+        )
 
 
 def _flatten(data: Any, where: str) -> list:
