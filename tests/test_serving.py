@@ -461,3 +461,18 @@ def test_content_types_the_runtime_decodes_are_accepted(server):
     answer = server.post("/v2/models/churn-classifier/infer", body)
     assert answer.status_code == 200, answer.text
     assert list(np.ravel(answer.json()["outputs"][0]["data"])) == server.expected
+
+
+def test_no_5xx_for_bad_input_with_the_cpu_saturated(server, tmp_path):
+    """A client's mistake is a 4xx also when every core is busy (stress-ng on all CPUs meanwhile)."""
+    stress = shutil.which("stress-ng")
+    if stress is None:
+        pytest.skip("stress-ng not installed (apt-get install stress-ng)")
+    with processes.running([stress, "--cpu", "0", "--timeout", "300s"], tmp_path / "stress.log"):
+        statuses = []
+        for name, body, content_type, _status, _words in BAD + BAD_V2:
+            path = "/v2/models/churn-classifier/infer" if name.startswith("v2-") else "/invocations"
+            statuses.append(_send(server, path, body, content_type).status_code)
+        assert requests.get(server.url + "/v2/health/ready", timeout=30).status_code == 200
+        assert server.post("/invocations", {"dataframe_records": ROWS}).json() == {"predictions": server.expected}
+    assert statuses and max(statuses) < 500, statuses
