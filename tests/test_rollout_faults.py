@@ -258,6 +258,14 @@ def test_healthy_run_walks_every_stage_judging_after_each_deploy(project, promet
     assert [r["window"] for r in records if r["event"] == "judgement"] == ["30s"] * 3
 
 
+def test_too_few_requests_never_advance_and_roll_back(project, prometheus):
+    prometheus.answers["requests"] = vector(champion=500, challenger=3)
+    outcome = runner(project, prometheus, Clock()).run()
+    assert outcome.result == Result.ROLLED_BACK and "only 3 requests; need 10 to judge" in outcome.message
+    records = [json.loads(line) for line in (project / "rollouts" / "canary-churn.jsonl").read_text().splitlines()]
+    assert [r["weights"]["challenger"] for r in records if r["event"] == "apply"] == [25, 0], "never advanced"
+
+
 def test_5_step_refuses_to_judge_a_stage_that_is_not_deployed(project, prometheus):
     clock = Clock()
     first = runner(project, prometheus, clock, Mode.STEP).run()
