@@ -36,7 +36,7 @@ def incompatible(tmp_path_factory) -> str:
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from ml_serving.seed import churn_frame, seed
+    from ml_serving.seed import EXPERIMENT, churn_frame, seed
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('incompatible') / 'registry.db'}"
     seed(uri)
@@ -44,7 +44,8 @@ def incompatible(tmp_path_factory) -> str:
     frame = frame.assign(contract_type="monthly")
     code = Path(__file__).resolve().parent / "fixtures" / "flaky_model.py"  # any model: the signature is the point
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run():
+    experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment.experiment_id):  # artifacts beside the registry, not in ./mlruns
         mlflow.pyfunc.log_model(name="model", python_model=str(code), registered_model_name="churn-classifier",
                                 signature=infer_signature(frame, pd.Series([0] * len(frame))),
                                 pip_requirements=["mlflow"])  # fmt: skip
