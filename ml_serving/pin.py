@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ml_serving import registry
 from ml_serving.image import download_environment, download_optional, lock_path
-from ml_serving.registry import RegistryResolver, ResolvedVersion
+from ml_serving.registry import RegistryResolver, ResolvedVersion, resolve_model
 from ml_serving.settings import ConfigError, Settings
 from ml_serving.signatures import SignatureError, check_model
 from ml_serving.stackfile import edit, load_settings, stack_file
@@ -74,14 +73,9 @@ def pin_stack(project_dir: Path, stack: str, tracking_uri: str | None = None) ->
     registered = {m: model.registered_model for m, model in settings.models.items()}
     for pin in pins:
         lock_environment(registered[pin.model], pin.after, project_dir / "model-lock")
-    pinned = {(p.model, p.variant): p.after for p in pins}
     for model_key, model in settings.models.items():
-        versions = {}
-        for name, variant in model.variants.items():
-            found = pinned.get((model_key, name)) or registry.pinned(variant)
-            if found is None and variant.version is not None:
-                found = resolver.by_version(model.registered_model, str(variant.version))
-            versions[name] = (found.version, found.model_uri) if found else None
+        pinned_now = {p.variant: p.after for p in pins if p.model == model_key}
+        versions = {**resolve_model(model_key, model, resolver), **pinned_now}  # the resolver caches each answer
         try:
             check_model(f"models.{model_key}", model, versions, project_dir / "model-lock")
         except SignatureError as exc:

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ml_serving.settings import Settings, Variant
+from ml_serving.settings import Model, Settings, Variant
 
 
 class RegistryError(RuntimeError):
@@ -134,19 +134,29 @@ def resolve(settings: Settings, resolver: RegistryResolver | None = None) -> Res
     """Resolve every variant; the registry is only contacted for variants that are not fully pinned."""
     if resolver is None and settings.registry is not None:
         resolver = RegistryResolver(settings.registry.tracking_uri)
-    versions: dict[tuple[str, str], ResolvedVersion] = {}
-    for model_key, model in settings.models.items():
-        for name, variant in model.variants.items():
-            found = pinned(variant)
-            if found is None:
-                assert resolver is not None, "settings validation guarantees a registry for unpinned variants"
-                key = "alias" if variant.alias is not None else "version"
-                try:
-                    if variant.alias is not None:
-                        found = resolver.by_alias(model.registered_model, variant.alias)
-                    else:
-                        found = resolver.by_version(model.registered_model, str(variant.version))
-                except RegistryError as exc:  # say which line of the stack file asked for it
-                    raise RegistryError(f"ml-serving:models.{model_key}.variants.{name}.{key}: {exc}") from None
-            versions[(model_key, name)] = found
-    return Resolution(versions)
+    return Resolution(
+        {
+            (model_key, name): found
+            for model_key, model in settings.models.items()
+            for name, found in resolve_model(model_key, model, resolver).items()
+        }
+    )
+
+
+def resolve_model(model_key: str, model: Model, resolver: RegistryResolver | None) -> dict[str, ResolvedVersion]:
+    """One model's variants by name (what `pin` and `rollout` compare, without resolving every other model)."""
+    versions: dict[str, ResolvedVersion] = {}
+    for name, variant in model.variants.items():
+        found = pinned(variant)
+        if found is None:
+            assert resolver is not None, "settings validation guarantees a registry for unpinned variants"
+            key = "alias" if variant.alias is not None else "version"
+            try:
+                if variant.alias is not None:
+                    found = resolver.by_alias(model.registered_model, variant.alias)
+                else:
+                    found = resolver.by_version(model.registered_model, str(variant.version))
+            except RegistryError as exc:  # say which line of the stack file asked for it
+                raise RegistryError(f"ml-serving:models.{model_key}.variants.{name}.{key}: {exc}") from None
+        versions[name] = found
+    return versions

@@ -620,26 +620,20 @@ class RolloutRun:
 
     def _check_signatures(self) -> None:
         """Before the first stage: the challenger must accept what the champion's clients send."""
-        from ml_serving.registry import RegistryError, resolve
+        from ml_serving.registry import RegistryError, RegistryResolver, resolve_model
         from ml_serving.signatures import SignatureError, check_model
 
         settings = self.settings()
         model = self.model(settings)
+        resolver = RegistryResolver(settings.registry.tracking_uri) if settings.registry else None
         try:
-            resolution = resolve(settings) if any(v.needs_registry for v in model.variants.values()) else None
+            resolved = resolve_model(self.model_key, model, resolver)
         except RegistryError as exc:
             self.report(f"signatures not compared: {exc}")
             return
-        versions = {}
-        for name in (self.plan.champion, self.plan.challenger):
-            variant = model.variants[name]
-            if variant.version and variant.model_uri:
-                versions[name] = (str(variant.version), variant.model_uri)
-            elif resolution is not None:
-                found = resolution.of(self.model_key, name)
-                versions[name] = (found.version, found.model_uri)
+        compared = {name: resolved[name] for name in (self.plan.champion, self.plan.challenger)}
         try:
-            check_model(f"{self.path.name}: models.{self.model_key}", model, versions, self.project_dir / "model-lock")
+            check_model(f"{self.path.name}: models.{self.model_key}", model, compared, self.project_dir / "model-lock")
         except SignatureError as exc:
             raise RolloutError(str(exc)) from None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ml_serving.registry import ResolvedVersion
     from ml_serving.settings import Model
 
 
@@ -77,10 +78,10 @@ def check_variants(where: str, signatures: dict[str, list[dict[str, Any]] | None
         )
 
 
-def check_model(where: str, model: Model, versions: dict[str, tuple[str, str] | None], lock_dir: Path) -> None:
-    """`check_variants` for `model`, reading each (version, model URI)'s signature from model-lock/ or the store.
+def check_model(where: str, model: Model, versions: dict[str, ResolvedVersion], lock_dir: Path) -> None:
+    """`check_variants` for `model`, reading each resolved version's signature from model-lock/ or the store.
 
-    A version whose files cannot be read is left out (`plan` reports those itself); None means unresolved.
+    A version whose files cannot be read is left out (`plan` reports those itself).
     """
     from ml_serving.image import ImageError, model_environment
 
@@ -88,10 +89,10 @@ def check_model(where: str, model: Model, versions: dict[str, tuple[str, str] | 
         return
     signatures: dict[str, list[dict[str, Any]] | None] = {}
     for variant, found in versions.items():
-        if found is None:
-            continue
         try:
-            inputs = model_environment(model.registered_model, *found, lock_dir=lock_dir).signature_inputs
+            inputs = model_environment(
+                model.registered_model, found.version, found.model_uri, lock_dir
+            ).signature_inputs
         except ImageError:
             continue
         signatures[variant] = list(inputs) if inputs is not None else None
