@@ -9,6 +9,8 @@ from components import (
     GpuNodePoolArgs,
     ModelDeployment,
     ModelDeploymentArgs,
+    ModelsSecurity,
+    ModelsSecurityArgs,
     MonitoringStack,
     MonitoringStackArgs,
     ServingImage,
@@ -30,6 +32,11 @@ contexts = build_contexts(settings, versions, Path("build") / pulumi.get_stack()
 provider = kubernetes_provider(settings.kubernetes)
 
 platform = ServingPlatform("platform", ServingPlatformArgs(settings), pulumi.ResourceOptions(providers=[provider]))
+security = ModelsSecurity(
+    "security",
+    ModelsSecurityArgs(settings),
+    pulumi.ResourceOptions(providers=[provider], depends_on=[platform.namespace]),
+)
 pools = [
     GpuNodePool(pool, GpuNodePoolArgs(settings, pool), pulumi.ResourceOptions(providers=[provider]))
     for pool in settings.node_pools

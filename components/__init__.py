@@ -4,6 +4,7 @@ from components.gpu_node_pool import GpuNodePool, GpuNodePoolArgs
 from components.model_deployment import ModelDeployment, ModelDeploymentArgs
 from components.monitoring import MonitoringStack, MonitoringStackArgs
 from components.platform import ServingPlatform, ServingPlatformArgs
+from components.security import ModelsSecurity, ModelsSecurityArgs
 from components.serving_image import ServingImage, ServingImageArgs
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "GpuNodePoolArgs",
     "ModelDeployment",
     "ModelDeploymentArgs",
+    "ModelsSecurity",
+    "ModelsSecurityArgs",
     "MonitoringStack",
     "MonitoringStackArgs",
     "ServingImage",

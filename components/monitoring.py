@@ -9,6 +9,7 @@ import pulumi_kubernetes as k8s
 
 from components import _kubernetes
 from ml_serving.settings import Settings
+from ml_serving.specs import charts
 from ml_serving.specs import monitoring as specs
 
 
@@ -24,7 +25,7 @@ class MonitoringStack(pulumi.ComponentResource):
     def __init__(self, name: str, args: MonitoringStackArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ml-serving:monitoring:MonitoringStack", name, None, opts)
         settings, child = args.settings, pulumi.ResourceOptions(parent=self)
-        after: list[pulumi.Resource] = []
+        first: list[pulumi.Resource] = []
         if settings.monitoring is not None and settings.monitoring.stack == "install":
             namespace = _kubernetes.namespace("monitoring-namespace", specs.monitoring_namespace(settings), child)
             # The admin password goes into a Secret the chart reads, so the chart's values stay reviewable.
@@ -35,10 +36,9 @@ class MonitoringStack(pulumi.ComponentResource):
                 string_data={**admin["stringData"], specs.GRAFANA_PASSWORD_KEY: args.grafana_admin_password},
                 opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[namespace])),
             )
-            chart_opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[secret]))
-            after.append(_kubernetes.helm_release(specs.kube_prometheus_stack(settings), chart_opts))
-        if settings.monitoring is not None and settings.platform.autoscaler == "hpa":
-            after.append(_kubernetes.helm_release(specs.prometheus_adapter(settings), child))
+            first = [secret]
+        chart_opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=first))
+        after = [_kubernetes.helm_release(release.chart, chart_opts) for release in charts.of(settings, "monitoring")]
         # The Prometheus Operator's CRDs come with the chart: monitors and rules wait for it.
         wait = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=after))
         self.pod_monitor = _kubernetes.custom_resource("pod-monitor", specs.pod_monitor(settings), wait)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pulumi
+import pulumi_kubernetes as k8s
 
 from components import _kubernetes
 from ml_serving.settings import Settings
-from ml_serving.specs import gpu
+from ml_serving.specs import charts, seldon
 from ml_serving.specs import platform as specs
 
 
@@ -18,29 +19,31 @@ class ServingPlatformArgs:
 
 
 class ServingPlatform(pulumi.ComponentResource):
-    """Namespace, Seldon Core v1 operator, KEDA, the Istio gateway and GPU support, as the stack asks."""
+    """Namespace, Seldon Core v1 operator, KEDA, the Istio gateway, GPU support and the artifact store's Secret."""
 
     def __init__(self, name: str, args: ServingPlatformArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ml-serving:platform:ServingPlatform", name, None, opts)
         settings, child = args.settings, pulumi.ResourceOptions(parent=self)
-        releases = []
-        if settings.platform.keda == "install":
-            releases.append(_kubernetes.helm_release(specs.keda(settings), child))
-        if settings.platform.seldon == "install":
-            # The operator's webhook reads KEDA's CRDs, so KEDA goes first.
-            seldon_opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=releases))
-            releases.append(_kubernetes.helm_release(specs.seldon_operator(settings), seldon_opts))
-        if any(pool.gpu for pool in settings.node_pools.values()):
-            # nvidia.com/gpu is schedulable only once the device plugin (or the GPU Operator) runs on GPU nodes.
-            if settings.gpu.device_plugin == "device-plugin":
-                releases.append(_kubernetes.helm_release(gpu.device_plugin(settings), child))
-            elif settings.gpu.device_plugin == "gpu-operator":
-                releases.append(_kubernetes.helm_release(gpu.gpu_operator(settings), child))
-            if settings.gpu.dcgm_exporter == "install":
-                releases.append(_kubernetes.helm_release(gpu.dcgm_exporter(settings), child))
+        releases: dict[str, pulumi.Resource] = {}
+        for release in charts.of(settings, "platform"):
+            first = [releases[name] for name in release.after if name in releases]
+            opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=first))
+            releases[release.chart.release] = _kubernetes.helm_release(release.chart, opts)
         self.namespace = _kubernetes.namespace(settings.namespace, specs.namespace(settings), child)
+        artifacts = seldon.artifact_secret(settings)
+        self.artifact_secret = None
+        if artifacts is not None:
+            # rclone's variables may hold keys (`pulumi config set --secret --path ...`): a secret in the state.
+            self.artifact_secret = k8s.core.v1.Secret(
+                "artifact-store",
+                metadata=artifacts["metadata"],
+                type=artifacts["type"],
+                string_data=pulumi.Output.secret(artifacts["stringData"]),
+                opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[self.namespace])),
+            )
         self.gateway = None
         if settings.platform.istio_gateway == "install":
             self.gateway = _kubernetes.custom_resource("istio-gateway", specs.istio_gateway(settings), child)
-        self.ready = [self.namespace, *releases, *([self.gateway] if self.gateway else [])]
+        extras = [r for r in (self.gateway, self.artifact_secret) if r is not None]
+        self.ready = [self.namespace, *releases.values(), *extras]
         self.register_outputs({"namespace": self.namespace.metadata["name"]})

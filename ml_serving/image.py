@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ LOCK_DIR = PROJECT_DIR / "model-lock"
 SETTINGS_FILES = ("settings.json", "model-settings.json", "limits.json")
 BAKED_MODEL_PATH = "/app/model"
 METRICS_PORT: int = json.loads((SERVING_IMAGE_DIR / "settings.json").read_text())["metrics_port"]
+# The image's user, owned by its Dockerfile; high, so it maps to no user of the node.
+SERVING_UID: int = int(re.search(r"^USER (\d+):", (SERVING_IMAGE_DIR / "Dockerfile").read_text(), re.M).group(1))
 DEFAULT_PYTHON = "3.11.14"
 
 

@@ -26,6 +26,15 @@ import yaml
 TOOLS_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "build.sh"
 # The upstream CRDs the team keeps beside the checkout (../shared/crds), or where ML_SERVING_CRD_DIR says.
 CRD_DIR = Path(os.environ.get("ML_SERVING_CRD_DIR") or Path(__file__).resolve().parents[2] / "shared" / "crds")
+# Upstream CRDs the project keeps itself, for kinds the shared folder lacks (crds/SOURCES.md says whence).
+PROJECT_CRD_DIR = Path(__file__).resolve().parents[1] / "crds"
+
+
+def crd_files(crd_dir: Path = CRD_DIR) -> list[Path]:
+    """Every CRD file: the shared folder's, then the project's own."""
+    return [*sorted(crd_dir.glob("*.yaml")), *sorted(PROJECT_CRD_DIR.glob("*.yaml"))]
+
+
 ADMIN = "ml-serving-admin"
 
 
@@ -261,7 +270,7 @@ def apply_crds(api_client: Any, crd_dir: Path, seconds: float = 60) -> list[str]
         raise ClusterError(f"no CRDs in {crd_dir}: point ML_SERVING_CRD_DIR at the upstream CRDs (../shared/crds)")
     api = client.ApiextensionsV1Api(api_client)
     names = []
-    for path in sorted(crd_dir.glob("*.yaml")):
+    for path in crd_files(crd_dir):
         for crd in yaml.safe_load_all(path.read_text()):
             if not crd or crd.get("kind") != "CustomResourceDefinition":
                 continue

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ml_serving.server import REFUSALS_METRIC
+
 # Prometheus labels carrying the stack file's names (from the pods' ml-serving.io/* labels).
 MODEL = "ml_model"
 VARIANT = "ml_variant"
@@ -32,6 +34,8 @@ BATCH_QUEUE = "batch_request_queue"  # histogram of the adaptive batcher's queue
 PARALLEL_QUEUE = "parallel_request_queue"  # histogram of the queue to the parallel workers
 GRPC_HANDLED = "grpc_server_handled_total"
 DCGM_GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"  # from NVIDIA's DCGM exporter, percent per GPU
+REFUSALS = REFUSALS_METRIC  # the serving image's own counter {model, reason}
+REASON = "reason"
 
 INFERENCE_PATHS = "/v2/models/{model_name}/infer|/v2/models/{model_name}/versions/{model_version}/infer|/invocations"
 DEFAULT_WINDOW = "1m"
@@ -95,6 +99,38 @@ def rejected_ratio(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     return f"({refused} or {request_rate(scope, window)} * 0) / {request_rate(scope, window)}"
 
 
+def refusals_by_reason(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
+    """Requests refused as the client's mistake per second, by the check that refused them (missing column, wrong
+    type, body too large…): a client integration that breaks after a release shows here by name."""
+    return f"sum by ({BY_VARIANT}, {REASON}) (rate({REFUSALS}{scope.matchers()}[{window}]))"
+
+
+def no_traffic(scope: Scope, window: str = DEFAULT_WINDOW) -> str:
+    """True while the variant gets no requests, including while its request series do not exist at all."""
+    rate = request_rate(scope, window)
+    return f"({rate} == 0) or (absent({rate}))"
+
+
+def replicas_below(scope: Scope, minimum: int) -> str:
+    """True while fewer than `minimum` pods of the variant are scraped, including none at all."""
+    return f"({replicas(scope)} < {minimum}) or (absent({replicas(scope)}))"
+
+
+def label_values(label: str) -> str:
+    """Grafana's template-variable query: every value of `label` on the serving pods' scrape targets."""
+    return f'label_values(up{{{MODEL}!=""}}, {label})'
+
+
+def legend(label: str = VARIANT, *more: str) -> str:
+    """Grafana's legend template naming each series by its labels."""
+    return " ".join("{{" + name + "}}" for name in (label, *more))
+
+
+def alert_label(label: str) -> str:
+    """An alert annotation's reference to one of the series' labels."""
+    return "{{ $labels." + label + " }}"
+
+
 def latency_quantile(quantile: float, scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     """Request latency in seconds at `quantile`, per variant."""
     buckets = f"rate({REQUEST_DURATION}_bucket{_inference(scope)}[{window}])"
@@ -118,8 +154,10 @@ def batch_queue(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
 
 
 def replicas(scope: Scope = Scope()) -> str:
-    """Serving pods that Prometheus scrapes successfully, per variant."""
-    return f"count by ({BY_VARIANT}) (up{scope.matchers()} == 1)"
+    """Serving pods whose every scrape target is up, per variant: counted by pod, so a second target in a pod
+    (Seldon's executor also names a port `metrics`) can never make one pod count twice."""
+    pods = f"min by ({BY_VARIANT}, namespace, pod) (up{scope.matchers()})"
+    return f"count by ({BY_VARIANT}) ({pods} == 1)"
 
 
 def restarts(scope: Scope = Scope(), window: str = "15m") -> str:
@@ -201,6 +239,7 @@ def catalogue(model: str, champion: str, challengers: list[str], window: str = D
         "restarts": restarts(scope),
         "observed_share": observed_share(model, [champion, *challengers], window),
         "gpu_utilization": gpu_utilization(scope),
+        "refusals_by_reason": refusals_by_reason(scope, window),
     }
     for challenger in challengers:
         queries[f"scaling_request_rate:{challenger}"] = scaling_request_rate(model, challenger, window)

@@ -25,6 +25,7 @@ from ml_serving.image import (
 from ml_serving.registry import RegistryError, Resolution, resolve
 from ml_serving.settings import ConfigError, KubernetesTarget, Settings, parse_settings
 from ml_serving.signatures import SignatureError, check_variants
+from ml_serving.specs import seldon
 
 
 def stack_config() -> dict[str, Any]:
@@ -40,10 +41,13 @@ def load_settings() -> Settings:
 
 
 def resolve_versions(settings: Settings) -> Resolution:
+    """Every variant's version, and whether the cluster can download it: both refused before anything applies."""
     try:
-        return resolve(settings)
-    except RegistryError as exc:
+        versions = resolve(settings)
+        seldon.check_storage_access(settings, versions.of)
+    except (RegistryError, seldon.StorageAccessError) as exc:
         raise pulumi.RunError(f"Pulumi.{pulumi.get_stack()}.yaml: {exc}") from None
+    return versions
 
 
 def build_contexts(settings: Settings, versions: Resolution, build_dir: Path) -> dict[str, dict[str, PreparedContext]]:

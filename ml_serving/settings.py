@@ -103,6 +103,39 @@ class Platform(_Config):
     istio_gateway: Literal["install", "existing"] = "install"
     autoscaler: Literal["keda", "hpa"] = "keda"
     gateway: str = Field(default="istio-system/seldon-gateway", pattern=r"^[a-z0-9-]+/[a-z0-9-]+$")
+    tls: GatewayTls | None = None
+
+    @property
+    def gateway_namespace(self) -> str:
+        """Where the gateway and Istio's ingress pods run: the first half of `gateway`."""
+        return self.gateway.split("/")[0]
+
+
+class GatewayTls(_Config):
+    """HTTPS on the Istio gateway: a TLS Secret in the gateway's namespace (cert-manager's Certificate writes
+    one), for these hosts; plain HTTP is redirected to HTTPS."""
+
+    hosts: tuple[str, ...] = Field(min_length=1)
+    credential_name: DnsLabel
+
+
+class JwtIssuer(_Config):
+    """The issuer whose JSON Web Tokens callers must present (Istio RequestAuthentication)."""
+
+    issuer: str = Field(min_length=1)
+    jwks_uri: str = Field(pattern=r"^https://")
+    audiences: tuple[str, ...] = ()
+
+
+class Security(_Config):
+    """Who may reach the model pods: NetworkPolicies (where the CNI enforces them), mesh mTLS and access policy."""
+
+    network_policies: StrictBool = True
+    mtls: Literal["STRICT", "PERMISSIVE", "off"] = "STRICT"
+    gateway_service_account: DnsLabel = "istio-ingressgateway-service-account"
+    trust_domain: str = "cluster.local"
+    probe_cidrs: tuple[str, ...] = ()  # node ranges, for CNIs that do not exempt the kubelet's probes
+    jwt: JwtIssuer | None = None
 
 
 class KubernetesTarget(_Config):
@@ -125,6 +158,44 @@ class ServingImage(_Config):
     registry_server: str | None = None
     registry_username: str | None = None
     platform: str = "linux/amd64"
+
+
+RCLONE_KEY = re.compile(r"^RCLONE_CONFIG_([A-Z0-9]+)_[A-Z0-9_]+$")
+
+
+class ArtifactStore(_Config):
+    """How Seldon's storage initializer (rclone) reaches the artifact store behind `s3://`, `gs://`, `wasbs://`
+    model URIs: rclone's `RCLONE_CONFIG_<REMOTE>_*` variables from a Secret (an existing one, or one the stack
+    creates from `rclone`), and/or a service account for IRSA / workload identity."""
+
+    secret_name: DnsLabel | None = None
+    rclone: dict[str, str] = {}
+    service_account_name: DnsLabel | None = None
+
+    @field_validator("rclone")
+    @classmethod
+    def _rclone_keys(cls, values: dict[str, str]) -> dict[str, str]:
+        for key in values:
+            if not RCLONE_KEY.match(key):
+                raise ValueError(
+                    f"{key!r} is not an rclone variable: use RCLONE_CONFIG_<REMOTE>_<OPTION>, e.g. "
+                    "RCLONE_CONFIG_S3_TYPE"
+                )
+        return values
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ArtifactStore:
+        if self.secret_name and self.rclone:
+            raise ValueError("set secretName (an existing Secret) or rclone (the stack creates it), not both")
+        if not (self.secret_name or self.rclone or self.service_account_name):
+            raise ValueError("set secretName, rclone or serviceAccountName: how the models' storage is reached")
+        return self
+
+    def remotes(self) -> set[str] | None:
+        """The rclone remotes the stack's own Secret defines (lowercase); None when the Secret is not ours."""
+        if not self.rclone:
+            return None
+        return {match.group(1).lower() for match in map(RCLONE_KEY.match, self.rclone) if match}
 
 
 class Serving(_Config):
@@ -254,7 +325,8 @@ class Gpu(_Config):
 
     device_plugin: Literal["device-plugin", "gpu-operator", "existing"] = "device-plugin"
     dcgm_exporter: Literal["install", "existing"] = "install"
-    dcgm_service_monitor: StrictBool = False
+    # The exporter's ServiceMonitor, labelled for the Prometheus of `monitoring`; default: on with monitoring.
+    dcgm_service_monitor: StrictBool | None = None
     taint_key: str = "nvidia.com/gpu"
 
 
@@ -278,6 +350,8 @@ class Monitoring(_Config):
     stack: Literal["install", "existing"] = "install"
     namespace: DnsLabel = "monitoring"
     prometheus_url: str = "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
+    # The labels this Prometheus selects monitors and rules by (kube-prometheus-stack: its release name).
+    selector_labels: dict[str, str] = {"release": "kube-prometheus-stack"}
 
     @field_validator("prometheus_url")
     @classmethod
@@ -422,6 +496,8 @@ class Settings(_Config):
     kubernetes: KubernetesTarget = KubernetesTarget()
     serving_image: ServingImage = ServingImage()
     registry_password: SecretStr | None = None
+    artifact_store: ArtifactStore | None = None
+    security: Security = Security()
     gpu: Gpu = Gpu()
     node_pools: dict[DnsLabel, NodePool] = {}
     monitoring: Monitoring | None = None
@@ -453,18 +529,14 @@ class Settings(_Config):
                     "scaling on requests needs Prometheus: add ml-serving:monitoring",
                 )
         if self.kubernetes.render_yaml_to_directory:
-            charts = [(f"platform.{part}", getattr(self.platform, part)) for part in ("seldon", "keda")]
-            if any(pool.gpu for pool in self.node_pools.values()):
-                charts += [("gpu.devicePlugin", self.gpu.device_plugin), ("gpu.dcgmExporter", self.gpu.dcgm_exporter)]
-            if self.monitoring is not None:
-                charts.append(("monitoring.stack", self.monitoring.stack))
-            for path, choice in charts:
-                if choice not in ("existing",):
-                    raise PathError(
-                        path,
-                        f"'{choice}' is a Helm release, which a provider that renders YAML cannot apply: "
-                        "set it to 'existing' or remove kubernetes.renderYamlToDirectory",
-                    )
+            from ml_serving.specs.charts import charts  # the one list of releases; it builds from Settings
+
+            for release in charts(self):
+                raise PathError(
+                    release.config_path,
+                    f"installs the Helm chart {release.chart.chart}, which a provider that renders YAML cannot "
+                    f"apply: {release.instead}, or remove kubernetes.renderYamlToDirectory",
+                )
         image = self.serving_image
         if image.push and image.registry_server and not (image.registry_username and self.registry_password):
             raise PathError(

@@ -11,17 +11,18 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+from ml_serving import localcluster
 from ml_serving.plan import revealed
 
 KUBERNETES_VERSION = "1.31.0"
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "crds"
+CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "crds"  # and the project's own crds/
 
 
 @cache
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) → openAPIV3Schema for every CRD version in ../shared/crds/."""
     schemas = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
+    for path in localcluster.crd_files(CRD_DIR):
         for crd in yaml.safe_load_all(path.read_text()):
             if not crd or crd.get("kind") != "CustomResourceDefinition":
                 continue

@@ -95,10 +95,11 @@ def test_preview_then_up_creates_every_planned_object_as_planned(engine, cluster
     preview = engine.steps("preview")
     kinds = {s["type"].rsplit(":", 1)[-1] for s in preview if s["op"] == "create"}
     assert {"Namespace", "SeldonDeployment", "PodMonitor", "PrometheusRule", "ConfigMap", "Gateway"} <= kinds
+    assert {"NetworkPolicy", "PeerAuthentication", "AuthorizationPolicy"} <= kinds, "the models namespace is guarded"
     engine.steps("up")
     engine.run("plan", "dev", "--quiet")
     objects = rendered(engine.project, "dev")
-    assert len(objects) == 6
+    assert len(objects) == 11, [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
     for obj in objects:
         body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata", "status")}
         found = live(cluster, obj)

@@ -60,7 +60,9 @@ def test_gpu_pool_is_tainted_limited_and_protected_from_drains(prod):
 def test_node_class_has_gpu_ami_selectors_and_an_encrypted_root_volume(prod):
     (node_class,) = prod.find("EC2NodeClass", "gpu-inference")
     spec = node_class["spec"]
-    assert spec["amiSelectorTerms"] == [{"alias": "al2023@latest"}]
+    assert spec["amiSelectorTerms"] == [{"alias": "al2023@v20240807"}], (
+        "prod pins the AMI: @latest replaces every node on each release"
+    )
     assert spec["subnetSelectorTerms"] == [{"tags": {"karpenter.sh/discovery": "ml-prod"}}]
     (volume,) = spec["blockDeviceMappings"]
     assert volume["ebs"]["encrypted"] is True and volume["ebs"]["volumeSize"] == "200Gi"

@@ -78,7 +78,8 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root():
     text = DOCKERFILE.read_text()
     assert text.count("FROM python:${PYTHON_VERSION}-slim-bookworm") == 2
     assert "ARG PYTHON_VERSION=3.11." in text
-    assert "USER 1000:1000" in text and "HEALTHCHECK" in text
+    uid = image.SERVING_UID
+    assert f"USER {uid}:{uid}" in text and uid >= 10000 and "HEALTHCHECK" in text, "a high UID: no node user"
     final = text.split("AS build", 1)[1].split("\nFROM ", 1)[1]
     assert "pip install" not in final and "apt-get" not in final, "no build tools in the final stage"
 

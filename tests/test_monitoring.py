@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -75,11 +76,16 @@ def latency_series(variant: str, slow: bool) -> list[dict]:
     ]  # fmt: skip
 
 
-def up_series(variant: str, pods: int) -> list[dict]:
+def up_series(variant: str, pods: int, executor: bool = True) -> list[dict]:
+    """One `up` per pod of the model's container, and (as a PodMonitor without the container filter would scrape)
+    one of Seldon's executor in the same pod: a pod must still count once."""
+    containers = ["churn", "seldon-container-engine"] if executor else ["churn"]
     return [
-        {"series": f'up{{namespace="models", ml_model="churn", ml_variant="{variant}", pod="p{i}"}}', "values": "1x30"}
+        {"series": f'up{{namespace="models", ml_model="churn", ml_variant="{variant}", pod="{variant}-{i}", container="{c}"}}',
+         "values": "1x30"}
         for i in range(pods)
-    ]
+        for c in containers
+    ]  # fmt: skip
 
 
 def traffic(challenger_errors: int = 1, champion_errors: int = 1) -> list[dict]:
@@ -178,6 +184,8 @@ def test_dashboards_are_grafana_json_built_only_from_module_queries(settings):
             assert "GPU utilisation (%)" in titles
     churn = json.loads(next(iter(monitoring.dashboard_config_map(settings, "churn")["data"].values())))
     assert "challenger / champion: error ratio" in [p["title"] for p in churn["panels"]]
+    (refused,) = [p for p in churn["panels"] if p["title"] == "Refused requests by reason (4xx)"]
+    assert refused["targets"][0]["legendFormat"] == "{{ml_variant}} {{reason}}", "one series per variant and check"
 
 
 def _from_module(expr: str, model: str, namespace: str) -> bool:
@@ -186,7 +194,7 @@ def _from_module(expr: str, model: str, namespace: str) -> bool:
     candidates = {
         metrics.predictions_rate(scope), metrics.latency_p95(scope), metrics.error_ratio(scope), metrics.in_flight(scope),
         metrics.latency_quantile(0.5, scope), metrics.latency_quantile(0.99, scope), metrics.batch_queue(scope),
-        metrics.replicas(scope), metrics.gpu_utilization(scope),
+        metrics.replicas(scope), metrics.gpu_utilization(scope), metrics.refusals_by_reason(scope),
     }  # fmt: skip
     if expr in candidates:
         return True
@@ -210,7 +218,13 @@ def test_pod_monitor_scrapes_the_port_and_path_seldon_sets_and_relabels_names(se
     monitor = monitoring.pod_monitor(settings)
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("metrics", "/prometheus")
-    targets = {r["targetLabel"]: r["sourceLabels"][0] for r in endpoint["relabelings"]}
+    keep, *renames = endpoint["relabelings"]
+    assert (keep["action"], keep["sourceLabels"]) == ("keep", ["__meta_kubernetes_pod_container_name"])
+    for container in settings.models:  # the model's container is named like the graph node: the model key
+        assert re.fullmatch(keep["regex"], container), "Prometheus anchors relabel regexes"
+    for container in ("seldon-container-engine", "istio-proxy", "churn-sidecar"):
+        assert not re.fullmatch(keep["regex"], container), f"{container}'s port `metrics` must not be scraped"
+    targets = {r["targetLabel"]: r["sourceLabels"][0] for r in renames}
     assert targets == {
         "ml_model": "__meta_kubernetes_pod_label_ml_serving_io_model",
         "ml_variant": "__meta_kubernetes_pod_label_ml_serving_io_variant",
@@ -339,6 +353,10 @@ def test_every_module_query_answers_plausibly_on_a_live_server(live):
         assert answered["restarts"][variant] == 0
         assert answered["in_flight"][variant] >= 0
         assert answered["batch_queue"][variant] >= 0
+    refused = query(url, queries["refusals_by_reason"], at)
+    assert {r["metric"]["reason"] for r in refused} == {"no_rows"}, "one in ten requests sends no rows"
+    for variant, rate in RATES.items():
+        assert 0.5 * 0.1 * rate < answered["refusals_by_reason"][variant] < 1.5 * 0.1 * rate
     assert answered["gpu_utilization"] == {"champion": 42.0}, "DCGM's per-pod series joined to the serving pod"
     share = answered["observed_share"]
     assert abs(share["champion"] - 75) < 8 and abs(share["challenger"] - 25) < 8

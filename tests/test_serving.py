@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import sys
@@ -9,9 +10,11 @@ import time
 from pathlib import Path
 
 import grpc
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
 
 from tests import processes
 
@@ -476,3 +479,78 @@ def test_no_5xx_for_bad_input_with_the_cpu_saturated(server, tmp_path):
         assert requests.get(server.url + "/v2/health/ready", timeout=30).status_code == 200
         assert server.post("/invocations", {"dataframe_records": ROWS}).json() == {"predictions": server.expected}
     assert statuses and max(statuses) < 500, statuses
+
+
+def test_refusals_are_counted_by_the_check_that_refused_them(server):
+    """Each refusal is counted under its check's name (a bounded label), also a refused unload."""
+    sent = {
+        "wrong_type": ("/invocations", {"dataframe_records": [{**ROWS[0], "tenure_months": "three"}]}),
+        "missing_column": ("/invocations", {"dataframe_records": [{"plan": "basic"}]}),
+        "malformed_body": ("/v2/models/churn-classifier/infer", b'{"inputs": ['),
+        "unknown_model": ("/v2/models/no-such-model/infer", v2_body()),
+        "read_only": ("/v2/repository/models/churn-classifier/unload", b""),
+    }
+    counter = 'ml_serving_request_refusals_total{model="churn-classifier",reason="%s"}'
+    before = scrape(server)
+    for reason, (path, body) in sent.items():
+        for _ in range(2 if reason == "wrong_type" else 1):
+            assert 400 <= _send(server, path, body, "application/json").status_code < 500
+    after = scrape(server)
+    for reason in sent:
+        rise = after.get(counter % reason, 0) - before.get(counter % reason, 0)
+        assert rise == (2 if reason == "wrong_type" else 1), reason
+    assert all("no-such-model" not in name for name in after), "the label is the check, never request data"
+
+
+# Property-based: requests generated around the Open Inference Protocol's and MLflow's shapes, from plausible
+# (right names, shapes and datatypes, values of any kind) to nonsense; whatever arrives, the answer is < 500.
+SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12)
+JSON = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)  # fmt: skip
+CONTENT_TYPES = st.sampled_from(["np", "pd", "str", "base64", "datetime", "nope"])
+PARAMETERS = st.fixed_dictionaries({}, optional={"content_type": CONTENT_TYPES, "extra": JSON}) | JSON
+DATATYPES = st.sampled_from(
+    ["BOOL", "UINT8", "UINT64", "INT8", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES", "INT128"]
+)
+
+
+@st.composite
+def plausible_tensor(draw, name: str) -> dict:
+    rows = draw(st.integers(0, 4))
+    return {
+        "name": name,
+        "datatype": draw(DATATYPES | st.just(V2_TYPES.get(name, "BYTES"))),
+        "shape": draw(st.just([rows, 1]) | st.lists(st.integers(-1, 4), max_size=3)),
+        "data": draw(st.lists(SCALARS, min_size=rows, max_size=rows) | st.lists(JSON, max_size=4)),
+        **draw(st.fixed_dictionaries({}, optional={"parameters": PARAMETERS})),
+    }
+
+
+V2_REQUESTS = st.fixed_dictionaries(
+    {"inputs": st.lists(st.sampled_from([*COLUMNS, "colour"]).flatmap(plausible_tensor), min_size=1, max_size=6)
+     | st.lists(JSON, max_size=3) | JSON},
+    optional={"parameters": PARAMETERS, "id": JSON, "outputs": JSON},
+)  # fmt: skip
+ROW_VALUES = st.fixed_dictionaries(
+    {c: SCALARS for c in COLUMNS[:3]}, optional={c: SCALARS | JSON for c in [*COLUMNS[3:], "colour"]}
+)
+INVOCATIONS_REQUESTS = st.one_of(
+    st.fixed_dictionaries({"dataframe_records": st.lists(ROW_VALUES, max_size=3)}, optional={"params": JSON}),
+    st.fixed_dictionaries({"instances": st.lists(ROW_VALUES | JSON, max_size=3)}),
+    st.fixed_dictionaries({"inputs": st.dictionaries(st.sampled_from(COLUMNS), st.lists(SCALARS, max_size=3))}),
+    st.fixed_dictionaries({"dataframe_split": st.fixed_dictionaries({"columns": st.just(COLUMNS), "data": JSON})}),
+    JSON,
+)
+
+
+@given(
+    st.tuples(st.just("/v2/models/churn-classifier/infer"), V2_REQUESTS)
+    | st.tuples(st.just("/invocations"), INVOCATIONS_REQUESTS)
+)
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_generated_requests_never_get_a_5xx(server, request_):
+    path, body = request_
+    answer = server.post(path, json.dumps(body).encode())
+    assert answer.status_code < 500, f"{path} {json.dumps(body)[:400]} -> {answer.status_code} {answer.text[:300]}"

@@ -16,12 +16,18 @@ def settings_with(**model):
 
 
 def test_memory_trigger_only_when_configured():
-    settings = settings_with(autoscaling={"minReplicas": 1, "maxReplicas": 2})
-    keda = seldon.keda_spec(settings.models["m"].autoscaling)
-    assert [t["type"] for t in keda["triggers"]] == ["cpu"]
-    assert seldon.hpa_spec(settings.models["m"].autoscaling)["metrics"] == [
+    without = settings_with(autoscaling={"minReplicas": 1, "maxReplicas": 2}).models["m"].autoscaling
+    assert [t["type"] for t in seldon.keda_spec(without)["triggers"]] == ["cpu"]
+    assert seldon.hpa_spec(without)["metrics"] == [
         {"type": "Resource", "resource": {"name": "cpu", "targetAverageUtilization": 70}}
     ]
+    with_memory = settings_with(autoscaling={"minReplicas": 1, "maxReplicas": 2, "memoryUtilization": 80})
+    autoscaling = with_memory.models["m"].autoscaling
+    memory = [t for t in seldon.keda_spec(autoscaling)["triggers"] if t["type"] == "memory"]
+    assert memory == [{"type": "memory", "metricType": "Utilization", "metadata": {"value": "80"}}]
+    assert {"type": "Resource", "resource": {"name": "memory", "targetAverageUtilization": 80}} in seldon.hpa_spec(
+        autoscaling
+    )["metrics"]
 
 
 def test_limits_default_to_requests_and_can_be_raised():

@@ -202,7 +202,11 @@ def seal_repository(server: Any, model: Any) -> None:
     from mlserver.errors import MLServerError
     from mlserver.grpc import utils as grpc_utils
 
+    from ml_serving.server.middleware import refusals
+    from ml_serving.server.validation import FORBIDDEN, Refusal
+
     async def refuse(*args: Any, **kwargs: Any) -> bool:
+        refusals().labels(model=model.name, reason=Refusal.READ_ONLY.value).inc()
         raise MLServerError(
             f"loading and unloading models is disabled here: this server serves '{model.name}', as its stack declares",
             status_code=FORBIDDEN,
@@ -215,9 +219,6 @@ def seal_repository(server: Any, model: Any) -> None:
     handlers.load = handlers.unload = refuse
     handlers._repository.list = served
     grpc_utils.STATUS_CODE_MAPPING.setdefault(FORBIDDEN, grpc.StatusCode.PERMISSION_DENIED)
-
-
-FORBIDDEN = 403
 
 
 async def _served_by_middleware() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from ml_serving.server import REFUSALS_METRIC
 from ml_serving.server import validation as v
 
 Scope = dict[str, Any]
@@ -64,10 +65,14 @@ class ValidationMiddleware:
                     return await self._v2_infer(scope, receive, send)
         except v.RequestError as error:
             _handled_here(scope)
+            self._count_refusal(error.reason)
             return await _respond(send, error.status, {"error": error.message})
         except ClientGone:
             return None
         return await self.app(scope, receive, send)
+
+    def _count_refusal(self, reason: v.Refusal) -> None:
+        refusals().labels(model=self.model_name, reason=reason.value).inc()
 
     def _check_model(self, path: str) -> None:
         """Only the served model exists here: other names must not reach MLServer (each would add metric series)."""
@@ -75,11 +80,14 @@ class ValidationMiddleware:
         name = parts[3] if len(parts) > 3 else ""
         if name != self.model_name:
             raise v.RequestError(
-                v.NOT_FOUND, f"model '{name}' is not served here; this server serves '{self.model_name}'"
+                v.NOT_FOUND,
+                v.Refusal.UNKNOWN_MODEL,
+                f"model '{name}' is not served here; this server serves '{self.model_name}'",
             )
         if len(parts) > 5 and parts[4] == "versions" and self.model_version and parts[5] != self.model_version:
             raise v.RequestError(
                 v.NOT_FOUND,
+                v.Refusal.UNKNOWN_MODEL,
                 f"model '{name}' version '{parts[5]}' is not served here; the version is '{self.model_version}'",
             )
 
@@ -103,7 +111,7 @@ class ValidationMiddleware:
 
     async def _invocations(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
-            raise v.RequestError(405, "use POST for /invocations")
+            raise v.RequestError(v.NOT_ALLOWED, v.Refusal.METHOD, "use POST for /invocations")
         _check_content_type(scope, required=True)
         body = await self._read_body(scope, receive)
         table, params = v.invocation_table(v.parse_json(body, self.limits), self.columns, self.limits)
@@ -119,10 +127,14 @@ class ValidationMiddleware:
         try:
             request = InferenceRequest.model_validate(payload)
         except ValueError as exc:
-            return v.UNPROCESSABLE, {"error": f"not a valid inference request: {exc}"}
+            raise v.RequestError(
+                v.UNPROCESSABLE, v.Refusal.BAD_STRUCTURE, f"not a valid inference request: {exc}"
+            ) from None
         try:
             response = await self.data_plane.infer(request, self.model_name, self.model_version)
         except MLServerError as exc:
+            if 400 <= exc.status_code < 500:
+                raise v.RequestError(exc.status_code, v.Refusal.MODEL_REFUSED, str(exc)) from None
             return exc.status_code, {"error": str(exc)}
         except Exception as exc:  # the model itself failed on valid input: the server's fault, and counted so
             logger.exception("inference failed")
@@ -133,7 +145,9 @@ class ValidationMiddleware:
         limit = self.limits.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise v.RequestError(v.TOO_LARGE, f"body of {declared} bytes is over the limit of {limit} bytes")
+            raise v.RequestError(
+                v.TOO_LARGE, v.Refusal.TOO_LARGE, f"body of {declared} bytes is over the limit of {limit} bytes"
+            )
         chunks, size = [], 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.body_timeout_seconds
@@ -142,17 +156,37 @@ class ValidationMiddleware:
                 message = await asyncio.wait_for(receive(), timeout=max(deadline - loop.time(), 0.001))
             except TimeoutError:
                 raise v.RequestError(
-                    v.TIMEOUT, f"the body did not arrive within {self.limits.body_timeout_seconds:g} s"
+                    v.TIMEOUT,
+                    v.Refusal.BODY_TIMEOUT,
+                    f"the body did not arrive within {self.limits.body_timeout_seconds:g} s",
                 ) from None
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise v.RequestError(v.TOO_LARGE, f"body is over the limit of {limit} bytes")
+                raise v.RequestError(v.TOO_LARGE, v.Refusal.TOO_LARGE, f"body is over the limit of {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+_refusals: Any = None
+
+
+def refusals() -> Any:
+    """The refusals counter, made on first use: MLServer switches prometheus_client to its multiprocess folder
+    when it starts, and a counter made before that would never reach /metrics."""
+    global _refusals
+    if _refusals is None:
+        from prometheus_client import Counter
+
+        _refusals = Counter(
+            REFUSALS_METRIC.removesuffix("_total"),
+            "Requests refused as the client's mistake, by the check that refused them",
+            ["model", "reason"],
+        )
+    return _refusals
 
 
 def _handled_here(scope: Scope) -> None:
@@ -174,15 +208,17 @@ def _check_content_type(scope: Scope, required: bool) -> None:
     header = _header(scope, b"content-type")
     if header is None:
         if required:
-            raise v.RequestError(v.UNSUPPORTED, "missing Content-Type: send application/json")
+            raise v.RequestError(v.UNSUPPORTED, v.Refusal.MEDIA_TYPE, "missing Content-Type: send application/json")
         return
     mime, *parameters = [part.strip().lower() for part in header.split(";")]
     if mime != "application/json":
-        raise v.RequestError(v.UNSUPPORTED, f"Content-Type {mime!r} is not supported: send application/json")
+        raise v.RequestError(
+            v.UNSUPPORTED, v.Refusal.MEDIA_TYPE, f"Content-Type {mime!r} is not supported: send application/json"
+        )
     for parameter in parameters:
         key, _, value = parameter.partition("=")
         if key == "charset" and value.strip('"') not in ("utf-8", "utf8"):
-            raise v.RequestError(v.UNSUPPORTED, f"charset {value!r} is not supported: send UTF-8")
+            raise v.RequestError(v.UNSUPPORTED, v.Refusal.MEDIA_TYPE, f"charset {value!r} is not supported: send UTF-8")
 
 
 async def _respond(send: Send, status: int, payload: Any) -> None:

@@ -7,53 +7,105 @@ the server is a 5xx. Pure functions over parsed JSON: no web framework in here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import orjson
 
-BAD_REQUEST, NOT_FOUND, TIMEOUT, TOO_LARGE, UNSUPPORTED, UNPROCESSABLE = 400, 404, 408, 413, 415, 422
+BAD_REQUEST, FORBIDDEN, NOT_FOUND, NOT_ALLOWED = 400, 403, 404, 405
+TIMEOUT, TOO_LARGE, UNSUPPORTED, UNPROCESSABLE = 408, 413, 415, 422
 
 INVOCATION_FORMATS = ("dataframe_records", "dataframe_split", "instances", "inputs")
-V2_TYPES = {
-    "integer": {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"},
-    "float": {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64"},
-    "string": {"BYTES"},
-    "boolean": {"BOOL"},
-    "binary": {"BYTES"},
-    "datetime": {"BYTES"},
-}
-V2_DATATYPE = {"integer": "INT64", "float": "FP64", "string": "BYTES", "boolean": "BOOL", "binary": "BYTES"}
-MLFLOW_KINDS = {
-    "long": "integer",
-    "integer": "integer",
-    "double": "float",
-    "float": "float",
-    "string": "string",
-    "boolean": "boolean",
-    "binary": "binary",
-    "datetime": "datetime",
-}
+
+
+class Refusal(StrEnum):
+    """Why a request was refused: the bounded `reason` label of the refusals counter (never request data)."""
+
+    MALFORMED_BODY = "malformed_body"  # empty, not UTF-8, not JSON, nested too deep
+    TOO_LARGE = "too_large"  # body bytes or rows over the limit
+    BODY_TIMEOUT = "body_timeout"
+    MEDIA_TYPE = "media_type"  # Content-Type or charset
+    METHOD = "method"
+    UNKNOWN_MODEL = "unknown_model"  # another model name or version in the path
+    READ_ONLY = "read_only"  # the repository's load/unload
+    BAD_STRUCTURE = "bad_structure"  # the envelope: fields, formats, tensor keys
+    NO_ROWS = "no_rows"
+    UNKNOWN_COLUMN = "unknown_column"
+    MISSING_COLUMN = "missing_column"
+    NULL_VALUE = "null_value"
+    WRONG_TYPE = "wrong_type"  # a value of the wrong kind for its column
+    WRONG_DATATYPE = "wrong_datatype"  # a V2 datatype that does not fit the column, or is no V2 datatype
+    BAD_SHAPE = "bad_shape"
+    RAGGED = "ragged"  # columns or inputs of different lengths
+    BAD_PARAMETERS = "bad_parameters"
+    MODEL_REFUSED = "model_refused"  # valid here, refused by MLServer or the model as the client's mistake
 
 
 class RequestError(Exception):
-    """A request the server will not run: HTTP status and a message for the client."""
+    """A request the server will not run: HTTP status, why (a `Refusal`) and a message for the client."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, reason: Refusal, message: str) -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
         self.message = message
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_INTEGERS = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of column, everything about it in one row: MLflow's type names, the V2 datatypes that fit it
+    (the first is the one it is sent as), the words for "expected", and the check of one JSON value."""
+
+    mlflow_types: tuple[str, ...]
+    datatypes: tuple[str, ...]
+    expected: str
+    accepts: Callable[[Any], bool]
+
+    @property
+    def datatype(self) -> str:
+        return self.datatypes[0]
+
+
+KINDS: dict[str, Kind] = {
+    "integer": Kind(
+        ("long", "integer"),
+        ("INT64", *sorted(_INTEGERS - {"INT64"})),
+        "an integer",
+        lambda value: isinstance(value, int) and not isinstance(value, bool),
+    ),
+    "float": Kind(
+        ("double", "float"),
+        ("FP64", "FP32", "FP16", "INT8", "INT16", "INT32", "INT64"),
+        "a number",
+        _finite_number,
+    ),
+    "string": Kind(("string",), ("BYTES",), "a string", lambda value: isinstance(value, str)),
+    "boolean": Kind(("boolean",), ("BOOL",), "true or false", lambda value: isinstance(value, bool)),
+    "binary": Kind(("binary",), ("BYTES",), "a base64 string", lambda value: isinstance(value, str)),
+    "datetime": Kind(("datetime",), ("BYTES",), "an ISO 8601 string", lambda value: isinstance(value, str)),
+}
+KIND_OF_MLFLOW_TYPE = {mlflow_type: name for name, kind in KINDS.items() for mlflow_type in kind.mlflow_types}
+V2_DATATYPES = frozenset(d for kind in KINDS.values() for d in kind.datatypes) | _INTEGERS  # the protocol's list
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
-    kind: str  # integer, float, string, boolean, binary, datetime
+    kind: str  # a key of KINDS
     required: bool = True
 
     @property
     def v2_datatype(self) -> str:
-        return V2_DATATYPE.get(self.kind, "BYTES")
+        return KINDS[self.kind].datatype
 
 
 @dataclass(frozen=True)
@@ -70,7 +122,7 @@ def columns_from_signature(signature: Any) -> list[Column] | None:
         return None
     columns = []
     for spec in signature.inputs.inputs:
-        kind = MLFLOW_KINDS.get(getattr(spec.type, "name", str(spec.type)))
+        kind = KIND_OF_MLFLOW_TYPE.get(getattr(spec.type, "name", str(spec.type)))
         if kind is None:
             return None
         columns.append(Column(spec.name, kind, bool(getattr(spec, "required", True))))
@@ -79,15 +131,17 @@ def columns_from_signature(signature: Any) -> list[Column] | None:
 
 def parse_json(body: bytes, limits: Limits) -> Any:
     if not body.strip():
-        raise RequestError(BAD_REQUEST, "empty body: send a JSON object")
+        raise RequestError(BAD_REQUEST, Refusal.MALFORMED_BODY, "empty body: send a JSON object")
     try:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RequestError(BAD_REQUEST, f"body is not UTF-8 (byte {exc.start}): send UTF-8 encoded JSON") from None
+        raise RequestError(
+            BAD_REQUEST, Refusal.MALFORMED_BODY, f"body is not UTF-8 (byte {exc.start}): send UTF-8 encoded JSON"
+        ) from None
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise RequestError(BAD_REQUEST, f"malformed JSON: {exc}") from None
+        raise RequestError(BAD_REQUEST, Refusal.MALFORMED_BODY, f"malformed JSON: {exc}") from None
     _check_depth(payload, limits.max_depth)
     return payload
 
@@ -97,7 +151,7 @@ def _check_depth(payload: Any, limit: int) -> None:
     while stack:
         value, depth = stack.pop()
         if depth > limit:
-            raise RequestError(BAD_REQUEST, f"JSON nested more than {limit} levels deep")
+            raise RequestError(BAD_REQUEST, Refusal.MALFORMED_BODY, f"JSON nested more than {limit} levels deep")
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values() if isinstance(v, dict | list))
         elif isinstance(value, list):
@@ -112,36 +166,20 @@ def _type_name(value: Any) -> str:
     )
 
 
-_EXPECTED = {
-    "integer": "an integer",
-    "float": "a number",
-    "string": "a string",
-    "boolean": "true or false",
-    "binary": "a base64 string",
-    "datetime": "an ISO 8601 string",
-}
+def _refuse(reason: Refusal, message: str, status: int = UNPROCESSABLE) -> RequestError:
+    return RequestError(status, reason, message)
 
 
 def check_value(column: Column, value: Any, where: str) -> None:
     if value is None:
         if column.required:
-            raise RequestError(UNPROCESSABLE, f"{where}: column '{column.name}' may not be null")
+            raise _refuse(Refusal.NULL_VALUE, f"{where}: column '{column.name}' may not be null")
         return
-    kind, ok = column.kind, False
-    if kind == "integer":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind == "float":
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if ok and isinstance(value, float) and not math.isfinite(value):
-            ok = False
-    elif kind == "boolean":
-        ok = isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise RequestError(
-            UNPROCESSABLE,
-            f"{where}: column '{column.name}' expects {_EXPECTED[kind]}, got {_type_name(value)} ({_short(value)})",
+    kind = KINDS[column.kind]
+    if not kind.accepts(value):
+        raise _refuse(
+            Refusal.WRONG_TYPE,
+            f"{where}: column '{column.name}' expects {kind.expected}, got {_type_name(value)} ({_short(value)})",
         )
 
 
@@ -150,24 +188,35 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# MLflow's scoring protocol (/invocations) --------------------------------------------------------------------
+
+
 def invocation_table(payload: Any, columns: list[Column] | None, limits: Limits) -> tuple[dict[str, list], Any]:
     """An MLflow scoring request (`dataframe_records`, `dataframe_split`, `instances`, `inputs`) as columns.
 
     Returns ({column: values}, params). Every row is checked against `columns` when the model has them.
     """
     if not isinstance(payload, dict):
-        raise RequestError(BAD_REQUEST, f"expected a JSON object with one of {', '.join(INVOCATION_FORMATS)}")
+        raise _refuse(
+            Refusal.BAD_STRUCTURE, f"expected a JSON object with one of {', '.join(INVOCATION_FORMATS)}", BAD_REQUEST
+        )
     unknown = set(payload) - {*INVOCATION_FORMATS, "params"}
     formats = [key for key in INVOCATION_FORMATS if key in payload]
     if unknown:
-        raise RequestError(
-            BAD_REQUEST, f"unknown field(s) {', '.join(sorted(unknown))}: use one of {', '.join(INVOCATION_FORMATS)}"
+        raise _refuse(
+            Refusal.BAD_STRUCTURE,
+            f"unknown field(s) {', '.join(sorted(unknown))}: use one of {', '.join(INVOCATION_FORMATS)}",
+            BAD_REQUEST,
         )
     if len(formats) != 1:
-        raise RequestError(BAD_REQUEST, f"send exactly one of {', '.join(INVOCATION_FORMATS)} (got {len(formats)})")
+        raise _refuse(
+            Refusal.BAD_STRUCTURE,
+            f"send exactly one of {', '.join(INVOCATION_FORMATS)} (got {len(formats)})",
+            BAD_REQUEST,
+        )
     params = payload.get("params")
     if params is not None and not isinstance(params, dict):
-        raise RequestError(BAD_REQUEST, "params: expected a JSON object")
+        raise _refuse(Refusal.BAD_PARAMETERS, "params: expected a JSON object", BAD_REQUEST)
     kind = formats[0]
     data = payload[kind]
     if kind in ("dataframe_records", "instances"):
@@ -177,41 +226,45 @@ def invocation_table(payload: Any, columns: list[Column] | None, limits: Limits)
     else:
         rows = _columnar(data)
     if not rows:
-        raise RequestError(UNPROCESSABLE, f"{kind}: no rows: send at least one")
+        raise _refuse(Refusal.NO_ROWS, f"{kind}: no rows: send at least one")
     if len(rows) > limits.max_rows:
-        raise RequestError(TOO_LARGE, f"{kind}: {len(rows)} rows is more than the limit of {limits.max_rows}")
+        raise _refuse(
+            Refusal.TOO_LARGE, f"{kind}: {len(rows)} rows is more than the limit of {limits.max_rows}", TOO_LARGE
+        )
     return _to_columns(rows, columns, kind), params
 
 
 def _records(data: Any, kind: str) -> list[dict[str, Any]]:
     if not isinstance(data, list):
-        raise RequestError(UNPROCESSABLE, f"{kind}: expected an array of row objects, got {_type_name(data)}")
+        raise _refuse(Refusal.BAD_STRUCTURE, f"{kind}: expected an array of row objects, got {_type_name(data)}")
     for index, row in enumerate(data):
         if not isinstance(row, dict):
-            raise RequestError(UNPROCESSABLE, f"{kind}[{index}]: expected a row object, got {_type_name(row)}")
+            raise _refuse(Refusal.BAD_STRUCTURE, f"{kind}[{index}]: expected a row object, got {_type_name(row)}")
     return data
 
 
 def _split(data: Any) -> list[dict[str, Any]]:
     if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or "data" not in data:
-        raise RequestError(UNPROCESSABLE, 'dataframe_split: expected {"columns": [...], "data": [[...], ...]}')
+        raise _refuse(Refusal.BAD_STRUCTURE, 'dataframe_split: expected {"columns": [...], "data": [[...], ...]}')
     names, values = data["columns"], data["data"]
     unknown = set(data) - {"columns", "data", "index"}
     if unknown:
-        raise RequestError(UNPROCESSABLE, f"dataframe_split: unknown field(s) {', '.join(sorted(unknown))}")
+        raise _refuse(Refusal.BAD_STRUCTURE, f"dataframe_split: unknown field(s) {', '.join(sorted(unknown))}")
     if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-        raise RequestError(UNPROCESSABLE, "dataframe_split.columns: expected distinct column names (strings)")
+        raise _refuse(Refusal.BAD_STRUCTURE, "dataframe_split.columns: expected distinct column names (strings)")
     if not isinstance(values, list):
-        raise RequestError(UNPROCESSABLE, f"dataframe_split.data: expected an array of rows, got {_type_name(values)}")
+        raise _refuse(
+            Refusal.BAD_STRUCTURE, f"dataframe_split.data: expected an array of rows, got {_type_name(values)}"
+        )
     rows = []
     for index, row in enumerate(values):
         if not isinstance(row, list):
-            raise RequestError(
-                UNPROCESSABLE, f"dataframe_split.data[{index}]: expected an array, got {_type_name(row)}"
+            raise _refuse(
+                Refusal.BAD_STRUCTURE, f"dataframe_split.data[{index}]: expected an array, got {_type_name(row)}"
             )
         if len(row) != len(names):
-            raise RequestError(
-                UNPROCESSABLE,
+            raise _refuse(
+                Refusal.RAGGED,
                 f"dataframe_split.data[{index}]: ragged row: {len(row)} values for {len(names)} columns",
             )
         rows.append(dict(zip(names, row, strict=True)))
@@ -220,14 +273,14 @@ def _split(data: Any) -> list[dict[str, Any]]:
 
 def _columnar(data: Any) -> list[dict[str, Any]]:
     if not isinstance(data, dict):
-        raise RequestError(UNPROCESSABLE, "inputs: expected an object of column name → array of values")
+        raise _refuse(Refusal.BAD_STRUCTURE, "inputs: expected an object of column name → array of values")
     lengths = {name: len(v) if isinstance(v, list) else None for name, v in data.items()}
     for name, length in lengths.items():
         if length is None:
-            raise RequestError(UNPROCESSABLE, f"inputs.{name}: expected an array of values")
+            raise _refuse(Refusal.BAD_STRUCTURE, f"inputs.{name}: expected an array of values")
     if len(set(lengths.values())) > 1:
         shown = ", ".join(f"{n}={n_}" for n, n_ in lengths.items())
-        raise RequestError(UNPROCESSABLE, f"inputs: ragged columns: every column needs the same length ({shown})")
+        raise _refuse(Refusal.RAGGED, f"inputs: ragged columns: every column needs the same length ({shown})")
     count = next(iter(lengths.values()), 0)
     return [{name: data[name][i] for name in data} for i in range(count)]
 
@@ -242,14 +295,14 @@ def _to_columns(rows: list[dict[str, Any]], columns: list[Column] | None, kind: 
         where = f"{kind}[{index}]"
         extra = set(row) - known
         if extra:
-            raise RequestError(
-                UNPROCESSABLE,
+            raise _refuse(
+                Refusal.UNKNOWN_COLUMN,
                 f"{where}: unknown column(s) {', '.join(sorted(extra))}; the model takes {_names(columns)}",
             )
         for column in columns:
             if column.name not in row:
                 if column.required:
-                    raise RequestError(UNPROCESSABLE, f"{where}: missing column '{column.name}' ({column.kind})")
+                    raise _refuse(Refusal.MISSING_COLUMN, f"{where}: missing column '{column.name}' ({column.kind})")
                 table[column.name].append(None)
                 continue
             value = row[column.name]
@@ -294,78 +347,7 @@ def _guess_kind(values: list) -> str:
     return "string"
 
 
-def check_v2(payload: Any, columns: list[Column] | None, limits: Limits) -> None:
-    """An Open Inference Protocol request: structure, names, datatypes, shapes and values."""
-    if not isinstance(payload, dict):
-        raise RequestError(BAD_REQUEST, "expected a JSON object with 'inputs'")
-    unknown = set(payload) - {"id", "inputs", "outputs", "parameters"}
-    if unknown:
-        raise RequestError(
-            BAD_REQUEST, f"unknown field(s) {', '.join(sorted(unknown))}: expected id, inputs, outputs, parameters"
-        )
-    inputs = payload.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
-        raise RequestError(UNPROCESSABLE, "inputs: expected a non-empty array of tensors")
-    _check_parameters("parameters", payload.get("parameters"), REQUEST_CONTENT_TYPES)
-    rows: dict[str, int] = {}
-    by_name = {c.name: c for c in columns or []}
-    for index, tensor in enumerate(inputs):
-        where = f"inputs[{index}]"
-        if not isinstance(tensor, dict):
-            raise RequestError(UNPROCESSABLE, f"{where}: expected a tensor object, got {_type_name(tensor)}")
-        for key in ("name", "shape", "datatype", "data"):
-            if key not in tensor:
-                raise RequestError(UNPROCESSABLE, f"{where}: missing '{key}'")
-        name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
-        if not isinstance(name, str):
-            raise RequestError(UNPROCESSABLE, f"{where}.name: expected a string")
-        where = f"inputs[{index}] ('{name}')"
-        if (
-            not isinstance(shape, list)
-            or not shape
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
-            raise RequestError(UNPROCESSABLE, f"{where}.shape: expected an array of non-negative integers, e.g. [3, 1]")
-        if not isinstance(datatype, str) or datatype not in _ALL_V2:
-            raise RequestError(
-                UNPROCESSABLE, f"{where}.datatype: {datatype!r} is not a V2 datatype ({', '.join(sorted(_ALL_V2))})"
-            )
-        _check_parameters(f"{where}.parameters", tensor.get("parameters"), input_content_types(datatype))
-        data = _flatten(tensor["data"], where)
-        expected = math.prod(shape)
-        if len(data) != expected:
-            raise RequestError(UNPROCESSABLE, f"{where}: shape {shape} needs {expected} values, got {len(data)}")
-        if shape[0] > limits.max_rows:
-            raise RequestError(TOO_LARGE, f"{where}: {shape[0]} rows is more than the limit of {limits.max_rows}")
-        rows[name] = shape[0]
-        if columns is not None:
-            column = by_name.get(name)
-            if column is None:
-                raise RequestError(UNPROCESSABLE, f"{where}: unknown input; the model takes {_names(columns)}")
-            if datatype not in V2_TYPES[column.kind]:
-                raise RequestError(
-                    UNPROCESSABLE,
-                    f"{where}.datatype: {datatype} does not fit column '{name}' ({column.kind}); "
-                    f"use {column.v2_datatype}",
-                )
-            for position, value in enumerate(data):
-                check_value(column, value, f"{where}.data[{position}]")
-        else:
-            for position, value in enumerate(data):
-                if value is None:
-                    raise RequestError(UNPROCESSABLE, f"{where}.data[{position}]: null is not a tensor value")
-    if columns is not None:
-        missing = [c.name for c in columns if c.required and c.name not in rows]
-        if missing:
-            raise RequestError(
-                UNPROCESSABLE, f"inputs: missing column(s) {', '.join(missing)}; the model takes {_names(columns)}"
-            )
-    if len(set(rows.values())) > 1:
-        shown = ", ".join(f"{n}={r}" for n, r in rows.items())
-        raise RequestError(UNPROCESSABLE, f"inputs: ragged batch: every input needs the same number of rows ({shown})")
-
-
-_ALL_V2 = frozenset().union(*V2_TYPES.values())  # every Open Inference Protocol datatype
+# The Open Inference Protocol (V2): the envelope, each tensor, each tensor against the signature, the batch ----
 
 # The content types (MLServer's codecs) the MLflow runtime decodes: the request as a whole is a DataFrame; a
 # tensor of bytes is text, base64 or datetimes, any other tensor a NumPy array. Anything else would reach
@@ -379,15 +361,115 @@ def input_content_types(datatype: str) -> tuple[str, ...]:
     return BYTES_CONTENT_TYPES if datatype == "BYTES" else NUMERIC_CONTENT_TYPES
 
 
+def check_v2(payload: Any, columns: list[Column] | None, limits: Limits) -> None:
+    """An Open Inference Protocol request: structure, names, datatypes, shapes and values."""
+    inputs = _check_envelope(payload)
+    by_name = {c.name: c for c in columns or []}
+    rows: dict[str, int] = {}
+    for index, tensor in enumerate(inputs):
+        name, data = _check_tensor(index, tensor, limits)
+        where = f"inputs[{index}] ('{name}')"
+        rows[name] = tensor["shape"][0]
+        if columns is None:
+            _check_no_nulls(data, where)
+        else:
+            _check_against_column(by_name.get(name), columns, tensor["datatype"], data, where)
+    _check_batch(rows, columns)
+
+
+def _check_envelope(payload: Any) -> list:
+    if not isinstance(payload, dict):
+        raise _refuse(Refusal.BAD_STRUCTURE, "expected a JSON object with 'inputs'", BAD_REQUEST)
+    unknown = set(payload) - {"id", "inputs", "outputs", "parameters"}
+    if unknown:
+        raise _refuse(
+            Refusal.BAD_STRUCTURE,
+            f"unknown field(s) {', '.join(sorted(unknown))}: expected id, inputs, outputs, parameters",
+            BAD_REQUEST,
+        )
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise _refuse(Refusal.BAD_STRUCTURE, "inputs: expected a non-empty array of tensors")
+    _check_parameters("parameters", payload.get("parameters"), REQUEST_CONTENT_TYPES)
+    return inputs
+
+
+def _check_tensor(index: int, tensor: Any, limits: Limits) -> tuple[str, list]:
+    """One input tensor on its own: its keys, name, shape, datatype, parameters and as many values as its shape."""
+    where = f"inputs[{index}]"
+    if not isinstance(tensor, dict):
+        raise _refuse(Refusal.BAD_STRUCTURE, f"{where}: expected a tensor object, got {_type_name(tensor)}")
+    for key in ("name", "shape", "datatype", "data"):
+        if key not in tensor:
+            raise _refuse(Refusal.BAD_STRUCTURE, f"{where}: missing '{key}'")
+    name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
+    if not isinstance(name, str):
+        raise _refuse(Refusal.BAD_STRUCTURE, f"{where}.name: expected a string")
+    where = f"inputs[{index}] ('{name}')"
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise _refuse(Refusal.BAD_SHAPE, f"{where}.shape: expected an array of non-negative integers, e.g. [3, 1]")
+    if not isinstance(datatype, str) or datatype not in V2_DATATYPES:
+        raise _refuse(
+            Refusal.WRONG_DATATYPE,
+            f"{where}.datatype: {datatype!r} is not a V2 datatype ({', '.join(sorted(V2_DATATYPES))})",
+        )
+    _check_parameters(f"{where}.parameters", tensor.get("parameters"), input_content_types(datatype))
+    data = _flatten(tensor["data"], where)
+    expected = math.prod(shape)
+    if len(data) != expected:
+        raise _refuse(Refusal.BAD_SHAPE, f"{where}: shape {shape} needs {expected} values, got {len(data)}")
+    if shape[0] > limits.max_rows:
+        raise _refuse(
+            Refusal.TOO_LARGE, f"{where}: {shape[0]} rows is more than the limit of {limits.max_rows}", TOO_LARGE
+        )
+    return name, data
+
+
+def _check_no_nulls(data: list, where: str) -> None:
+    for position, value in enumerate(data):
+        if value is None:
+            raise _refuse(Refusal.NULL_VALUE, f"{where}.data[{position}]: null is not a tensor value")
+
+
+def _check_against_column(column: Column | None, columns: list[Column], datatype: str, data: list, where: str) -> None:
+    if column is None:
+        raise _refuse(Refusal.UNKNOWN_COLUMN, f"{where}: unknown input; the model takes {_names(columns)}")
+    if datatype not in KINDS[column.kind].datatypes:
+        raise _refuse(
+            Refusal.WRONG_DATATYPE,
+            f"{where}.datatype: {datatype} does not fit column '{column.name}' ({column.kind}); "
+            f"use {column.v2_datatype}",
+        )
+    for position, value in enumerate(data):
+        check_value(column, value, f"{where}.data[{position}]")
+
+
+def _check_batch(rows: dict[str, int], columns: list[Column] | None) -> None:
+    if columns is not None:
+        missing = [c.name for c in columns if c.required and c.name not in rows]
+        if missing:
+            raise _refuse(
+                Refusal.MISSING_COLUMN,
+                f"inputs: missing column(s) {', '.join(missing)}; the model takes {_names(columns)}",
+            )
+    if len(set(rows.values())) > 1:
+        shown = ", ".join(f"{n}={r}" for n, r in rows.items())
+        raise _refuse(Refusal.RAGGED, f"inputs: ragged batch: every input needs the same number of rows ({shown})")
+
+
 def _check_parameters(where: str, parameters: Any, content_types: tuple[str, ...]) -> None:
     if parameters is None:
         return
     if not isinstance(parameters, dict):
-        raise RequestError(UNPROCESSABLE, f"{where}: expected an object")
+        raise _refuse(Refusal.BAD_PARAMETERS, f"{where}: expected an object")
     content_type = parameters.get("content_type")
     if content_type is not None and content_type not in content_types:
-        raise RequestError(
-            UNPROCESSABLE,
+        raise _refuse(
+            Refusal.BAD_PARAMETERS,
             f"{where}.content_type: {content_type!r} is not decoded here; use {' or '.join(content_types)} "
             "(or leave it out)",
         )
@@ -395,7 +477,7 @@ def _check_parameters(where: str, parameters: Any, content_types: tuple[str, ...
 
 def _flatten(data: Any, where: str) -> list:
     if not isinstance(data, list):
-        raise RequestError(UNPROCESSABLE, f"{where}.data: expected an array, got {_type_name(data)}")
+        raise _refuse(Refusal.BAD_STRUCTURE, f"{where}.data: expected an array, got {_type_name(data)}")
     if not any(isinstance(v, list) for v in data):
         return data
     flat: list = []
@@ -406,7 +488,7 @@ def _flatten(data: Any, where: str) -> list:
                 stack.append(iter(value))
                 break
             if isinstance(value, dict):
-                raise RequestError(UNPROCESSABLE, f"{where}.data: objects are not tensor values")
+                raise _refuse(Refusal.BAD_STRUCTURE, f"{where}.data: objects are not tensor values")
             flat.append(value)
         else:
             stack.pop()

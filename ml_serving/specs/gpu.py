@@ -195,9 +195,22 @@ def dcgm_exporter(settings: Settings) -> HelmChart:
         values={
             "tolerations": _gpu_tolerations(settings),
             "affinity": _gpu_nodes_affinity(),
-            "serviceMonitor": {"enabled": settings.gpu.dcgm_service_monitor},
+            "serviceMonitor": dcgm_service_monitor(settings),
         },
     )
+
+
+def dcgm_service_monitor(settings: Settings) -> dict[str, Any]:
+    """The exporter's ServiceMonitor, labelled so the stack's Prometheus selects it (kube-prometheus-stack selects
+    by its release label), with the exporter's `namespace`/`pod` labels kept: they name the pod using each GPU,
+    which is how GPU utilisation joins the serving pods' labels."""
+    enabled = settings.gpu.dcgm_service_monitor
+    if enabled is None:
+        enabled = settings.monitoring is not None
+    if not enabled:
+        return {"enabled": False}
+    selector = settings.monitoring.selector_labels if settings.monitoring else {}
+    return {"enabled": True, "honorLabels": True, "additionalLabels": dict(selector), "interval": "15s"}
 
 
 def _gpu_tolerations(settings: Settings) -> list[dict[str, Any]]:

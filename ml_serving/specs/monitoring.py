@@ -6,6 +6,7 @@ All PromQL comes from `ml_serving.metrics`; this module only arranges it.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,9 +18,10 @@ from ml_serving.specs.platform import HelmChart, namespace_object
 MONITORING_API = "monitoring.coreos.com/v1"
 DASHBOARD_LABEL = "grafana_dashboard"
 METRICS_PATH = "/prometheus"  # what Seldon sets MLSERVER_METRICS_ENDPOINT to for a port named `metrics`
-RELEASE_LABEL = {"release": "kube-prometheus-stack"}
+CONTAINER_NAME = "__meta_kubernetes_pod_container_name"  # Prometheus' service discovery label
 GRAFANA_ADMIN_SECRET = "grafana-admin"
 GRAFANA_USER_KEY, GRAFANA_PASSWORD_KEY = "admin-user", "admin-password"
+WHO = f"{metrics.alert_label(metrics.MODEL)}/{metrics.alert_label(metrics.VARIANT)}"  # an alert's model/variant
 
 
 def _meta_label(key: str) -> str:
@@ -29,7 +31,14 @@ def _meta_label(key: str) -> str:
 
 def pod_monitor(settings: Settings) -> dict[str, Any]:
     """Scrape every serving pod's MLServer metrics; carry model, variant and version over from pod labels."""
-    relabel = [
+    # Seldon's executor sidecar names a port `metrics` too: only the model's container (named like the graph node,
+    # i.e. the model key) is scraped, so each pod is one target.
+    keep_model_container = {
+        "sourceLabels": [CONTAINER_NAME],
+        "regex": "|".join(re.escape(key) for key in settings.models),
+        "action": "keep",
+    }
+    relabel = [keep_model_container] + [
         {"sourceLabels": [_meta_label(label)], "targetLabel": target, "action": "replace"}
         for label, target in (
             (labels.MODEL, metrics.MODEL),
@@ -43,7 +52,7 @@ def pod_monitor(settings: Settings) -> dict[str, Any]:
         "metadata": {
             "name": "ml-serving-models",
             "namespace": settings.namespace,
-            "labels": {**labels.common("monitoring"), **RELEASE_LABEL},
+            "labels": {**labels.common("monitoring"), **_monitoring(settings).selector_labels},
         },
         "spec": {
             "selector": {"matchExpressions": [{"key": labels.MODEL, "operator": "Exists"}]},
@@ -82,7 +91,7 @@ def alert_rules(settings: Settings) -> list[dict[str, Any]]:
                 f"{metrics.error_ratio(scope, window)} > {limits.error_ratio}",
                 limits.for_,
                 "critical",
-                "{{ $labels.ml_model }}/{{ $labels.ml_variant }}: {{ $value | humanizePercentage }} of requests fail",
+                f"{WHO}: {{{{ $value | humanizePercentage }}}} of requests fail",
                 f"More than {limits.error_ratio:.0%} of inference requests end in a server error (5xx).",
                 {metrics.MODEL: key},
             ),
@@ -91,7 +100,7 @@ def alert_rules(settings: Settings) -> list[dict[str, Any]]:
                 f"{metrics.latency_p95(scope, window)} > {limits.latency_p95_seconds}",
                 limits.for_,
                 "warning",
-                "{{ $labels.ml_model }}/{{ $labels.ml_variant }}: p95 latency {{ $value | humanizeDuration }}",
+                f"{WHO}: p95 latency {{{{ $value | humanizeDuration }}}}",
                 f"95th percentile request latency is over {limits.latency_p95_seconds} s.",
                 {metrics.MODEL: key},
             ),
@@ -100,7 +109,7 @@ def alert_rules(settings: Settings) -> list[dict[str, Any]]:
                 f"{metrics.restarts(scope)} > 0",
                 "0m",
                 "warning",
-                "{{ $labels.ml_model }}/{{ $labels.ml_variant }}: serving process restarted",
+                f"{WHO}: serving process restarted",
                 "A serving process restarted in the last 15 minutes (its request counters reset).",
                 {metrics.MODEL: key},
             ),
@@ -111,7 +120,7 @@ def alert_rules(settings: Settings) -> list[dict[str, Any]]:
                 rules.append(
                     _alert(
                         "ModelVariantNoTraffic",
-                        f"({metrics.request_rate(one, window)} == 0) or (absent({metrics.request_rate(one, window)}))",
+                        metrics.no_traffic(one, window),
                         limits.for_,
                         "warning",
                         f"{key}/{name} gets no requests at weight {variant.weight}",
@@ -122,8 +131,7 @@ def alert_rules(settings: Settings) -> list[dict[str, Any]]:
             rules.append(
                 _alert(
                     "ModelReplicasBelowMinimum",
-                    f"({metrics.replicas(one)} < {model.autoscaling.min_replicas}) "
-                    f"or (absent({metrics.replicas(one)}))",
+                    metrics.replicas_below(one, model.autoscaling.min_replicas),
                     limits.for_,
                     "warning",
                     f"{key}/{name} runs {{{{ $value }}}} pods, fewer than its minimum {model.autoscaling.min_replicas}",
@@ -173,7 +181,7 @@ def prometheus_rule(settings: Settings) -> dict[str, Any]:
         "metadata": {
             "name": "ml-serving-alerts",
             "namespace": settings.namespace,
-            "labels": {**labels.common("monitoring"), **RELEASE_LABEL},
+            "labels": {**labels.common("monitoring"), **_monitoring(settings).selector_labels},
         },
         "spec": {"groups": alert_rules(settings)},
     }
@@ -194,6 +202,12 @@ def dashboard(settings: Settings, key: str) -> dict[str, Any]:
         "Request latency p50 / p99", [metrics.latency_quantile(0.5, scope), metrics.latency_quantile(0.99, scope)], "s"
     )
     row.panel("Batch queue (mean size)", [metrics.batch_queue(scope)], "short")
+    row.panel(
+        "Refused requests by reason (4xx)",
+        [metrics.refusals_by_reason(scope)],
+        "reqps",
+        metrics.legend(metrics.VARIANT, metrics.REASON),
+    )
     champion = model.champion
     challengers = [n for n in served(model) if n != champion]
     if challengers:
@@ -232,8 +246,8 @@ def dashboard(settings: Settings, key: str) -> dict[str, Any]:
         "time": {"from": "now-3h", "to": "now"},
         "templating": {
             "list": [
-                _variable("namespace", f'label_values(up{{{metrics.MODEL}!=""}}, namespace)', settings.namespace),
-                _variable("model", f'label_values(up{{{metrics.MODEL}!=""}}, {metrics.MODEL})', key),
+                _variable("namespace", metrics.label_values("namespace"), settings.namespace),
+                _variable("model", metrics.label_values(metrics.MODEL), key),
             ]
         },
         "panels": panels,
@@ -272,7 +286,7 @@ class _Layout:
         )
         self.y += 1
 
-    def panel(self, title: str, queries: list[str], unit: str) -> None:
+    def panel(self, title: str, queries: list[str], unit: str, legend: str = metrics.legend()) -> None:
         self.panels.append(
             {
                 "id": len(self.panels) + 1,
@@ -283,8 +297,7 @@ class _Layout:
                 "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
                 "options": {"legend": {"displayMode": "table", "placement": "bottom"}},
                 "targets": [
-                    {"refId": chr(ord("A") + i), "expr": q, "legendFormat": "{{ml_variant}}"}
-                    for i, q in enumerate(queries)
+                    {"refId": chr(ord("A") + i), "expr": q, "legendFormat": legend} for i, q in enumerate(queries)
                 ],
             }
         )
@@ -377,6 +390,8 @@ def kube_prometheus_stack(settings: Settings) -> HelmChart:
                         }
                     },
                     "podMonitorSelectorNilUsesHelmValues": False,
+                    # Service monitors (the DCGM exporter's) are selected by the labels the stack puts on them.
+                    "serviceMonitorSelector": {"matchLabels": dict(monitoring.selector_labels)},
                     "ruleSelectorNilUsesHelmValues": False,
                 }
             },

@@ -62,14 +62,32 @@ def keda(settings: Settings) -> HelmChart:
 
 
 def istio_gateway(settings: Settings) -> dict[str, Any]:
-    """The gateway Seldon's VirtualServices attach to; Istio itself (istiod, ingress) is a prerequisite."""
+    """The gateway Seldon's VirtualServices attach to; Istio itself (istiod, ingress) is a prerequisite.
+
+    With `platform.tls`, HTTPS for the configured hosts and HTTP only to redirect there; without, plain HTTP for
+    any host (a local sandbox).
+    """
     gateway_namespace, gateway_name = settings.platform.gateway.split("/")
+    tls = settings.platform.tls
+    if tls is None:
+        servers = [{"hosts": ["*"], "port": {"name": "http", "number": 80, "protocol": "HTTP"}}]
+    else:
+        hosts = list(tls.hosts)
+        servers = [
+            {
+                "hosts": hosts,
+                "port": {"name": "https", "number": 443, "protocol": "HTTPS"},
+                "tls": {"mode": "SIMPLE", "credentialName": tls.credential_name, "minProtocolVersion": "TLSV1_2"},
+            },
+            {
+                "hosts": hosts,
+                "port": {"name": "http", "number": 80, "protocol": "HTTP"},
+                "tls": {"httpsRedirect": True},
+            },
+        ]
     return {
         "apiVersion": ISTIO_GATEWAY_API,
         "kind": "Gateway",
         "metadata": {"name": gateway_name, "namespace": gateway_namespace, "labels": labels.common("ingress")},
-        "spec": {
-            "selector": {"istio": "ingressgateway"},
-            "servers": [{"hosts": ["*"], "port": {"name": "http", "number": 80, "protocol": "HTTP"}}],
-        },
+        "spec": {"selector": {"istio": "ingressgateway"}, "servers": servers},
     }

@@ -15,10 +15,12 @@ Seldon Core v1 (operator v1.18.2) facts this builder relies on:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from ml_serving import labels, metrics
-from ml_serving.image import BAKED_MODEL_PATH, METRICS_PORT
+from ml_serving.image import BAKED_MODEL_PATH, METRICS_PORT, SERVING_UID
 from ml_serving.registry import ResolvedVersion
 from ml_serving.server import VERSION_ENV
 from ml_serving.settings import Autoscaling, Model, Settings, Variant
@@ -26,6 +28,85 @@ from ml_serving.specs import gpu
 
 API_VERSION = "machinelearning.seldon.io/v1"
 TMP_VOLUME = "tmp"
+# Ports of a predictor's pods (Seldon Core v1.18.2: the executor's defaults, which the Istio VirtualService
+# targets, and constants.FirstHttpPortNumber / FirstGrpcPortNumber, the model container's, which the executor calls).
+EXECUTOR_PORTS = (8000, 5001)
+MODEL_PORTS = (9000, 9500)
+ARTIFACT_SECRET = "ml-serving-artifact-store"  # the Secret the stack creates from artifactStore.rclone
+# Storage the rclone initializer reaches only with credentials; its remote is the URI's scheme (s3://b/p → s3:b/p).
+CREDENTIAL_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "wasb", "wasbs", "abfs", "abfss", "azure", "oss"})
+
+
+class StorageAccessError(ValueError):
+    """A model URI Seldon's storage initializer cannot download with the stack's artifactStore."""
+
+
+def storage_scheme(uri: str) -> str | None:
+    """The scheme of `uri` when downloading it needs credentials, else None (file paths, http, baked models)."""
+    scheme = urlsplit(uri).scheme.lower()
+    return scheme if scheme in CREDENTIAL_SCHEMES else None
+
+
+def artifact_secret_name(settings: Settings) -> str | None:
+    store = settings.artifact_store
+    if store is None:
+        return None
+    return store.secret_name or (ARTIFACT_SECRET if store.rclone else None)
+
+
+def artifact_secret(settings: Settings) -> dict[str, Any] | None:
+    """The Secret of rclone variables the stack creates (its values go in as a Pulumi secret), or None."""
+    store = settings.artifact_store
+    if store is None or not store.rclone:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": ARTIFACT_SECRET, "namespace": settings.namespace, "labels": labels.common("serving")},
+        "type": "Opaque",
+        "stringData": dict(store.rclone),
+    }
+
+
+def storage_access(settings: Settings, model_uri: str) -> dict[str, str]:
+    """Graph-node fields that hand the storage initializer its credentials: the env Secret and the account."""
+    store = settings.artifact_store
+    if store is None or storage_scheme(model_uri) is None:
+        return {}
+    fields: dict[str, str] = {}
+    secret = artifact_secret_name(settings)
+    if secret:
+        fields["envSecretRefName"] = secret
+    if store.service_account_name:
+        fields["serviceAccountName"] = store.service_account_name
+    return fields
+
+
+def check_storage_access(settings: Settings, resolved: Callable[[str, str], ResolvedVersion]) -> None:
+    """Refuse, before anything is applied, a model URI whose storage needs credentials the stack does not give."""
+    for model_key, model in settings.models.items():
+        if model.serving.bake:
+            continue  # the model is in the image: nothing is downloaded in the cluster
+        for name in model.variants:
+            uri = resolved(model_key, name).model_uri
+            scheme = storage_scheme(uri)
+            if scheme is None:
+                continue
+            where = f"ml-serving:models.{model_key}.variants.{name}"
+            store = settings.artifact_store
+            if store is None:
+                raise StorageAccessError(
+                    f"{where}: {uri} is downloaded by Seldon's storage initializer, which needs credentials for "
+                    f"{scheme}://: set ml-serving:artifactStore (serviceAccountName for IRSA or workload identity, "
+                    f"and rclone or secretName with RCLONE_CONFIG_{scheme.upper()}_* variables; README, "
+                    "'Artifact store'), or bake the model into the image (serving.bake: true)"
+                )
+            remotes = store.remotes()
+            if remotes is not None and scheme not in remotes:
+                raise StorageAccessError(
+                    f"ml-serving:artifactStore.rclone: defines no rclone remote '{scheme}' for {uri} ({where}): "
+                    f"add RCLONE_CONFIG_{scheme.upper()}_TYPE and its options"
+                )
 
 
 def predictor_labels(model_key: str, model: Model, variant_name: str, resolved: ResolvedVersion) -> dict[str, str]:
@@ -110,11 +191,13 @@ def pod_spec(settings: Settings, model_key: str, variant: Variant, image: str, v
         **gpu.scheduling(settings, variant),
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
+            "runAsUser": SERVING_UID,
+            "runAsGroup": SERVING_UID,
+            "fsGroup": SERVING_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        # The model needs no Kubernetes API: no token in the pod (an IRSA token is projected apart from it).
+        "automountServiceAccountToken": False,
         "containers": [serving_container(model_key, model, variant, image, version)],
         "volumes": [{"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}}],
     }
@@ -207,6 +290,7 @@ def predictor(
     graph: dict[str, Any] = {"name": model_key, "type": "MODEL", "children": []}
     if not model.serving.bake:
         graph["modelUri"] = resolved.model_uri
+        graph.update(storage_access(settings, resolved.model_uri))
     spec: dict[str, Any] = {
         "name": name,
         "labels": predictor_labels(model_key, model, name, resolved),

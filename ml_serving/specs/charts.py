@@ -1,0 +1,60 @@
+"""Every Helm release the stack may declare, in one list: the components install what it returns, and a stack
+whose provider renders YAML (which cannot apply a Helm release) is refused for exactly what it returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ml_serving.settings import Settings
+from ml_serving.specs import gpu, monitoring, platform
+from ml_serving.specs.platform import HelmChart
+
+
+@dataclass(frozen=True)
+class Release:
+    """A chart the stack installs, the component that owns it, and the config that asked for it."""
+
+    chart: HelmChart
+    component: Literal["platform", "monitoring"]
+    config_path: str  # the stack-config field that makes the stack install it
+    instead: str  # how to do without it
+    after: tuple[str, ...] = ()  # releases (by name) that must be installed first
+
+
+def charts(settings: Settings) -> list[Release]:
+    """The Helm releases `settings` asks for, in install order."""
+    releases: list[Release] = []
+    existing = "set it to 'existing' (the cluster runs it already)"
+    if settings.platform.keda == "install":
+        releases.append(Release(platform.keda(settings), "platform", "platform.keda", existing))
+    if settings.platform.seldon == "install":
+        # The operator's webhook reads KEDA's CRDs, so KEDA goes first.
+        releases.append(
+            Release(platform.seldon_operator(settings), "platform", "platform.seldon", existing, after=("keda",))
+        )
+    if any(pool.gpu for pool in settings.node_pools.values()):
+        # nvidia.com/gpu is schedulable only once the device plugin (or the GPU Operator) runs on GPU nodes.
+        if settings.gpu.device_plugin == "device-plugin":
+            releases.append(Release(gpu.device_plugin(settings), "platform", "gpu.devicePlugin", existing))
+        elif settings.gpu.device_plugin == "gpu-operator":
+            releases.append(Release(gpu.gpu_operator(settings), "platform", "gpu.devicePlugin", existing))
+        if settings.gpu.dcgm_exporter == "install":
+            releases.append(Release(gpu.dcgm_exporter(settings), "platform", "gpu.dcgmExporter", existing))
+    if settings.monitoring is not None and settings.monitoring.stack == "install":
+        releases.append(Release(monitoring.kube_prometheus_stack(settings), "monitoring", "monitoring.stack", existing))
+    if settings.monitoring is not None and settings.platform.autoscaler == "hpa":
+        releases.append(
+            Release(
+                monitoring.prometheus_adapter(settings),
+                "monitoring",
+                "platform.autoscaler",
+                "use platform.autoscaler: keda (its prometheus trigger needs no adapter)",
+            )
+        )
+    return releases
+
+
+def of(settings: Settings, component: str) -> list[Release]:
+    return [release for release in charts(settings) if release.component == component]

@@ -1,0 +1,111 @@
+"""Request validation as pure functions: each refusal names its check (the refusals counter's bounded label)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ml_serving import metrics
+from ml_serving.server import validation as v
+
+COLUMNS = [
+    v.Column("tenure_months", "integer"),
+    v.Column("monthly_charges", "float"),
+    v.Column("plan", "string"),
+    v.Column("promo", "boolean", required=False),
+]
+ROW = {"tenure_months": 3, "monthly_charges": 99.5, "plan": "basic"}
+LIMITS = v.Limits(max_rows=10)
+
+
+def tensor(name: str, datatype: str, data: list, shape: list | None = None, **extra) -> dict:
+    return {"name": name, "datatype": datatype, "shape": shape or [len(data), 1], "data": data, **extra}
+
+
+def v2(*tensors: dict, **extra) -> dict:
+    good = [
+        tensor("tenure_months", "INT64", [3]),
+        tensor("monthly_charges", "FP64", [9.5]),
+        tensor("plan", "BYTES", ["a"]),
+    ]
+    return {"inputs": list(tensors) or good, **extra}
+
+
+INVOCATIONS = [
+    ("not-an-object", [ROW], v.Refusal.BAD_STRUCTURE),
+    ("two-formats", {"dataframe_records": [ROW], "instances": [ROW]}, v.Refusal.BAD_STRUCTURE),
+    ("params-not-object", {"dataframe_records": [ROW], "params": [1]}, v.Refusal.BAD_PARAMETERS),
+    ("no-rows", {"dataframe_records": []}, v.Refusal.NO_ROWS),
+    ("too-many-rows", {"dataframe_records": [ROW] * 11}, v.Refusal.TOO_LARGE),
+    ("unknown-column", {"dataframe_records": [{**ROW, "colour": "red"}]}, v.Refusal.UNKNOWN_COLUMN),
+    ("missing-column", {"dataframe_records": [{"plan": "basic"}]}, v.Refusal.MISSING_COLUMN),
+    ("null", {"dataframe_records": [{**ROW, "plan": None}]}, v.Refusal.NULL_VALUE),
+    ("wrong-type", {"dataframe_records": [{**ROW, "tenure_months": 1.5}]}, v.Refusal.WRONG_TYPE),
+    ("ragged-split", {"dataframe_split": {"columns": ["plan", "x"], "data": [["a"]]}}, v.Refusal.RAGGED),
+    ("ragged-inputs", {"inputs": {"plan": ["a", "b"], "tenure_months": [1]}}, v.Refusal.RAGGED),
+]
+V2 = [
+    ("not-an-object", [], v.Refusal.BAD_STRUCTURE),
+    ("unknown-field", {**v2(), "input": []}, v.Refusal.BAD_STRUCTURE),
+    ("no-inputs", {"inputs": []}, v.Refusal.BAD_STRUCTURE),
+    ("request-content-type", v2(parameters={"content_type": "nope"}), v.Refusal.BAD_PARAMETERS),
+    ("tensor-content-type", v2(tensor("plan", "BYTES", ["a"], parameters={"content_type": "np"})), v.Refusal.BAD_PARAMETERS),
+    ("missing-key", {"inputs": [{"name": "plan", "datatype": "BYTES", "shape": [1]}]}, v.Refusal.BAD_STRUCTURE),
+    ("negative-shape", v2(tensor("plan", "BYTES", ["a"], shape=[-1])), v.Refusal.BAD_SHAPE),
+    ("shape-count", v2(tensor("plan", "BYTES", ["a"], shape=[2, 1])), v.Refusal.BAD_SHAPE),
+    ("not-a-datatype", v2(tensor("plan", "STRING", ["a"])), v.Refusal.WRONG_DATATYPE),
+    ("datatype-misfit", v2(tensor("tenure_months", "FP64", [1.0]), tensor("monthly_charges", "FP64", [1.0]), tensor("plan", "BYTES", ["a"])), v.Refusal.WRONG_DATATYPE),
+    ("value-misfit", v2(tensor("tenure_months", "INT64", ["x"]), tensor("monthly_charges", "FP64", [1.0]), tensor("plan", "BYTES", ["a"])), v.Refusal.WRONG_TYPE),
+    ("unknown-input", v2(*v2()["inputs"], tensor("colour", "BYTES", ["red"])), v.Refusal.UNKNOWN_COLUMN),
+    ("missing-input", v2(tensor("plan", "BYTES", ["a"])), v.Refusal.MISSING_COLUMN),
+    ("ragged", v2(tensor("tenure_months", "INT64", [3, 4]), tensor("monthly_charges", "FP64", [9.5]), tensor("plan", "BYTES", ["a"])), v.Refusal.RAGGED),
+    ("too-many-rows", v2(tensor("plan", "BYTES", ["a"] * 11)), v.Refusal.TOO_LARGE),
+    ("objects-as-values", v2(tensor("plan", "BYTES", [[{"a": 1}]], shape=[1, 1])), v.Refusal.BAD_STRUCTURE),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("payload", "reason"), [c[1:] for c in INVOCATIONS], ids=[c[0] for c in INVOCATIONS])
+def test_invocations_refusals_name_their_check(payload, reason):
+    with pytest.raises(v.RequestError) as refused:
+        v.invocation_table(payload, COLUMNS, LIMITS)
+    assert refused.value.reason is reason, refused.value.message
+    assert 400 <= refused.value.status < 500
+
+
+@pytest.mark.parametrize(("payload", "reason"), [c[1:] for c in V2], ids=[c[0] for c in V2])
+def test_v2_refusals_name_their_check(payload, reason):
+    with pytest.raises(v.RequestError) as refused:
+        v.check_v2(payload, COLUMNS, LIMITS)
+    assert refused.value.reason is reason, refused.value.message
+    assert 400 <= refused.value.status < 500
+
+
+@pytest.mark.parametrize("body", [b"", b"\xff", b"{", b"[" * 40 + b"]" * 40], ids=["empty", "utf8", "json", "deep"])
+def test_unreadable_bodies_are_malformed(body):
+    with pytest.raises(v.RequestError) as refused:
+        v.parse_json(body, v.Limits(max_depth=32))
+    assert (refused.value.status, refused.value.reason) == (400, v.Refusal.MALFORMED_BODY)
+
+
+def test_lossless_numeric_datatypes_fit_and_the_optional_column_may_be_absent():
+    narrow = v2(
+        tensor("tenure_months", "INT32", [3]), tensor("monthly_charges", "FP32", [9.5]), tensor("plan", "BYTES", ["a"])
+    )
+    v.check_v2(narrow, COLUMNS, LIMITS)
+    table, params = v.invocation_table({"dataframe_records": [ROW], "params": {"k": 1}}, COLUMNS, LIMITS)
+    assert table == {"tenure_months": [3], "monthly_charges": [99.5], "plan": ["basic"]} and params == {"k": 1}
+
+
+def test_every_kind_is_one_row_of_the_table():
+    """Each MLflow type maps to one kind, each kind is sent as a datatype it accepts, and its check agrees."""
+    samples = {"integer": 3, "float": 2.5, "string": "x", "boolean": True, "binary": "eA==", "datetime": "2026-01-01"}
+    assert set(v.KINDS) == set(samples)
+    for name, kind in v.KINDS.items():
+        assert kind.datatype in v.V2_DATATYPES and kind.accepts(samples[name])
+        assert all(v.KIND_OF_MLFLOW_TYPE[t] == name for t in kind.mlflow_types)
+    assert not v.KINDS["integer"].accepts(True) and not v.KINDS["float"].accepts(float("nan"))
+
+
+def test_the_refusals_metric_is_the_one_the_dashboard_queries():
+    assert v.Refusal.WRONG_TYPE.value == "wrong_type"
+    assert metrics.REFUSALS in metrics.refusals_by_reason(metrics.Scope(model="churn"))
+    assert f"{metrics.REASON})" in metrics.refusals_by_reason(metrics.Scope(model="churn"))
