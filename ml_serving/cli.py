@@ -250,7 +250,9 @@ def cmd_pin(args: argparse.Namespace) -> int:
     from ml_serving.pin import pin_stack
 
     project_dir = args.project_dir or find_project_dir()
-    pins, _ = pin_stack(project_dir, args.stack, args.tracking_uri)
+    pins, _ = pin_stack(
+        project_dir, args.stack, args.tracking_uri, warn=lambda message: console.print(f"[yellow]warning:[/] {message}")
+    )
     if not pins:
         console.print(f"Pulumi.{args.stack}.yaml names no aliases: nothing to pin")
         return 0

@@ -6,6 +6,7 @@ The alias each pin came from stays in the file as `pinnedFrom`, so the next `pin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,11 @@ def apply_pins(document: Any, pins: list[Pin]) -> None:
             variant.fa.set_block_style()
 
 
-def pin_stack(project_dir: Path, stack: str, tracking_uri: str | None = None) -> tuple[list[Pin], str]:
-    """Resolve and write the pins of `stack`; returns the pins and the new file text."""
+def pin_stack(
+    project_dir: Path, stack: str, tracking_uri: str | None = None, warn: Callable[[str], None] | None = None
+) -> tuple[list[Pin], str]:
+    """Resolve and write the pins of `stack`; returns the pins and the new file text. `warn` hears of versions
+    logged without a signature."""
     settings = load_settings(project_dir, stack)
     path = stack_file(project_dir, stack)
     uri = tracking_uri or (settings.registry.tracking_uri if settings.registry else None)
@@ -77,7 +81,7 @@ def pin_stack(project_dir: Path, stack: str, tracking_uri: str | None = None) ->
         pinned_now = {p.variant: p.after for p in pins if p.model == model_key}
         versions = {**resolve_model(model_key, model, resolver), **pinned_now}  # the resolver caches each answer
         try:
-            check_model(f"models.{model_key}", model, versions, project_dir / "model-lock")
+            check_model(f"models.{model_key}", model, versions, project_dir / "model-lock", warn)
         except SignatureError as exc:
             raise ConfigError(f"{path.name}: {exc}") from None
     text = edit(path, lambda document: apply_pins(document, pins)) if pins else path.read_text()

@@ -24,7 +24,7 @@ from ml_serving.image import (
 )
 from ml_serving.registry import RegistryError, Resolution, resolve
 from ml_serving.settings import ConfigError, KubernetesTarget, Settings, parse_settings
-from ml_serving.signatures import SignatureError, check_variants
+from ml_serving.signatures import SignatureError, check_variants, unsigned
 from ml_serving.specs import seldon
 
 
@@ -68,6 +68,9 @@ def build_contexts(settings: Settings, versions: Resolution, build_dir: Path) ->
                     environments[key] = model_environment(*key, lock_dir=Path("model-lock"))
                 inputs = environments[key].signature_inputs
                 signatures[variant] = list(inputs) if inputs is not None else None
+                if inputs is None:
+                    where = f"Pulumi.{pulumi.get_stack()}.yaml: models.{model_key}.variants.{variant}"
+                    pulumi.log.warn(unsigned(where, model.registered_model, resolved.version))
                 bake_from = resolved.model_uri if model.serving.bake else None
                 context = build_context(environments[key], bake_from, gpu=model.variants[variant].gpu > 0)
                 path = build_dir / f"{model_key}-{context.tag}"

@@ -78,15 +78,25 @@ def check_variants(where: str, signatures: dict[str, list[dict[str, Any]] | None
         )
 
 
-def check_model(where: str, model: Model, versions: dict[str, ResolvedVersion], lock_dir: Path) -> None:
-    """`check_variants` for `model`, reading each resolved version's signature from model-lock/ or the store.
+def unsigned(where: str, registered_model: str, version: str) -> str:
+    """The warning for a version logged without a signature: a team should know its requests go unchecked."""
+    return (
+        f"{where}: {registered_model} version {version} has no signature: requests reach the model unchecked "
+        "(the server checks only their form) and no challenger can be compared with it; log the model with a "
+        "signature (mlflow.models.infer_signature)"
+    )
+
+
+def check_model(
+    where: str, model: Model, versions: dict[str, ResolvedVersion], lock_dir: Path, warn: Any = None
+) -> None:
+    """`check_variants` for `model`, reading each resolved version's signature from model-lock/ or the store;
+    `warn(message)` hears of each version without a signature.
 
     A version whose files cannot be read is left out (`plan` reports those itself).
     """
     from ml_serving.image import ImageError, model_environment
 
-    if model.allow_breaking_signature:
-        return
     signatures: dict[str, list[dict[str, Any]] | None] = {}
     for variant, found in versions.items():
         try:
@@ -96,4 +106,7 @@ def check_model(where: str, model: Model, versions: dict[str, ResolvedVersion], 
         except ImageError:
             continue
         signatures[variant] = list(inputs) if inputs is not None else None
-    check_variants(where, signatures, model.champion)
+        if inputs is None and warn is not None:
+            warn(unsigned(f"{where}.variants.{variant}", model.registered_model, found.version))
+    if not model.allow_breaking_signature:
+        check_variants(where, signatures, model.champion)

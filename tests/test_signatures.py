@@ -94,3 +94,41 @@ def test_pin_and_rollout_refuse_it_too(incompatible, tmp_path):
     with pytest.raises(RolloutError, match="requires input 'contract_type'"):
         runner.run()
     assert path.read_text() == before, "nothing written before the first stage"
+
+
+@pytest.fixture(scope="module")
+def unsigned_version(incompatible) -> str:
+    """churn-classifier v3 in the same registry, logged without a signature."""
+    import mlflow
+
+    from ml_serving.seed import EXPERIMENT
+
+    code = Path(__file__).resolve().parent / "fixtures" / "flaky_model.py"
+    experiment = mlflow.MlflowClient(tracking_uri=incompatible).get_experiment_by_name(EXPERIMENT)
+    mlflow.set_tracking_uri(incompatible)
+    with mlflow.start_run(experiment_id=experiment.experiment_id):  # artifacts beside the registry
+        mlflow.pyfunc.log_model(name="model", python_model=str(code), registered_model_name="churn-classifier",
+                                pip_requirements=["mlflow"])  # fmt: skip
+    versions = mlflow.MlflowClient(tracking_uri=incompatible).search_model_versions("name='churn-classifier'")
+    return max(versions, key=lambda v: int(v.version)).version
+
+
+@pytest.mark.registry
+def test_plan_and_pin_warn_about_a_version_without_a_signature(incompatible, unsigned_version, tmp_path, caplog):
+    from ml_serving.pin import pin_stack
+
+    config = dev_with_challenger(incompatible)
+    config["ml-serving:models"]["churn"]["variants"]["challenger"]["version"] = unsigned_version
+    with caplog.at_level("WARNING"):
+        plan_stack("dev", config)
+    expected = f"models.churn.variants.challenger: churn-classifier version {unsigned_version} has no signature"
+    assert any(expected in record.getMessage() for record in caplog.records), caplog.text
+    project = copy_project(tmp_path / "project")
+    path = project / "Pulumi.dev.yaml"
+    path.write_text(path.read_text().replace(
+        "        champion: {alias: champion, weight: 100}",
+        f"        champion: {{alias: champion, weight: 100}}\n        challenger: {{version: \"{unsigned_version}\", weight: 0}}",
+    ).replace("sqlite:///.mlflow/registry.db", incompatible))  # fmt: skip
+    heard: list[str] = []
+    pin_stack(project, "dev", warn=heard.append)
+    assert [m for m in heard if expected in m], heard

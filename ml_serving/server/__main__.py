@@ -168,7 +168,7 @@ def own_metrics_dir(configured: str | None) -> str:
     return folder
 
 
-async def serve(settings: Any, model: Any, columns: Any, limits: Any) -> None:
+async def serve(settings: Any, model: Any, inputs: Any, limits: Any) -> None:
     from mlserver import MLServer
     from starlette.middleware import Middleware
 
@@ -185,7 +185,7 @@ async def serve(settings: Any, model: Any, columns: Any, limits: Any) -> None:
             ValidationMiddleware,
             model_name=model.name,
             model_version=version,
-            columns=columns,
+            inputs=inputs,
             limits=limits,
             data_plane=server._data_plane,
         )
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.models import Model
 
-    from ml_serving.server.validation import columns_from_signature
+    from ml_serving.server.validation import model_inputs
 
     folder = settings_dir()
     try:
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelNotFound as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    columns = columns_from_signature(Model.load(str(served.path)).signature)
+    inputs = model_inputs(Model.load(str(served.path)).signature)
     settings = server_settings(folder)
     settings.metrics_dir = own_metrics_dir(os.environ.get("MLSERVER_METRICS_DIR"))
     try:
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     model = model_settings(folder, served.path, args.name, served.version)
-    asyncio.run(serve(settings, model, columns, load_limits(folder)))
+    asyncio.run(serve(settings, model, inputs, load_limits(folder)))
     return 0
 
 

@@ -39,7 +39,7 @@ class ValidationMiddleware:
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
         model_name: str,
         model_version: str | None,
-        columns: list[v.Column] | None,
+        inputs: v.Inputs,
         limits: v.Limits,
         data_plane: Any,
     ) -> None:
@@ -47,7 +47,7 @@ class ValidationMiddleware:
         self.data_plane = data_plane
         self.model_name = model_name
         self.model_version = model_version
-        self.columns = columns
+        self.inputs = inputs
         self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -104,8 +104,7 @@ class ValidationMiddleware:
     async def _v2_infer(self, scope: Scope, receive: Receive, send: Send) -> None:
         _check_content_type(scope, required=False)
         payload = v.parse_json(await self._read_body(scope, receive), self.limits)
-        v.check_v2(payload, self.columns, self.limits)
-        status, answer = await self._infer(payload)
+        status, answer = await self._infer(v.check_v2(payload, self.inputs, self.limits))
         _handled_here(scope)
         await _respond(send, status, answer)
 
@@ -114,8 +113,8 @@ class ValidationMiddleware:
             raise v.RequestError(v.NOT_ALLOWED, v.Refusal.METHOD, "use POST for /invocations")
         _check_content_type(scope, required=True)
         body = await self._read_body(scope, receive)
-        table, params = v.invocation_table(v.parse_json(body, self.limits), self.columns, self.limits)
-        status, answer = await self._infer(v.v2_request(table, self.columns, params))
+        request = v.invocation_request(v.parse_json(body, self.limits), self.inputs, self.limits)
+        status, answer = await self._infer(request)
         _handled_here(scope)
         await _respond(send, status, v.v2_to_predictions(answer) if status == 200 else answer)
 
@@ -222,7 +221,7 @@ def _check_content_type(scope: Scope, required: bool) -> None:
 
 
 async def _respond(send: Send, status: int, payload: Any) -> None:
-    body = orjson.dumps(payload)
+    body = orjson.dumps(payload, default=_text)
     await send(
         {
             "type": "http.response.start",
@@ -231,3 +230,10 @@ async def _respond(send: Send, status: int, payload: Any) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _text(value: Any) -> str:
+    """BYTES outputs (e.g. string predictions) as text, as MLServer's own REST answers them."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
