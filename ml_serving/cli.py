@@ -305,6 +305,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uri = _stack_tracking_uri(cwd, args.stack)
     if uri:
         env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = uri
+    if args.runtime == "bentoml":
+        return _serve_bentoml(args, env, cwd)
     defaults = server_settings(settings_dir())
     env["MLSERVER_HOST"] = args.host
     ports = {}
@@ -324,6 +326,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cwd is not None:
         os.chdir(cwd)
     os.execve(sys.executable, command, env)
+    return 0  # not reached
+
+
+BENTOML_PYTHON_ENV = "ML_SERVING_BENTOML_PYTHON"
+BENTOML_VENV = Path.home() / ".cache" / "ml-serving" / "bentoml"
+
+
+def bentoml_python() -> str:
+    """The Python with BentoML: BentoML's pins clash with MLServer's, so it lives in a virtualenv of its own."""
+    configured = os.environ.get(BENTOML_PYTHON_ENV)
+    candidates = [Path(configured)] if configured else [BENTOML_VENV / "bin" / "python"]
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    raise UsageError(
+        f"the BentoML runtime needs BentoML, kept apart from MLServer: create {BENTOML_VENV} (`.ci/run` does: "
+        f"python3 -m venv {BENTOML_VENV} && {BENTOML_VENV}/bin/pip install -r serving_image/bentoml/requirements.txt "
+        f"plus the model's requirements) or set {BENTOML_PYTHON_ENV}"
+    )
+
+
+def _serve_bentoml(args: argparse.Namespace, env: dict[str, str], cwd: Path | None) -> int:
+    """The BentoML image's entrypoint here: the model fetched once (like the MLServer path), then `bentoml serve`."""
+    from ml_serving.image import BENTOML_PORT, PROJECT_DIR
+    from ml_serving.server import VERSION_ENV
+    from ml_serving.server.__main__ import ModelNotFound, local_model
+
+    python = bentoml_python()
+    port = args.http_port or BENTOML_PORT
+    _check_port_free(args.host, port, "--http-port")
+    if cwd is not None:
+        os.chdir(cwd)
+    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if k in env})
+    try:
+        served = local_model(args.model)
+    except ModelNotFound as error:
+        raise UsageError(str(error)) from None
+    name = args.name or _model_name(args.model)
+    env.update({"MLSERVER_MODEL_URI": str(served.path), "MLSERVER_MODEL_NAME": name})
+    if served.version:
+        env[VERSION_ENV] = served.version
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_DIR), env.get("PYTHONPATH")]))
+    env.setdefault("BENTOML_HOME", str(Path(served.path).parent / "bentoml"))
+    command = [python, "-m", "bentoml", "serve", "ml_serving.server.bento:ModelService", "--host", args.host,
+               "--port", str(port), "--working-dir", str(PROJECT_DIR)]  # fmt: skip
+    console.print(f"serving {args.model} as '{name}' with BentoML on {args.host}:{port} (PID {os.getpid()})")
+    sys.stdout.flush()
+    os.execve(python, command, env)
     return 0  # not reached
 
 
@@ -466,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, help="REST port (default 8080)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8081)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8082)")
+    serve.add_argument(
+        "--runtime",
+        choices=("mlserver", "bentoml"),
+        default="mlserver",
+        help="the server: MLServer (default) or BentoML (the BentoML image's entrypoint, REST and metrics on one "
+        "port, default 3000; BentoML from ML_SERVING_BENTOML_PYTHON or ~/.cache/ml-serving/bentoml)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     rollout = commands.add_parser(

@@ -22,6 +22,8 @@ import yaml
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
 SERVING_IMAGE_DIR = PROJECT_DIR / "serving_image"
+BENTOML_IMAGE_DIR = SERVING_IMAGE_DIR / "bentoml"
+BENTOML_PORT = 3000  # where the BentoML image listens (its Dockerfile's ENTRYPOINT)
 LOCK_DIR = PROJECT_DIR / "model-lock"
 SETTINGS_FILES = ("settings.json", "model-settings.json", "limits.json")
 BAKED_MODEL_PATH = "/app/model"
@@ -126,10 +128,15 @@ def download_optional(model_uri: str, name: str, target: Path) -> bool:
     return True
 
 
-def server_files(gpu: bool = False) -> dict[str, bytes]:
-    """The server code and the settings, as the image lays them out under /app; GPU builds use Dockerfile.gpu."""
-    files = {"Dockerfile": (SERVING_IMAGE_DIR / ("Dockerfile.gpu" if gpu else "Dockerfile")).read_bytes()}
-    files["requirements-server.txt"] = (SERVING_IMAGE_DIR / "requirements.txt").read_bytes()
+def server_files(gpu: bool = False, runtime: str = "mlserver") -> dict[str, bytes]:
+    """The server code and the settings, as the image lays them out under /app; GPU builds use Dockerfile.gpu,
+    the BentoML runtime its own Dockerfile and requirements (serving_image/bentoml/)."""
+    if runtime == "bentoml":
+        files = {"Dockerfile": (BENTOML_IMAGE_DIR / "Dockerfile").read_bytes()}
+        files["requirements-server.txt"] = (BENTOML_IMAGE_DIR / "requirements.txt").read_bytes()
+    else:
+        files = {"Dockerfile": (SERVING_IMAGE_DIR / ("Dockerfile.gpu" if gpu else "Dockerfile")).read_bytes()}
+        files["requirements-server.txt"] = (SERVING_IMAGE_DIR / "requirements.txt").read_bytes()
     for name in SETTINGS_FILES:
         files[f"serving/{name}"] = (SERVING_IMAGE_DIR / name).read_bytes()
     files["app/ml_serving/__init__.py"] = (PACKAGE_DIR / "__init__.py").read_bytes()
@@ -138,8 +145,10 @@ def server_files(gpu: bool = False) -> dict[str, bytes]:
     return files
 
 
-def build_context(environment: ModelEnvironment, bake_from: str | None = None, gpu: bool = False) -> BuildContext:
-    files = {**server_files(gpu), "requirements-model.txt": environment.requirements.encode()}
+def build_context(
+    environment: ModelEnvironment, bake_from: str | None = None, gpu: bool = False, runtime: str = "mlserver"
+) -> BuildContext:
+    files = {**server_files(gpu, runtime), "requirements-model.txt": environment.requirements.encode()}
     build_args = {"PYTHON_VERSION": environment.python_version}
     if bake_from:
         build_args["MODEL_URI"] = BAKED_MODEL_PATH

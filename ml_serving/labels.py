@@ -10,6 +10,7 @@ VARIANT = f"{DOMAIN}/variant"
 MODEL_VERSION = f"{DOMAIN}/model-version"
 REGISTERED_MODEL = f"{DOMAIN}/registered-model"
 POOL = f"{DOMAIN}/pool"
+RUNTIME = f"{DOMAIN}/runtime"  # mlserver or bentoml: which server, so the PodMonitor scrapes the right port
 
 RUN_ID = f"{DOMAIN}/run-id"
 MODEL_URI = f"{DOMAIN}/model-uri"

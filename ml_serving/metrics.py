@@ -60,30 +60,67 @@ class Scope:
         return "{" + ", ".join([*parts, *extra]) + "}"
 
 
-def _inference(scope: Scope, *extra: str) -> str:
-    return scope.matchers(f'path=~"{INFERENCE_PATHS}"', *extra)
+@dataclass(frozen=True)
+class Server:
+    """One runtime's names for the same facts: the request counter, latency histogram and in-flight gauge, the
+    label carrying the route and the one carrying the HTTP status, and its inference routes."""
+
+    requests: str
+    duration: str
+    in_progress: str
+    route: str
+    status: str
+    inference_paths: str
+
+    def inference(self, scope: Scope, status: str | None = None) -> str:
+        extra = [f'{self.status}=~"{status}"'] if status else []
+        return scope.matchers(f'{self.route}=~"{self.inference_paths}"', *extra)
+
+
+MLSERVER = Server(REQUESTS, REQUEST_DURATION, IN_PROGRESS, "path", "status_code", INFERENCE_PATHS)
+# BentoML 1.4 (read off a real /metrics of the BentoML image): the route is the request's own path.
+BENTOML = Server(
+    "bentoml_service_request_total",
+    "bentoml_service_request_duration_seconds",
+    "bentoml_service_request_in_progress",
+    "endpoint",
+    "http_response_code",
+    "/v2/models/[^/]+/infer|/v2/models/[^/]+/versions/[^/]+/infer|/invocations",
+)
+BENTOML_BATCH_SIZE = "bentoml_service_adaptive_batch_size"  # histogram of the batches BentoML formed
+SERVERS = (MLSERVER, BENTOML)
+
+
+def _per_variant(series: Callable[[Server], str], by: str = BY_VARIANT, servers: tuple[Server, ...] = SERVERS) -> str:
+    """`sum by (by) (series(server))` for every runtime, joined with `or`: each variant runs one runtime, so
+    exactly one side has its series, and every query answers per variant whatever the runtime."""
+    return "(" + " or ".join(f"sum by ({by}) ({series(server)})" for server in servers) + ")"
 
 
 def request_rate(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     """Inference requests per second (V2 and /invocations, any status), per variant."""
-    return f"sum by ({BY_VARIANT}) (rate({REQUESTS}{_inference(scope)}[{window}]))"
+    return _per_variant(lambda s: f"rate({s.requests}{s.inference(scope)}[{window}])")
 
 
 def requests_in_window(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     """How many inference requests each variant got in `window`: enough to judge it, or not yet."""
-    return f"sum by ({BY_VARIANT}) (increase({REQUESTS}{_inference(scope)}[{window}]))"
+    return _per_variant(lambda s: f"increase({s.requests}{s.inference(scope)}[{window}])")
 
 
 def predictions_rate(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     """Successful predictions per second, per variant (requests that reached the model, on any protocol)."""
-    return f"sum by ({BY_VARIANT}) (rate({INFER_SUCCESS}{scope.matchers()}[{window}]))"
+    mlserver = f"sum by ({BY_VARIANT}) (rate({INFER_SUCCESS}{scope.matchers()}[{window}]))"
+    bentoml = f"sum by ({BY_VARIANT}) (rate({BENTOML.requests}{BENTOML.inference(scope, '2..')}[{window}]))"
+    return f"({mlserver} or {bentoml})"
+
+
+def _status_rate(scope: Scope, window: str, status: str) -> str:
+    return _per_variant(lambda s: f"rate({s.requests}{s.inference(scope, status)}[{window}])")
 
 
 def server_errors_rate(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     """Inference requests per second the server failed (5xx); 0, not nothing, while there is traffic but no error."""
-    server_errors = _inference(scope, 'status_code=~"5.."')
-    errors = f"sum by ({BY_VARIANT}) (rate({REQUESTS}{server_errors}[{window}]))"
-    return f"({errors} or {request_rate(scope, window)} * 0)"
+    return f"({_status_rate(scope, window, '5..')} or {request_rate(scope, window)} * 0)"
 
 
 def error_ratio(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
@@ -94,8 +131,7 @@ def error_ratio(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
 def rejected_ratio(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     """Share of inference requests refused as the client's mistake (4xx): a challenger whose signature refuses
     what the champion accepts shows here, not in the error ratio."""
-    client_errors = _inference(scope, 'status_code=~"4.."')
-    refused = f"sum by ({BY_VARIANT}) (rate({REQUESTS}{client_errors}[{window}]))"
+    refused = _status_rate(scope, window, "4..")
     return f"({refused} or {request_rate(scope, window)} * 0) / {request_rate(scope, window)}"
 
 
@@ -133,8 +169,8 @@ def alert_label(label: str) -> str:
 
 def latency_quantile(quantile: float, scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
     """Request latency in seconds at `quantile`, per variant."""
-    buckets = f"rate({REQUEST_DURATION}_bucket{_inference(scope)}[{window}])"
-    return f"histogram_quantile({quantile}, sum by ({BY_VARIANT}, le) ({buckets}))"
+    buckets = _per_variant(lambda s: f"rate({s.duration}_bucket{s.inference(scope)}[{window}])", f"{BY_VARIANT}, le")
+    return f"histogram_quantile({quantile}, {buckets})"
 
 
 def latency_p95(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
@@ -143,14 +179,20 @@ def latency_p95(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
 
 def in_flight(scope: Scope = Scope()) -> str:
     """Requests being served right now, per variant."""
-    return f"sum by ({BY_VARIANT}) ({IN_PROGRESS}{scope.matchers()})"
+    mlserver = f"sum by ({BY_VARIANT}) ({IN_PROGRESS}{scope.matchers()})"
+    bentoml = f"sum by ({BY_VARIANT}) ({BENTOML.in_progress}{BENTOML.inference(scope)})"
+    return f"({mlserver} or {bentoml})"
 
 
 def batch_queue(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
-    """Mean size of the adaptive batcher's queue, per variant."""
-    sum_ = f"rate({BATCH_QUEUE}_sum{scope.matchers()}[{window}])"
-    count = f"rate({BATCH_QUEUE}_count{scope.matchers()}[{window}])"
-    return f"sum by ({BY_VARIANT}) ({sum_}) / sum by ({BY_VARIANT}) ({count})"
+    """Mean size of the adaptive batcher's queue (MLServer) or of the batches it formed (BentoML), per variant."""
+
+    def mean(histogram: str) -> str:
+        sum_ = f"rate({histogram}_sum{scope.matchers()}[{window}])"
+        count = f"rate({histogram}_count{scope.matchers()}[{window}])"
+        return f"sum by ({BY_VARIANT}) ({sum_}) / sum by ({BY_VARIANT}) ({count})"
+
+    return f"({mean(BATCH_QUEUE)} or {mean(BENTOML_BATCH_SIZE)})"
 
 
 def replicas(scope: Scope = Scope()) -> str:
@@ -162,14 +204,17 @@ def replicas(scope: Scope = Scope()) -> str:
 
 def restarts(scope: Scope = Scope(), window: str = "15m") -> str:
     """Serving processes that restarted within `window`: a restart resets the request counters."""
-    return f"sum by ({BY_VARIANT}) (resets({REQUESTS}{scope.matchers()}[{window}]))"
+    return _per_variant(lambda s: f"resets({s.requests}{scope.matchers()}[{window}])")
 
 
 def observed_share(model: str, served: list[str], window: str = DEFAULT_WINDOW) -> str:
-    """Each served variant's share of the model's traffic, in percent (shadows, which get copies, left out)."""
+    """Each served variant's share of the model's traffic, in percent (shadows, which get copies, left out); the
+    total sums the variants, whatever runtime each one runs."""
     served_matcher = f'{VARIANT}=~"{"|".join(served)}"'
-    rates = f"rate({REQUESTS}{_inference(Scope(model=model), served_matcher)}[{window}])"
-    return f"100 * sum by ({BY_VARIANT}) ({rates}) / ignoring({VARIANT}) group_left sum by ({MODEL}) ({rates})"
+    rates = _per_variant(
+        lambda s: f"rate({s.requests}{s.inference(Scope(model=model)).rstrip('}')}, {served_matcher}}}[{window}])"
+    )
+    return f"100 * {rates} / ignoring({VARIANT}) group_left sum by ({MODEL}) ({rates})"
 
 
 def configured_value(model: str, variant: str, value: float) -> str:

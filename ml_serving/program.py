@@ -72,7 +72,8 @@ def build_contexts(settings: Settings, versions: Resolution, build_dir: Path) ->
                     where = f"Pulumi.{pulumi.get_stack()}.yaml: models.{model_key}.variants.{variant}"
                     pulumi.log.warn(unsigned(where, model.registered_model, resolved.version))
                 bake_from = resolved.model_uri if model.serving.bake else None
-                context = build_context(environments[key], bake_from, gpu=model.variants[variant].gpu > 0)
+                chosen = model.variants[variant]
+                context = build_context(environments[key], bake_from, gpu=chosen.gpu > 0, runtime=chosen.runtime)
                 path = build_dir / f"{model_key}-{context.tag}"
                 if path not in written and (not path.exists() or not pulumi.runtime.is_dry_run()):
                     write_context(context, path, with_model=not pulumi.runtime.is_dry_run())

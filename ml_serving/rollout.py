@@ -335,7 +335,8 @@ def write_weights(path: Path, model_key: str, weights: dict[str, int]) -> None:
     edit(path, change)
 
 
-VERSION_KEYS = ("alias", "version", "modelUri", "runId", "pinnedFrom")
+# What a variant serves: its version (by alias, or pinned) and the runtime that serves it; promotion moves all.
+VERSION_KEYS = ("alias", "version", "modelUri", "runId", "pinnedFrom", "runtime")
 
 
 def variant_fields(path: Path, model_key: str, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -610,7 +611,8 @@ class RolloutRun:
         champion, challenger = model.variants[self.plan.champion], model.variants[self.plan.challenger]
         same_version = challenger.version is not None and challenger.version == champion.version
         same_alias = challenger.alias is not None and challenger.alias == champion.alias
-        if (same_version or same_alias) and not (challenger.weight or 0):
+        same_runtime = challenger.runtime == champion.runtime  # a runtime change alone is a canary of its own
+        if (same_version or same_alias) and same_runtime and not (challenger.weight or 0):
             what = f"version {challenger.version}" if same_version else f"alias @{challenger.alias}"
             raise RolloutError(
                 f"{self.path.name}: models.{self.model_key}: {self.plan.challenger} and {self.plan.champion} both "

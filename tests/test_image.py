@@ -16,6 +16,7 @@ from tests import processes
 from tests.conftest import plan_stack, stack_config
 
 DOCKERFILE = Path(image.SERVING_IMAGE_DIR) / "Dockerfile"
+DOCKERFILES = [DOCKERFILE, DOCKERFILE.with_name("Dockerfile.gpu"), image.BENTOML_IMAGE_DIR / "Dockerfile"]
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +69,18 @@ def test_baking_changes_the_tag_and_the_model_uri(model_dir):
     assert baked.build_args["MODEL_URI"] == image.BAKED_MODEL_PATH
 
 
-def test_hadolint_reports_nothing():
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(image.SERVING_IMAGE_DIR)))
+def test_hadolint_reports_nothing(dockerfile):
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    run = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    run = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout == "", run.stdout + run.stderr
 
 
-def test_dockerfile_is_multi_stage_pinned_and_non_root():
-    text = DOCKERFILE.read_text()
+@pytest.mark.parametrize(
+    "dockerfile", [DOCKERFILE, image.BENTOML_IMAGE_DIR / "Dockerfile"], ids=["mlserver", "bentoml"]
+)
+def test_dockerfile_is_multi_stage_pinned_and_non_root(dockerfile):
+    text = dockerfile.read_text()
     assert text.count("FROM python:${PYTHON_VERSION}-slim-bookworm") == 2
     assert "ARG PYTHON_VERSION=3.11." in text
     uid = image.SERVING_UID

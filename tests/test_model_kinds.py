@@ -15,6 +15,7 @@ from tests import processes
 
 pytestmark = pytest.mark.serving
 
+PIP = ["mlflow", "scikit-learn"]  # named: inferring them starts a subprocess per model
 X = np.array([[0.1, 0.2, 0.3, 0.4], [1.0, 0.5, -0.2, 0.3], [-1.0, 2.0, 0.0, 1.5]])
 PARAMS_MODEL = '''
 import mlflow
@@ -47,16 +48,16 @@ def models(tmp_path_factory):
     mlp = MLPRegressor(hidden_layer_sizes=(8,), max_iter=300, random_state=0).fit(np.tile(X, (20, 1)), np.tile(y, 20))
     mlflow.sklearn.save_model(
         mlp, folder / "tensor", signature=infer_signature(X, mlp.predict(X)),
-        skops_trusted_types=["sklearn.neural_network._stochastic_optimizers.AdamOptimizer"],
+        skops_trusted_types=["sklearn.neural_network._stochastic_optimizers.AdamOptimizer"], pip_requirements=PIP,
     )  # fmt: skip
     labels = np.array([0, 1, 0])
     logistic = LogisticRegression().fit(X[:, :3], labels)
-    mlflow.sklearn.save_model(logistic, folder / "unsigned")  # logged without a signature
+    mlflow.sklearn.save_model(logistic, folder / "unsigned", pip_requirements=PIP)  # logged without a signature
     frame = pd.DataFrame(X[:, :3], columns=["a", "b", "c"])
     proba = pd.DataFrame(logistic.predict_proba(frame.to_numpy()), columns=["p_stay", "p_churn"])
     mlflow.sklearn.save_model(
         LogisticRegression().fit(frame, labels), folder / "proba", pyfunc_predict_fn="predict_proba",
-        signature=infer_signature(frame, proba),
+        signature=infer_signature(frame, proba), pip_requirements=PIP,
     )  # fmt: skip
     (folder / "scorer.py").write_text(textwrap.dedent(PARAMS_MODEL))
     signature = ModelSignature(
@@ -64,9 +65,14 @@ def models(tmp_path_factory):
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "probability")]),
         params=ParamSchema([ParamSpec("threshold", "double", 0.5)]),
     )
-    mlflow.pyfunc.save_model(folder / "params", python_model=str(folder / "scorer.py"), signature=signature)
+    mlflow.pyfunc.save_model(
+        folder / "params", python_model=str(folder / "scorer.py"), signature=signature, pip_requirements=PIP
+    )
     paths = {kind: str(folder / kind) for kind in ("tensor", "unsigned", "proba", "params")}
-    with processes.serving_servers(paths, folder, env={"MLSERVER_MODEL_NAME": "m"}) as ports:
+    # No worker processes (inference in the server process): four servers start in half the time.
+    with processes.serving_servers(
+        paths, folder, env={"MLSERVER_MODEL_NAME": "m", "MLSERVER_PARALLEL_WORKERS": "0"}
+    ) as ports:
         yield {
             kind: (f"http://127.0.0.1:{ports[kind]['http']}", mlflow.pyfunc.load_model(paths[kind])) for kind in paths
         }

@@ -216,8 +216,16 @@ def test_keda_scales_on_the_module_request_rate(settings):
 
 def test_pod_monitor_scrapes_the_port_and_path_seldon_sets_and_relabels_names(settings):
     monitor = monitoring.pod_monitor(settings)
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    endpoint, bentoml = monitor["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("metrics", "/prometheus")
+    assert (bentoml["port"], bentoml["path"]) == ("http", "/metrics"), "BentoML serves /metrics on its one port"
+    only_bentoml = bentoml["relabelings"][0]
+    assert (only_bentoml["sourceLabels"], only_bentoml["regex"], only_bentoml["action"]) == (
+        ["__meta_kubernetes_pod_label_ml_serving_io_runtime"],
+        "bentoml",
+        "keep",
+    ), "an MLServer pod's http port has no /metrics: scraping it would count the pod down"
+    assert bentoml["relabelings"][1:] == endpoint["relabelings"]
     keep, *renames = endpoint["relabelings"]
     assert (keep["action"], keep["sourceLabels"]) == ("keep", ["__meta_kubernetes_pod_container_name"])
     for container in settings.models:  # the model's container is named like the graph node: the model key

@@ -87,3 +87,53 @@ def test_predictor_of_a_shadow_has_no_traffic():
 def test_models_must_not_be_empty():
     with pytest.raises(ConfigError, match=r"ml-serving:models: is empty: add at least one entry"):
         parse_settings({"ml-serving:models": {}}, "Pulumi.test.yaml")
+
+
+def test_a_bentoml_variant_is_a_no_engine_predictor_with_http_probes_on_bentomls_port():
+    settings = settings_with(
+        variants={
+            "a": {"version": "1", "modelUri": "s3://b/1", "weight": 90},
+            "b": {"version": "1", "modelUri": "s3://b/1", "weight": 10, "runtime": "bentoml"},
+        }
+    )
+    model = settings.models["m"]
+    resolved = ResolvedVersion("1", "s3://b/1", None, None, pinned=True)
+    mlserver = seldon.predictor(settings, "m", "a", model.variants["a"], resolved, "img")
+    bentoml = seldon.predictor(settings, "m", "b", model.variants["b"], resolved, "img-bento")
+    assert bentoml["annotations"][seldon.NO_ENGINE] == "true" and seldon.NO_ENGINE not in mlserver["annotations"]
+    assert (mlserver["labels"][labels.RUNTIME], bentoml["labels"][labels.RUNTIME]) == ("mlserver", "bentoml")
+    (container,) = bentoml["componentSpecs"][0]["spec"]["containers"]
+    assert container["name"] == "m", "named like the graph node: Seldon runs it as the model"
+    assert container["ports"] == [{"name": "http", "containerPort": 3000, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+    same = ("resources", "securityContext", "env", "volumeMounts")
+    (other,) = mlserver["componentSpecs"][0]["spec"]["containers"]
+    assert {k: container[k] for k in same} == {k: other[k] for k in same}, "the same resources, security, settings"
+    for key in ("kedaSpec", "pdbSpec"):
+        assert bentoml["componentSpecs"][0][key] == mlserver["componentSpecs"][0][key]
+
+
+def test_the_bentoml_runtime_is_validated_like_every_field():
+    with pytest.raises(ConfigError, match=r"models\.m\.variants\.a\.runtime: 'bento' is not allowed"):
+        settings_with(variants={"a": {"version": "1", "modelUri": "s3://b/1", "weight": 100, "runtime": "bento"}})
+    with pytest.raises(ConfigError, match="no CUDA image yet"):
+        settings_with(
+            variants={"a": {"version": "1", "modelUri": "s3://b/1", "weight": 100, "runtime": "bentoml", "gpu": 1}}
+        )
+
+
+def test_a_bentoml_variant_builds_from_its_own_dockerfile_and_requirements():
+    from ml_serving.image import ModelEnvironment, build_context
+
+    environment = ModelEnvironment("scikit-learn==1.9.1\n", "3.11.14")
+    mlserver, bentoml = build_context(environment), build_context(environment, runtime="bentoml")
+    assert b"bentoml serve ml_serving.server.bento:ModelService" in bentoml.files["Dockerfile"].replace(b'", "', b" ")
+    assert (
+        b"bentoml==" in bentoml.files["requirements-server.txt"]
+        and b"mlserver" not in bentoml.files["requirements-server.txt"]
+    )
+    assert bentoml.files["requirements-model.txt"] == mlserver.files["requirements-model.txt"], "the model's, unchanged"
+    assert "app/ml_serving/server/validation.py" in bentoml.files, "the same validation module, not a copy"
+    assert bentoml.tag != mlserver.tag

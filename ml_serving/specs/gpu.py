@@ -131,7 +131,7 @@ def node_class(settings: Settings, name: str) -> dict[str, Any]:
                 }
             ],
             "metadataOptions": {"httpTokens": "required", "httpPutResponseHopLimit": 1},
-            "tags": {"ml-serving.io/pool": name},
+            "tags": {labels.POOL: name},
         },
     }
 

@@ -18,6 +18,7 @@ from ml_serving.specs.platform import HelmChart, namespace_object
 MONITORING_API = "monitoring.coreos.com/v1"
 DASHBOARD_LABEL = "grafana_dashboard"
 METRICS_PATH = "/prometheus"  # what Seldon sets MLSERVER_METRICS_ENDPOINT to for a port named `metrics`
+BENTOML_METRICS_PATH = "/metrics"
 CONTAINER_NAME = "__meta_kubernetes_pod_container_name"  # Prometheus' service discovery label
 GRAFANA_ADMIN_SECRET = "grafana-admin"
 GRAFANA_USER_KEY, GRAFANA_PASSWORD_KEY = "admin-user", "admin-password"
@@ -63,7 +64,16 @@ def pod_monitor(settings: Settings) -> dict[str, Any]:
                     "path": METRICS_PATH,
                     "interval": _monitoring(settings).scrape_interval,
                     "relabelings": relabel,
-                }
+                },
+                {  # BentoML serves /metrics on its one port, `http`; only BentoML pods are scraped there
+                    "port": "http",
+                    "path": BENTOML_METRICS_PATH,
+                    "interval": _monitoring(settings).scrape_interval,
+                    "relabelings": [
+                        {"sourceLabels": [_meta_label(labels.RUNTIME)], "regex": "bentoml", "action": "keep"},
+                        *relabel,
+                    ],
+                },
             ],
         },
     }

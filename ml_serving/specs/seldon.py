@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ml_serving import labels, metrics
-from ml_serving.image import BAKED_MODEL_PATH, METRICS_PORT, SERVING_UID
+from ml_serving.image import BAKED_MODEL_PATH, BENTOML_PORT, METRICS_PORT, SERVING_UID
 from ml_serving.registry import ResolvedVersion
 from ml_serving.server import VERSION_ENV
 from ml_serving.settings import Autoscaling, Model, Settings, Variant
@@ -32,7 +32,8 @@ TMP_VOLUME = "tmp"
 # targets, and constants.FirstHttpPortNumber / FirstGrpcPortNumber, the model container's, which the executor calls).
 EXECUTOR_PORTS = (8000, 5001)
 MODEL_PORTS = (9000, 9500)
-ARTIFACT_SECRET = "ml-serving-artifact-store"  # the Secret the stack creates from artifactStore.rclone
+ARTIFACT_SECRET = "ml-serving-artifact-store"
+NO_ENGINE = "seldon.io/no-engine"  # the Secret the stack creates from artifactStore.rclone
 # Storage the rclone initializer reaches only with credentials; its remote is the URI's scheme (s3://b/p → s3:b/p).
 CREDENTIAL_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "wasb", "wasbs", "abfs", "abfss", "azure", "oss"})
 
@@ -115,13 +116,17 @@ def predictor_labels(model_key: str, model: Model, variant_name: str, resolved: 
         labels.VARIANT: variant_name,
         labels.MODEL_VERSION: labels.label_value(resolved.version),
         labels.REGISTERED_MODEL: labels.label_value(model.registered_model),
+        labels.RUNTIME: model.variants[variant_name].runtime,
     }
 
 
-def predictor_annotations(resolved: ResolvedVersion) -> dict[str, str]:
+def predictor_annotations(resolved: ResolvedVersion, variant: Variant) -> dict[str, str]:
     notes = {labels.MODEL_URI: resolved.model_uri, labels.RESOLVED_FROM: resolved.origin}
     if resolved.run_id:
         notes[labels.RUN_ID] = resolved.run_id
+    if variant.runtime == "bentoml":
+        # No Seldon executor in front: BentoML answers the Open Inference Protocol itself (operator: "no-engine").
+        notes[NO_ENGINE] = "true"
     return notes
 
 
@@ -154,11 +159,22 @@ def serving_env(model: Model, version: str) -> list[dict[str, str]]:
 
 
 def serving_container(model_key: str, model: Model, variant: Variant, image: str, version: str) -> dict[str, Any]:
-    """The serving image's container, named like the graph node so Seldon runs it as the model."""
+    """The serving image's container, named like the graph node so Seldon runs it as the model.
+
+    MLServer: Seldon adds its `http`/`grpc` ports and our `metrics` port gets the metrics. BentoML: one port named
+    `http` on BentoML's (requests and /metrics), and httpGet probes on BentoML's /readyz and /livez (Seldon's
+    defaults for a custom server are TCP probes, which pass before the model is loaded).
+    """
+    if variant.runtime == "bentoml":
+        ports = [{"name": "http", "containerPort": BENTOML_PORT, "protocol": "TCP"}]
+        ready, live = "/readyz", "/livez"
+    else:
+        ports = [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
+        ready, live = "/v2/health/ready", "/v2/health/live"
     return {
         "name": model_key,
         "image": image,
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "ports": ports,
         "resources": resources(model, variant),
         "securityContext": {
             "runAsNonRoot": True,
@@ -166,10 +182,10 @@ def serving_container(model_key: str, model: Model, variant: Variant, image: str
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "readinessProbe": _probe("/v2/health/ready", period=5, failures=3, delay=5),
-        "livenessProbe": _probe("/v2/health/live", period=10, failures=6, delay=30),
+        "readinessProbe": _probe(ready, period=5, failures=3, delay=5),
+        "livenessProbe": _probe(live, period=10, failures=6, delay=30),
         # Loading a large model can take minutes: hold liveness off until the first success.
-        "startupProbe": _probe("/v2/health/live", period=5, failures=60, delay=0),
+        "startupProbe": _probe(live, period=5, failures=60, delay=0),
         "env": serving_env(model, version),
         "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
     }
@@ -294,7 +310,7 @@ def predictor(
     spec: dict[str, Any] = {
         "name": name,
         "labels": predictor_labels(model_key, model, name, resolved),
-        "annotations": predictor_annotations(resolved),
+        "annotations": predictor_annotations(resolved, variant),
         "graph": graph,
         "componentSpecs": [component_spec(settings, model_key, name, image, resolved.version)],
     }

@@ -1,0 +1,266 @@
+"""The BentoML runtime: the same model, request validation and protocols as the MLServer image, on BentoML 1.4.
+
+`bentoml serve ml_serving.server.bento:ModelService` (what `ml-serving serve --runtime bentoml` and the BentoML image
+run) loads the MLflow model once per worker and answers:
+- the Open Inference Protocol's `/v2/models/<model>/infer` (and `/versions/<version>/infer`), under the same model
+  name as the MLServer predictors, since Seldon's Istio split sends the same path and body to every predictor;
+- MLflow's `/invocations` in its four formats;
+- `/v2/health/live|ready`, and BentoML's own `/livez`, `/readyz`, `/metrics`.
+Every request is checked by `ml_serving.server.validation` (the module the MLServer image uses, not a copy), then
+decoded as MLServer's MLflow runtime would and sent through BentoML's adaptive batching (`predict_frame`, a
+batchable API called through the service's own in-process client), so a client's mistake is never a 5xx here
+either.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+import orjson
+import pandas as pd
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ml_serving.server import VERSION_ENV
+from ml_serving.server import validation as v
+from ml_serving.server.outputs import named_outputs
+
+MODEL_NAME = os.environ.get("MLSERVER_MODEL_NAME") or "model"
+MODEL_PATH = os.environ.get("MLSERVER_MODEL_URI") or "/mnt/models"
+MODEL_VERSION = os.environ.get(VERSION_ENV) or None
+MAX_BATCH_SIZE = int(os.environ.get("MLSERVER_MODEL_MAX_BATCH_SIZE") or 64)
+MAX_LATENCY_MS = max(1, math.ceil(float(os.environ.get("MLSERVER_MODEL_MAX_BATCH_TIME") or 0.004) * 1000))
+WORKERS = int(os.environ.get("MLSERVER_PARALLEL_WORKERS") or 1) or 1
+NUMPY_OF_V2 = {datatype: numpy for numpy, datatype in v.V2_OF_NUMPY.items() if numpy not in ("str", "bytes")}
+
+
+def _limits() -> v.Limits:
+    folder = Path(os.environ.get("ML_SERVING_SETTINGS_DIR") or Path(__file__).resolve().parents[2] / "serving_image")
+    values = orjson.loads((folder / "limits.json").read_bytes()) if (folder / "limits.json").exists() else {}
+    for name in v.Limits.__dataclass_fields__:
+        env = os.environ.get(f"ML_SERVING_{name.upper()}")
+        if env is not None:
+            values[name] = float(env) if name.endswith("seconds") else int(env)
+    return v.Limits(**values)
+
+
+LIMITS = _limits()
+
+
+def _json(status: int, payload: Any) -> Response:
+    return Response(orjson.dumps(payload, default=_text), status_code=status, media_type="application/json")
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def decode(request: dict[str, Any]) -> Any:
+    """A checked V2 request as the model's input, the way MLServer's codecs decode it for the MLflow runtime:
+    `pd` → a DataFrame of one column per input, `np` → one array, `dict` → named arrays."""
+    content_type = (request.get("parameters") or {}).get("content_type")
+    tensors = request["inputs"]
+
+    def array(tensor: dict[str, Any]) -> np.ndarray:
+        dtype = NUMPY_OF_V2.get(tensor["datatype"], "object")
+        return np.asarray(tensor["data"], dtype=dtype).reshape(tensor["shape"])
+
+    if content_type == "np":
+        return array(tensors[0])
+    if content_type == "dict":
+        return {t["name"]: array(t) for t in tensors}
+    return pd.DataFrame({t["name"]: array(t).reshape(t["shape"][0], -1)[:, 0] for t in tensors})
+
+
+def encode(output: Any, name: str, version: str | None) -> dict[str, Any]:
+    """Predictions as an Open Inference Protocol response, named like MLServer's codecs name them."""
+    outputs = []
+    if isinstance(output, pd.Series):
+        output = output.to_frame()
+    if isinstance(output, pd.DataFrame):
+        for column in output.columns:
+            values = output[column].to_numpy()
+            outputs.append(_tensor(str(column), values.reshape(-1, 1) if values.ndim == 1 else values))
+    elif isinstance(output, dict):
+        outputs = [_tensor(str(key), np.asarray(value)) for key, value in output.items()]
+    else:
+        outputs = [_tensor("output-1", np.asarray(output))]
+    answer: dict[str, Any] = {"model_name": name, "outputs": outputs}
+    if version:
+        answer["model_version"] = version
+    return answer
+
+
+def _tensor(name: str, values: np.ndarray) -> dict[str, Any]:
+    datatype = v.V2_OF_NUMPY.get(values.dtype.name, "BYTES")
+    data = values.ravel().tolist()
+    return {"name": name, "datatype": datatype, "shape": list(values.shape), "data": data}
+
+
+@bentoml.service(name="ml-serving", workers=WORKERS, traffic={"timeout": 60})
+class ModelService:
+    """One MLflow model, loaded once per worker."""
+
+    def __init__(self) -> None:
+        import mlflow
+
+        self.model = mlflow.pyfunc.load_model(MODEL_PATH)
+        self.inputs = v.model_inputs(self.model.metadata.signature)
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def predict_rows(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """Rows from any number of requests, predicted in one call (BentoML's adaptive batching). Rows, not a
+        DataFrame: BentoML 1.4.40 sizes a DataFrame batch by its shape (a tuple) and stalls on pandas 3."""
+        output = self._predict(self.frame(rows), None)
+        if isinstance(output, pd.DataFrame):
+            return orjson.loads(orjson.dumps(output.to_dict(orient="records"), option=orjson.OPT_SERIALIZE_NUMPY))
+        return np.asarray(output).reshape(len(rows), -1)[:, 0].tolist()
+
+    def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
+        """Rows as the DataFrame the signature describes: each column in its kind's dtype, as MLServer decodes it."""
+        frame = pd.DataFrame.from_records(rows)
+        dtypes = {"integer": "int64", "float": "float64", "boolean": "bool"}
+        for column in self.inputs.columns or []:
+            if column.name in frame and column.kind in dtypes and frame[column.name].notna().all():
+                frame[column.name] = frame[column.name].astype(dtypes[column.kind])
+        return frame
+
+    def _predict(self, model_input: Any, params: dict[str, Any] | None) -> Any:
+        try:
+            output = self.model.predict(model_input, params=params or None)
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            if self.model.metadata.signature is not None:
+                raise  # the request matched the signature: a failure now is the model's
+            raise ModelRefused(f"the model refused the input: {error}") from None
+        return named_outputs(output, self.model.metadata.signature)
+
+    async def infer(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A checked V2 request: rows are batched, arrays and parameters go to the model directly."""
+        content_type = (request.get("parameters") or {}).get("content_type")
+        parameters = request.get("parameters") or {}
+        params = {k: val for k, val in parameters.items() if k not in ("content_type", "headers")}
+        try:
+            if content_type == "pd" and not params and self.inputs.columns is not None:  # refusals stay direct
+                tensors = request["inputs"]
+                count = tensors[0]["shape"][0]
+                rows = [{t["name"]: t["data"][i] for t in tensors} for i in range(count)]
+                predicted = await self.to_async.predict_rows(rows)  # type: ignore[attr-defined]
+                if predicted and isinstance(predicted[0], dict):
+                    output: Any = pd.DataFrame.from_records(predicted)
+                else:
+                    output = np.asarray(predicted)
+            else:
+                model_input = decode(request)
+                if isinstance(model_input, pd.DataFrame):
+                    model_input = self.frame(model_input.to_dict(orient="records"))
+                output = self._predict(model_input, params)
+        except ModelRefused as error:
+            return v.UNPROCESSABLE, {"error": str(error)}
+        return 200, encode(output, MODEL_NAME, MODEL_VERSION)
+
+
+class ModelRefused(Exception):
+    """A model without a signature refused its input: the client's data, answered 422 with the model's words."""
+
+
+async def _service() -> ModelService:
+    return bentoml.get_current_service()  # type: ignore[no-any-return]
+
+
+async def _refused(error: v.RequestError) -> Response:
+    return _json(error.status, {"error": error.message})
+
+
+async def v2_infer(request: Request) -> Response:
+    try:
+        _check_model(request)
+        payload = v.check_v2(v.parse_json(await _body(request), LIMITS), (await _service()).inputs, LIMITS)
+        status, answer = await (await _service()).infer(payload)
+    except v.RequestError as error:
+        return await _refused(error)
+    return _json(status, answer)
+
+
+async def invocations(request: Request) -> Response:
+    try:
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise v.RequestError(v.UNSUPPORTED, v.Refusal.MEDIA_TYPE, "send Content-Type: application/json")
+        service = await _service()
+        payload = v.invocation_request(v.parse_json(await _body(request), LIMITS), service.inputs, LIMITS)
+        status, answer = await service.infer(payload)
+    except v.RequestError as error:
+        return await _refused(error)
+    return _json(status, v.v2_to_predictions(answer) if status == 200 else answer)
+
+
+async def _body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > LIMITS.max_body_bytes:
+        raise v.RequestError(v.TOO_LARGE, v.Refusal.TOO_LARGE, f"body of {declared} bytes is over the limit")
+    body = await request.body()
+    if len(body) > LIMITS.max_body_bytes:
+        raise v.RequestError(v.TOO_LARGE, v.Refusal.TOO_LARGE, "body is over the limit")
+    return body
+
+
+def _check_model(request: Request) -> None:
+    name, version = request.path_params.get("name"), request.path_params.get("version")
+    if name != MODEL_NAME:
+        raise v.RequestError(
+            v.NOT_FOUND,
+            v.Refusal.UNKNOWN_MODEL,
+            f"model '{name}' is not served here; this server serves '{MODEL_NAME}'",
+        )
+    if version is not None and MODEL_VERSION and version != MODEL_VERSION:
+        raise v.RequestError(
+            v.NOT_FOUND, v.Refusal.UNKNOWN_MODEL, f"model '{name}' version '{version}' is not served here"
+        )
+
+
+async def live(request: Request) -> Response:
+    return _json(200, {"live": True})
+
+
+async def ready(request: Request) -> Response:
+    try:
+        await _service()
+    except Exception:
+        return _json(503, {"ready": False})
+    return _json(200, {"ready": True})
+
+
+async def metadata(request: Request) -> Response:
+    try:
+        _check_model(request)
+    except v.RequestError as error:
+        return await _refused(error)
+    inputs = (await _service()).inputs
+    tensors = [{"name": c.name, "datatype": c.v2_datatype, "shape": [-1, 1]} for c in inputs.columns or []] + [
+        {"name": t.label(i), "datatype": t.datatype, "shape": list(t.shape)} for i, t in enumerate(inputs.tensors or [])
+    ]
+    return _json(200, {"name": MODEL_NAME, "versions": [MODEL_VERSION] if MODEL_VERSION else [], "platform": "bentoml",
+                       "inputs": tensors})  # fmt: skip
+
+
+app = Starlette(
+    routes=[
+        Route("/v2/models/{name}/infer", v2_infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", v2_infer, methods=["POST"]),
+        Route("/invocations", invocations, methods=["POST"]),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/v2/models/{name}", metadata),
+    ]
+)
+ModelService = bentoml.asgi_app(app, path="/")(ModelService)

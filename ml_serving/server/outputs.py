@@ -1,0 +1,31 @@
+"""Predictions named from the model's signature: shared by the MLServer and BentoML runtimes (no server imports)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def named_outputs(output: Any, signature: Any) -> Any:
+    """An array of predictions as a frame named by the signature's output columns (e.g. `label`, or `label` and
+    `probability`), so both protocols answer with those names and each column's own V2 datatype."""
+    import numpy as np
+    import pandas as pd
+
+    schema = getattr(signature, "outputs", None)
+    names = schema.input_names() if schema is not None and schema.has_input_names() else None
+    if names and not schema.is_tensor_spec():
+        if isinstance(output, pd.Series) and len(names) == 1:
+            output = output.rename(names[0]).to_frame()
+        elif isinstance(output, np.ndarray) and output.ndim == 1 and len(names) == 1:
+            output = pd.DataFrame({names[0]: output})
+        elif isinstance(output, np.ndarray) and output.ndim == 2 and output.shape[1] == len(names):
+            output = pd.DataFrame(output, columns=names)
+    if isinstance(output, pd.Series):
+        output = output.to_frame()
+    if isinstance(output, pd.DataFrame):
+        # pandas 3 keeps text as its `str` dtype, which MLServer's codec (NumPy dtypes) cannot name: as objects,
+        # it is BYTES.
+        text = [c for c, t in output.dtypes.items() if isinstance(t, pd.StringDtype) or str(t) == "str"]
+        if text:
+            output = output.astype(dict.fromkeys(text, object))
+    return output

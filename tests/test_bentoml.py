@@ -1,0 +1,194 @@
+"""The BentoML runtime beside MLServer: the same model, the same answers, the same refusals, never a 5xx for the
+client's mistake. BentoML lives in a virtualenv of its own (`.ci/run` makes ~/.cache/ml-serving/bentoml)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from ml_serving import metrics
+from ml_serving.stackfile import load_settings
+from tests import processes
+from tests.test_serving import BAD, BAD_V2, ROWS, _send, v2_body
+
+pytestmark = pytest.mark.serving
+
+CLI = shutil.which("ml-serving") or str(Path(sys.executable).parent / "ml-serving")
+
+
+def bentoml_python() -> str:
+    from ml_serving.cli import UsageError, bentoml_python
+
+    try:
+        return bentoml_python()
+    except UsageError as error:
+        pytest.skip(str(error).split(":")[0] + " (.ci/run creates it)")
+
+
+class Served:
+    def __init__(self, url: str, metrics_url: str) -> None:
+        self.url, self.metrics = url, metrics_url
+
+    def post(self, path: str, body, content_type: str | None = "application/json"):
+        if isinstance(body, dict):
+            return requests.post(self.url + path, json=body, timeout=30)
+        headers = {"Content-Type": content_type} if content_type else {}
+        return requests.post(self.url + path, data=body, headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """The seeded churn model served by each runtime, as `churn` (the name a cluster gives it)."""
+    from ml_serving.seed import register_churn_model
+
+    bentoml_python()
+    workdir = tmp_path_factory.mktemp("runtimes")
+    registry = f"sqlite:///{workdir / 'registry.db'}"
+    register_churn_model(registry, aliases=("champion",))
+    ports = {"mlserver": [processes.free_port() for _ in range(3)], "bentoml": [processes.free_port()]}
+    common = [CLI, "serve", "models:/churn-classifier@champion", "--tracking-uri", registry, "--name", "churn"]
+    commands = {
+        "mlserver": [*common, "--http-port", str(ports["mlserver"][0]), "--grpc-port", str(ports["mlserver"][1]),
+                     "--metrics-port", str(ports["mlserver"][2])],
+        "bentoml": [*common, "--runtime", "bentoml", "--http-port", str(ports["bentoml"][0])],
+    }  # fmt: skip
+    env = {"TMPDIR": str(workdir), "MLSERVER_PARALLEL_WORKERS": "1", "ML_SERVING_BODY_TIMEOUT_SECONDS": "2"}
+    with (
+        processes.running(commands["mlserver"], workdir / "mlserver.log", env=env) as mlserver,
+        processes.running(commands["bentoml"], workdir / "bentoml.log", env=env) as bentoml,
+    ):
+        urls = {runtime: f"http://127.0.0.1:{ports[runtime][0]}" for runtime in ports}
+        processes.wait_for(urls["mlserver"] + "/v2/health/ready", mlserver, workdir / "mlserver.log", seconds=180)
+        processes.wait_for(urls["bentoml"] + "/readyz", bentoml, workdir / "bentoml.log", seconds=180)
+        yield {
+            "mlserver": Served(urls["mlserver"], f"http://127.0.0.1:{ports['mlserver'][2]}/metrics"),
+            "bentoml": Served(urls["bentoml"], urls["bentoml"] + "/metrics"),
+        }
+
+
+INVOCATIONS = [
+    {"dataframe_records": ROWS},
+    {"dataframe_split": {"columns": list(ROWS[0]), "data": [list(r.values()) for r in ROWS]}},
+    {"instances": ROWS},
+    {"inputs": {c: [r[c] for r in ROWS] for c in ROWS[0]}},
+]
+
+
+def test_both_runtimes_give_the_same_predictions_on_both_protocols(both):
+    answers = {}
+    for runtime, served in both.items():
+        v2 = served.post("/v2/models/churn/infer", v2_body())
+        assert v2.status_code == 200, (runtime, v2.text)
+        data = v2.json()["outputs"][0]["data"]
+        answers[runtime] = [data, *[served.post("/invocations", body).json()["predictions"] for body in INVOCATIONS]]
+        assert all(a == answers[runtime][1] for a in answers[runtime][1:]), f"{runtime}: four formats, one answer"
+    assert answers["bentoml"] == answers["mlserver"]
+    assert len(set(answers["mlserver"][1])) == 2, "both classes, or the comparison proves little"
+
+
+def test_bad_input_is_refused_alike_and_never_a_5xx(both):
+    for name, body, content_type, status, words in BAD + BAD_V2:
+        path = "/v2/models/churn/infer" if name.startswith("v2-") else "/invocations"
+        got = {runtime: _send(served, path, body, content_type) for runtime, served in both.items()}
+        assert got["bentoml"].status_code < 500, (name, got["bentoml"].text)
+        if status not in (413, 415):  # the body limit and media type are checked where each server reads the body
+            assert got["bentoml"].status_code == got["mlserver"].status_code, (name, got["bentoml"].text)
+            assert words in got["bentoml"].json()["error"], (name, got["bentoml"].text)
+    assert requests.get(both["bentoml"].url + "/readyz", timeout=10).status_code == 200
+
+
+def test_bentoml_health_and_the_metric_names_the_queries_use(both):
+    served = both["bentoml"]
+    assert requests.get(served.url + "/livez", timeout=10).status_code == 200
+    assert requests.get(served.url + "/v2/health/ready", timeout=10).status_code == 200
+    assert served.post("/v2/models/churn/infer", v2_body()).status_code == 200
+    text = requests.get(served.metrics, timeout=10).text
+    for name in (metrics.BENTOML.requests, f"{metrics.BENTOML.duration}_bucket", metrics.BENTOML.in_progress):
+        assert f"{name}{{" in text, name
+    counted = [line for line in text.splitlines() if line.startswith(metrics.BENTOML.requests + "{")]
+    assert any('endpoint="/v2/models/churn/infer"' in line and 'http_response_code="200"' in line for line in counted)
+    assert any(f"{metrics.BENTOML_BATCH_SIZE}_count{{" in line for line in text.splitlines()), "adaptive batching ran"
+
+
+# A canary of the runtime alone: champion on MLServer, challenger on BentoML, the same model (the flaky fixture,
+# each process with its own fault switch), real processes and a real Prometheus; `pulumi` is the stand-in.
+
+
+@pytest.fixture(scope="module")
+def runtime_canary(tmp_path_factory):
+    from tests.conftest import copy_project
+    from tests.test_rollout_e2e import flaky_model
+
+    bentoml_python()
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus not installed (apt-get install prometheus)")
+    workdir = tmp_path_factory.mktemp("runtime-canary")
+    project = copy_project(workdir / "project")
+    model = str(flaky_model(workdir / "flaky"))
+    faults = {variant: workdir / f"fault-{variant}" for variant in ("champion", "challenger")}
+    for switch in faults.values():
+        switch.write_text("0")
+    http, grpc_port, metrics_port, bento = (processes.free_port() for _ in range(4))
+    commands = {
+        "champion": [CLI, "serve", model, "--name", "churn", "--http-port", str(http), "--grpc-port", str(grpc_port),
+                     "--metrics-port", str(metrics_port)],
+        "challenger": [CLI, "serve", model, "--name", "churn", "--runtime", "bentoml", "--http-port", str(bento)],
+    }  # fmt: skip
+    env = {"TMPDIR": str(workdir), "MLSERVER_PARALLEL_WORKERS": "1"}
+    with (
+        processes.running(commands["champion"], workdir / "champion.log",
+                          env={**env, "FLAKY_CONTROL_FILE": str(faults["champion"])}) as champion,
+        processes.running(commands["challenger"], workdir / "challenger.log",
+                          env={**env, "FLAKY_CONTROL_FILE": str(faults["challenger"])}) as challenger,
+    ):  # fmt: skip
+        processes.wait_for(f"http://127.0.0.1:{http}/v2/health/ready", champion, workdir / "champion.log", 180)
+        processes.wait_for(f"http://127.0.0.1:{bento}/readyz", challenger, workdir / "challenger.log", 180)
+        config = {
+            "global": {"scrape_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": "mlserver", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"],
+                                                             "labels": {"ml_model": "churn", "ml_variant": "champion"}}]},
+                {"job_name": "bentoml", "static_configs": [{"targets": [f"127.0.0.1:{bento}"],
+                                                            "labels": {"ml_model": "churn", "ml_variant": "challenger"}}]},
+            ],
+        }  # fmt: skip
+        with processes.prometheus_server(config, workdir) as prometheus:
+            urls = {
+                "champion": f"http://127.0.0.1:{http}/invocations",
+                "challenger": f"http://127.0.0.1:{bento}/invocations",
+            }
+            yield project, prometheus, faults, urls
+
+
+def test_a_runtime_canary_walks_every_stage_then_rolls_back_a_faulty_bentoml_challenger(runtime_canary):
+    from tests.test_rollout import weights
+    from tests.test_rollout_e2e import fresh_canary, run_with_traffic
+
+    project, prometheus, faults, urls = runtime_canary
+    for fault, expected in ((0.0, 0), (0.5, 1)):
+        fresh_canary(project, prometheus)
+        path = project / "Pulumi.canary.yaml"
+        # The same version, only the runtime differs. BentoML's batched self-call is slower than MLServer on 2 busy
+        # cores: the latency gates stay, with room, so what decides here is each runtime's own error series.
+        path.write_text(path.read_text().replace(
+            '{version: "2", modelUri: "file:///models/churn/2", weight: 0}',
+            '{version: "1", modelUri: "file:///models/churn/1", weight: 0, runtime: bentoml}',
+        ).replace("inconclusiveThreshold: 2", "inconclusiveThreshold: 2\n        maxP95VsChampion: 20\n        maxP95Seconds: 2"))  # fmt: skip
+        faults["challenger"].write_text(str(fault))
+        run = run_with_traffic(project, urls)
+        assert run.returncode == expected, run.stdout + run.stderr
+        assert weights(project) == {"champion": 100, "challenger": 0}, run.stdout
+        champion = load_settings(project, "canary").models["churn"].variants["champion"]
+        assert champion.runtime == ("bentoml" if fault == 0 else "mlserver"), "promotion moves the runtime too"
+        log = (project / "rollouts" / "canary-churn.jsonl").read_text().splitlines()
+        judged = [r for r in map(json.loads, log) if r["event"] == "judgement"]
+        if fault == 0:
+            assert {r["stage"] for r in judged if r["verdict"] == "passed"} == {0, 1, 2}, "every stage passed"
+        else:
+            failed = {c["name"] for c in judged[-1]["checks"] if c["verdict"] == "failed"}
+            assert judged[-1]["verdict"] == "failed" and "error_ratio" in failed, "the BentoML 5xx series decided"
