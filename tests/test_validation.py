@@ -230,3 +230,19 @@ def test_params_are_checked_against_the_params_schema():
     with pytest.raises(v.RequestError) as none:
         v.invocation_request({"dataframe_records": [ROW], "params": {"k": 1}}, v.Inputs(columns=COLUMNS), LIMITS)
     assert "takes no parameters" in none.value.message
+
+
+def test_a_checked_request_becomes_mlservers_model_without_a_second_validation_and_the_same_content():
+    """The front builds MLServer's request model directly from a checked payload (its largest cost otherwise)."""
+    from mlserver.types import InferenceRequest
+
+    from ml_serving.server.middleware import _checked_request
+
+    checked = v.check_v2(v2(parameters={"content_type": "pd"}), v.Inputs(columns=COLUMNS), LIMITS)
+    with_params = {**checked, "id": "r1", "parameters": {"content_type": "pd", "threshold": 0.7}}
+    for payload in (checked, with_params):
+        fast = _checked_request(payload)
+        assert fast is not None
+        assert fast.model_dump() == InferenceRequest.model_validate(payload).model_dump()
+    assert fast.parameters.model_extra == {"threshold": 0.7}, "params reach the model as MLServer passes them"
+    assert _checked_request({**checked, "outputs": [{"name": "x"}]}) is None, "rare shapes go through pydantic"
