@@ -1,4 +1,4 @@
-"""The serving image's server against `mlflow models serve`, side by side, on the same model and load.
+"""The serving image's server against stock MLServer and `mlflow models serve`, side by side, on the same model.
 
 For each round (servers alternate, so drift hits both alike) and each path (V2 infer, /invocations), `wrk`
 sends 1-row and 64-row requests at 8 and 32 connections for a fixed duration. Also printed: the in-process
@@ -93,6 +93,25 @@ def start_mlflow(model: Path, workers: int, workdir: Path):
     return processes.running(command, workdir / f"mlflow-{port}.log", env=env), port
 
 
+def start_stock(model: Path, workers: int, workdir: Path):
+    """Stock MLServer 1.7.1 with its MLflow runtime, the same workers and adaptive batching as ours (the settings
+    files of serving_image/), no validation layer: the baseline issue #15 measures against."""
+    settings_dir = PROJECT_DIR / "serving_image"
+    folder = workdir / f"stock-{processes.free_port()}"
+    folder.mkdir()
+    model_settings = json.loads((settings_dir / "model-settings.json").read_text())
+    model_settings.update(name="churn", implementation="mlserver_mlflow.MLflowRuntime")
+    model_settings.setdefault("parameters", {})["uri"] = str(model)
+    (folder / "model-settings.json").write_text(json.dumps(model_settings))
+    http, grpc_port, metrics = processes.free_port(), processes.free_port(), processes.free_port()
+    server = json.loads((settings_dir / "settings.json").read_text())
+    server.update(http_port=http, grpc_port=grpc_port, metrics_port=metrics, parallel_workers=workers,
+                  metrics_dir=str(folder / "metrics"))  # fmt: skip
+    (folder / "settings.json").write_text(json.dumps(server))
+    command = [str(Path(sys.executable).parent / "mlserver"), "start", str(folder)]
+    return processes.running(command, workdir / f"stock-{http}.log"), http
+
+
 def in_process_rate(model: Path) -> dict[int, float]:
     import pandas as pd
     from mlflow.pyfunc import load_model
@@ -152,13 +171,14 @@ def main() -> None:
 
     cases = [(path, rows_, conns) for path in ("v2", "invocations") for rows_ in (1, 64) for conns in (8, 32)]
     results: dict[tuple, list] = {}
+    servers = {"ours": start_ours, "stock": start_stock, "mlflow": start_mlflow}
+    ready = {"ours": "/v2/health/ready", "stock": "/v2/health/ready", "mlflow": "/ping"}
     for round_ in range(args.rounds):
-        for server in ("ours", "mlflow") if round_ % 2 == 0 else ("mlflow", "ours"):
-            starter = start_ours if server == "ours" else start_mlflow
-            context, port = starter(model_dir, args.workers, workdir)
+        order = list(servers) if round_ % 2 == 0 else list(reversed(servers))  # drift hits every server alike
+        for server in order:
+            context, port = servers[server](model_dir, args.workers, workdir)
             with context as process:
-                ready = "/v2/health/ready" if server == "ours" else "/ping"
-                processes.wait_for(f"http://127.0.0.1:{port}{ready}", process, workdir / "start.log", 300)
+                processes.wait_for(f"http://127.0.0.1:{port}{ready[server]}", process, workdir / "start.log", 300)
                 for path, count, conns in cases:
                     if server == "mlflow" and path == "v2":
                         continue
@@ -169,16 +189,26 @@ def main() -> None:
                         wrk(url, body, conns, args.duration, workdir)
                     )
 
-    print(f"\n{'path':<12} {'rows':>4} {'conns':>5} | {'ours req/s':>10} {'p50':>7} {'p99':>7} | "
-          f"{'mlflow req/s':>12} {'p50':>7} {'p99':>7} | {'ratio':>6}")  # fmt: skip
+    def cell(result: dict) -> str:
+        return f"{result['rps']:>7.0f} {result['p99_ms']:>7.1f}ms"
+
+    header = [
+        f"{'path':<12} {'rows':>4} {'conns':>5}",
+        f"{'ours req/s':>10} {'p99':>9}",
+        f"{'stock MLServer':>14} {'p99':>9}",
+        f"{'mlflow serve':>12} {'p99':>9}",
+        f"{'vs stock':>8} {'vs mlflow':>9}",
+    ]
+    print("\n" + " | ".join(header))
     for path, count, conns in cases:
         ours = _median(results[("ours", path, count, conns)])
+        stock = _median(results[("stock", path, count, conns)])
         base = _median(results[("mlflow", "invocations", count, conns)])
-        mine = f"{ours['rps']:>10.0f} {ours['p50_ms']:>6.1f}ms {ours['p99_ms']:>6.1f}ms"
-        theirs = f"{base['rps']:>12.0f} {base['p50_ms']:>6.1f}ms {base['p99_ms']:>6.1f}ms"
         errors = f"  ({ours['errors']} non-2xx)" if ours["errors"] else ""
-        print(f"{path:<12} {count:>4} {conns:>5} | {mine} | {theirs} | {ours['rps'] / base['rps']:>5.2f}x{errors}")
-    print("(mlflow models serve has no V2 route: V2 rows compare with its /invocations at the same load)")
+        print(f"{path:<12} {count:>4} {conns:>5} | {cell(ours):>20} | {cell(stock):>24} | {cell(base):>22} | "
+              f"{ours['rps'] / stock['rps']:>7.2f}x {ours['rps'] / base['rps']:>8.2f}x{errors}")  # fmt: skip
+    print("(mlflow models serve has no V2 route: V2 rows compare with its /invocations at the same load; stock "
+          "MLServer serves /invocations outside its batching, as it ships)")  # fmt: skip
     cold = cold_start(f"models:/churn-classifier/{version}", model_dir, workdir)
     print(
         f"\ncold start to ready: baked {cold['baked']:.1f} s, downloaded from the registry {cold['downloaded']:.1f} s"
