@@ -51,6 +51,18 @@ def plan_stack(stack: str, config: dict | None = None, registry: LocalRegistry |
     return run_program(PROJECT_DIR, stack, config=config)
 
 
+@pytest.fixture(scope="module")
+def prod() -> Plan:
+    """The prod stack as planned under the mock engine (pinned: no registry)."""
+    return plan_stack("prod")
+
+
+@pytest.fixture(scope="module")
+def dev(registry: LocalRegistry) -> Plan:
+    """The dev stack, its aliases resolved in the test registry."""
+    return plan_stack("dev", registry=registry)
+
+
 def copy_project(destination: Path) -> Path:
     """A copy of the project's sources (no venv, no rendered output), to edit stack files freely."""
     ignore = shutil.ignore_patterns(".venv", ".git", "rendered", ".mlflow", "__pycache__", "*.egg-info", ".*_cache")

@@ -17,17 +17,7 @@ from ml_serving.image import METRICS_PORT
 from ml_serving.plan import revealed, run_program
 from ml_serving.specs import charts, security, seldon
 from ml_serving.stackfile import load_settings
-from tests.conftest import PROJECT_DIR, plan_stack, stack_config
-
-
-@pytest.fixture(scope="module")
-def prod():
-    return plan_stack("prod")
-
-
-@pytest.fixture(scope="module")
-def dev(registry):
-    return plan_stack("dev", registry=registry)
+from tests.conftest import PROJECT_DIR, stack_config
 
 
 def predictors(plan):

@@ -15,11 +15,6 @@ from tests import schemas
 from tests.conftest import plan_stack
 
 
-@pytest.fixture(scope="module")
-def prod():
-    return plan_stack("prod")
-
-
 def pod(plan, model, variant):
     (sdep,) = plan.find("SeldonDeployment", model)
     (predictor,) = [p for p in sdep["spec"]["predictors"] if p["name"] == variant]

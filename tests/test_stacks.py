@@ -13,16 +13,6 @@ from tests.conftest import plan_stack
 needs_crds = pytest.mark.skipif(not schemas.CRD_DIR.is_dir(), reason=f"upstream CRDs not found at {schemas.CRD_DIR}")
 
 
-@pytest.fixture(scope="module")
-def prod():
-    return plan_stack("prod")
-
-
-@pytest.fixture(scope="module")
-def dev(registry):
-    return plan_stack("dev", registry=registry)
-
-
 def predictors(plan, model):
     (sdep,) = plan.find("SeldonDeployment", model)
     return {p["name"]: p for p in sdep["spec"]["predictors"]}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import bentoml
@@ -30,7 +29,8 @@ from starlette.routing import Route
 
 from ml_serving.server import VERSION_ENV
 from ml_serving.server import validation as v
-from ml_serving.server.outputs import named_outputs
+from ml_serving.server.__main__ import load_limits, settings_dir
+from ml_serving.server.outputs import INPUT_ERRORS, json_default, named_outputs
 
 MODEL_NAME = os.environ.get("MLSERVER_MODEL_NAME") or "model"
 MODEL_PATH = os.environ.get("MLSERVER_MODEL_URI") or "/mnt/models"
@@ -41,29 +41,11 @@ WORKERS = int(os.environ.get("MLSERVER_PARALLEL_WORKERS") or 1) or 1
 NUMPY_OF_V2 = {datatype: numpy for numpy, datatype in v.V2_OF_NUMPY.items() if numpy not in ("str", "bytes")}
 
 
-def _limits() -> v.Limits:
-    folder = Path(os.environ.get("ML_SERVING_SETTINGS_DIR") or Path(__file__).resolve().parents[2] / "serving_image")
-    values = orjson.loads((folder / "limits.json").read_bytes()) if (folder / "limits.json").exists() else {}
-    for name in v.Limits.__dataclass_fields__:
-        env = os.environ.get(f"ML_SERVING_{name.upper()}")
-        if env is not None:
-            values[name] = float(env) if name.endswith("seconds") else int(env)
-    return v.Limits(**values)
-
-
-LIMITS = _limits()
+LIMITS = load_limits(settings_dir())  # the MLServer image's loader: same files, same variables
 
 
 def _json(status: int, payload: Any) -> Response:
-    return Response(orjson.dumps(payload, default=_text), status_code=status, media_type="application/json")
-
-
-def _text(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    return Response(orjson.dumps(payload, default=json_default), status_code=status, media_type="application/json")
 
 
 def decode(request: dict[str, Any]) -> Any:
@@ -139,7 +121,7 @@ class ModelService:
     def _predict(self, model_input: Any, params: dict[str, Any] | None) -> Any:
         try:
             output = self.model.predict(model_input, params=params or None)
-        except (ValueError, TypeError, KeyError, IndexError) as error:
+        except INPUT_ERRORS as error:
             if self.model.metadata.signature is not None:
                 raise  # the request matched the signature: a failure now is the model's
             raise ModelRefused(f"the model refused the input: {error}") from None

@@ -18,6 +18,7 @@ import orjson
 
 from ml_serving.server import REFUSALS_METRIC
 from ml_serving.server import validation as v
+from ml_serving.server.outputs import json_default
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -253,7 +254,7 @@ def _check_content_type(scope: Scope, required: bool) -> None:
 
 
 async def _respond(send: Send, status: int, payload: Any) -> None:
-    body = orjson.dumps(payload, default=_text)
+    body = orjson.dumps(payload, default=json_default)
     await send(
         {
             "type": "http.response.start",
@@ -262,10 +263,3 @@ async def _respond(send: Send, status: int, payload: Any) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-def _text(value: Any) -> str:
-    """BYTES outputs (e.g. string predictions) as text, as MLServer's own REST answers them."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")

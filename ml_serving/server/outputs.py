@@ -4,6 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+# What a model's own input checks raise (sklearn, NumPy, pandas, MLflow): the client's data, not a server fault.
+INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+
+
+def json_default(value: Any) -> Any:
+    """orjson's fallback for predictions: BYTES outputs as text (as MLServer's own REST answers them), NumPy scalars
+    as Python numbers."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if hasattr(value, "item"):  # a NumPy scalar
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
 
 def named_outputs(output: Any, signature: Any) -> Any:
     """An array of predictions as a frame named by the signature's output columns (e.g. `label`, or `label` and

@@ -7,11 +7,9 @@ from mlserver.types import InferenceRequest, InferenceResponse
 from mlserver_mlflow import MLflowRuntime
 from mlserver_mlflow.codecs import TensorDictCodec
 
-from ml_serving.server.outputs import named_outputs
+from ml_serving.server.outputs import INPUT_ERRORS, named_outputs
 
 UNPROCESSABLE = 422
-# What a model's own input checks raise (sklearn, NumPy, pandas, MLflow): the client's data, not a server fault.
-INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError)
 
 
 class ServingRuntime(MLflowRuntime):
