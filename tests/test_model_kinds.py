@@ -176,3 +176,23 @@ def test_v2_metadata_describes_the_signature(models, kind, inputs, outputs):
     assert [(t["name"], t["datatype"], t["shape"]) for t in metadata.get("inputs", [])] == inputs
     if outputs is not None:
         assert [(t["name"], t["datatype"]) for t in metadata.get("outputs", [])] == outputs
+
+
+def test_the_process_that_loads_the_model_freezes_its_heap(tmp_path):
+    """A full collection walking the loaded model's heap stalled every request in flight (the p99 tail of #15)."""
+    import asyncio
+    import gc
+
+    from sklearn.linear_model import LogisticRegression
+
+    from ml_serving.server.__main__ import model_settings, settings_dir
+    from ml_serving.server.runtime import ServingRuntime
+
+    mlflow.sklearn.save_model(LogisticRegression().fit(X, [0, 1, 0]), tmp_path / "m", pip_requirements=PIP)
+    runtime = ServingRuntime(model_settings(settings_dir(), tmp_path / "m", "m"))
+    gc.unfreeze()
+    try:
+        assert asyncio.run(runtime.load())
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

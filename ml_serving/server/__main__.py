@@ -19,7 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ml_serving.server import VERSION_ENV
+from ml_serving.server import VERSION_ENV, freeze_heap
+from ml_serving.server.replicas import Replica, listen, supervise
 
 DEFAULT_SETTINGS_DIR = Path(__file__).resolve().parents[2] / "serving_image"
 IMAGE_SETTINGS_DIR = Path("/app/serving")
@@ -168,13 +169,28 @@ def own_metrics_dir(configured: str | None) -> str:
     return folder
 
 
-async def serve(settings: Any, model: Any, inputs: Any, limits: Any) -> None:
+async def serve(settings: Any, model: Any, inputs: Any, limits: Any, replica: Replica | None = None) -> None:
+    """One MLServer with the model in this process; as `replica`, one of several sharing the inherited socket."""
     from mlserver import MLServer
     from starlette.middleware import Middleware
 
     from ml_serving.server.middleware import ValidationMiddleware
 
+    settings.parallel_workers = 0  # the model runs here: no front process between the request and the model
+    shared = None
+    if replica is not None:
+        from mlserver.metrics.prometheus import configure_metrics
+
+        # Counted in one multiprocess folder for all replicas: set before MLServer makes its metrics.
+        shared = settings.model_copy(update={"parallel_workers": replica.count})
+        configure_metrics(shared)
+        settings._custom_rest_server_settings = {"fd": replica.http_fd}
     server = MLServer(settings)
+    if replica is not None:
+        from mlserver.metrics import MetricsServer
+
+        # Replica 0 serves every replica's metrics, summed; the others record theirs and serve none.
+        server._metrics_server = MetricsServer(shared) if replica.index == 0 and settings.metrics_endpoint else None
     seal_repository(server, model)
     app = server._rest_server._app
     # A route for metrics and docs to match; the middleware answers every /invocations request itself.
@@ -191,7 +207,20 @@ async def serve(settings: Any, model: Any, inputs: Any, limits: Any) -> None:
         )
     )
     server._add_signal_handlers()
-    await server.start([model])
+    await start(server, model)
+
+
+async def start(server: Any, model: Any) -> None:
+    """MLServer's start, in an order for replicas: the metrics port, then the model, then the ports that take
+    requests, so that a replica accepts requests only for a model it has loaded and a ready server is scraped."""
+    metrics = asyncio.ensure_future(server._metrics_server.start()) if server._metrics_server else None
+    while (
+        metrics and not metrics.done() and not getattr(getattr(server._metrics_server, "_server", None), "started", 0)
+    ):
+        await asyncio.sleep(0.01)
+    await server._model_registry.load(model)
+    freeze_heap()
+    await asyncio.gather(server._rest_server.start(), server._grpc_server.start(), *([metrics] if metrics else []))
 
 
 def seal_repository(server: Any, model: Any) -> None:
@@ -240,10 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the registry version it answers as (default: {VERSION_ENV}, or the registry's for models:/ URIs)",
     )
     args = parser.parse_args(argv)
-
-    from mlflow.models import Model
-
-    from ml_serving.server.validation import model_inputs
+    replica = Replica.from_env()
 
     folder = settings_dir()
     try:
@@ -251,9 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     except ModelNotFound as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    inputs = model_inputs(Model.load(str(served.path)).signature)
     settings = server_settings(folder)
-    settings.metrics_dir = own_metrics_dir(os.environ.get("MLSERVER_METRICS_DIR"))
+    if replica is None:
+        settings.metrics_dir = own_metrics_dir(os.environ.get("MLSERVER_METRICS_DIR"))
+        if settings.parallel_workers > 1:
+            return run_replicas(settings, served, args.name)
+    from mlflow.models import Model
+
+    from ml_serving.server.validation import model_inputs
+
+    inputs = model_inputs(Model.load(str(served.path)).signature)
     try:
         import uvloop
 
@@ -261,8 +294,24 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     model = model_settings(folder, served.path, args.name, served.version)
-    asyncio.run(serve(settings, model, inputs, load_limits(folder)))
+    asyncio.run(serve(settings, model, inputs, load_limits(folder), replica))
     return 0
+
+
+def run_replicas(settings: Any, served: Served, name: str | None) -> int:
+    """`parallel_workers` replicas of this server on the model already fetched, sharing the HTTP port."""
+    try:
+        listener = listen(settings.host, settings.http_port)
+    except OSError as error:
+        print(f"error: cannot listen on {settings.host}:{settings.http_port}: {error.strerror}", file=sys.stderr)
+        return 2
+    argv = [
+        str(served.path),
+        *(["--name", name] if name else []),
+        *(["--version", served.version] if served.version else []),
+    ]
+    env = {**os.environ, "MLSERVER_METRICS_DIR": settings.metrics_dir}
+    return supervise(settings.parallel_workers, listener, argv, env)
 
 
 if __name__ == "__main__":

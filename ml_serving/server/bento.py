@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ml_serving.server import VERSION_ENV
+from ml_serving.server import VERSION_ENV, freeze_heap
 from ml_serving.server import validation as v
 from ml_serving.server.__main__ import load_limits, settings_dir
 from ml_serving.server.outputs import INPUT_ERRORS, json_default, named_outputs
@@ -99,6 +99,7 @@ class ModelService:
 
         self.model = mlflow.pyfunc.load_model(MODEL_PATH)
         self.inputs = v.model_inputs(self.model.metadata.signature)
+        freeze_heap()
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def predict_rows(self, rows: list[dict[str, Any]]) -> list[Any]:

@@ -7,6 +7,7 @@ from mlserver.types import InferenceRequest, InferenceResponse
 from mlserver_mlflow import MLflowRuntime
 from mlserver_mlflow.codecs import TensorDictCodec
 
+from ml_serving.server import freeze_heap
 from ml_serving.server.outputs import INPUT_ERRORS, named_outputs
 
 UNPROCESSABLE = 422
@@ -18,8 +19,14 @@ class ServingRuntime(MLflowRuntime):
     The stock handler runs outside adaptive batching and answers some bad input with 500; overriding it without
     the `custom_handler` decorator removes the route, and the middleware sends `/invocations` through V2.
     Predictions are named from the signature's outputs, and a model logged without a signature (nothing to
-    validate against up front) answers its own input errors as 422 with its message.
+    validate against up front) answers its own input errors as 422 with its message. Once loaded, the heap is
+    frozen (`freeze_heap`), in the worker process that loaded it.
     """
+
+    async def load(self) -> bool:
+        loaded = await super().load()
+        freeze_heap()
+        return loaded
 
     async def invocations(self) -> None:  # type: ignore[override]
         raise NotImplementedError("/invocations is served by ml_serving.server.middleware")

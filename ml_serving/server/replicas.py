@@ -1,0 +1,98 @@
+"""`parallel_workers: N` as N complete MLServer processes sharing one port: the model runs where requests are read.
+
+Stock MLServer puts one front process between every request and its parallel workers: the front parses and
+batches every request and pickles each batch to a worker and back, and at 32 connections the requests waited on
+that hand-off while the cores idled (issue #15, bench/README). Here the entrypoint binds the HTTP port once and
+starts N replicas of the same server, each with the model in its own process (MLServer's in-process adaptive
+batching, data plane and metrics, unchanged), all accepting on that one socket; gRPC shares its port through
+SO_REUSEPORT, gRPC's default on Linux. Their metrics go to one multiprocess folder, served summed by replica 0's
+metrics port. A replica that exits stops the others, so the container restarts as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+REPLICA_ENV = "ML_SERVING_REPLICA"  # "INDEX/COUNT/FD", set by the entrypoint for each replica it starts
+STOP_GRACE_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class Replica:
+    """Which of the replicas this process is, and the listening socket it inherited."""
+
+    index: int
+    count: int
+    http_fd: int
+
+    @classmethod
+    def from_env(cls) -> Replica | None:
+        value = os.environ.get(REPLICA_ENV)
+        if not value:
+            return None
+        index, count, fd = (int(part) for part in value.split("/"))
+        return cls(index, count, fd)
+
+    def env(self) -> dict[str, str]:
+        return {REPLICA_ENV: f"{self.index}/{self.count}/{self.http_fd}"}
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The HTTP port, bound once here and inherited by every replica (the kernel hands each connection to one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, backlog=2048)
+    listener.set_inheritable(True)
+    return listener
+
+
+def supervise(count: int, listener: socket.socket, argv: list[str], env: dict[str, str]) -> int:
+    """Run `count` replicas of `python -m ml_serving.server ARGV` until a signal stops them or one exits.
+
+    SIGTERM and SIGINT are passed on and the replicas drain as MLServer does; a replica exiting on its own stops
+    the rest, and its exit code becomes this process's.
+    """
+    fd = listener.fileno()
+    command = [sys.executable, "-m", "ml_serving.server", *argv]
+    alive: dict[int, int] = {}
+    for index in range(count):
+        replica_env = {**env, **Replica(index, count, fd).env()}
+        alive[subprocess.Popen(command, env=replica_env, pass_fds=[fd]).pid] = index
+    listener.close()  # the replicas hold it now
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object = None) -> None:
+        stopping.append(signum)
+        for pid in alive:
+            _signal(pid, signum)
+
+    def kill(_signum: int, _frame: object = None) -> None:
+        for pid in alive:
+            _signal(pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGALRM, kill)
+    code = 0
+    while alive:
+        pid, status = os.waitpid(-1, 0)
+        index = alive.pop(pid, None)
+        if index is None:
+            continue
+        exited = os.waitstatus_to_exitcode(status)
+        if not stopping:
+            print(f"error: replica {index} exited with {exited}: stopping the others", file=sys.stderr, flush=True)
+            code = exited or 1
+            signal.alarm(STOP_GRACE_SECONDS)  # then `kill`: the others get this long to drain
+            stop(signal.SIGTERM)
+    return code
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
