@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Profile the serving front under load (issue #15): the server on the churn model with 2 workers, `wrk` at 32
-# connections on V2 with 1 row, `py-spy` sampling the front process for 15 s; prints the hottest functions.
+# Profile the serving path under load (issue #15): one server process on the churn model (MLSERVER_PARALLEL_WORKERS=0:
+# each replica of `parallelWorkers: N` is such a process), `wrk` at 32 connections on V2 with 1 row, `py-spy`
+# sampling it for 15 s; prints the hottest functions. (bench/profile-front.txt is the first profile, taken when
+# a front process still fed separate worker processes.)
 #   bench/profile_front.sh MODEL_DIR      (a local MLflow model folder, e.g. the seeded dev model's artifacts)
 # Needs Debian's `wrk` and `pip install py-spy` (into .venv).
 set -euo pipefail
@@ -9,7 +11,7 @@ model=${1:?usage: bench/profile_front.sh MODEL_DIR}
 work=$(mktemp -d)
 trap 'kill "$(cat "$work/server.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$work"' EXIT
 MLSERVER_HTTP_PORT=18080 MLSERVER_GRPC_PORT=18081 MLSERVER_METRICS_PORT=18082 MLSERVER_MODEL_NAME=churn \
-  MLSERVER_PARALLEL_WORKERS=2 .venv/bin/python -m ml_serving.server "$model" >"$work/server.log" 2>&1 &
+  MLSERVER_PARALLEL_WORKERS=0 .venv/bin/python -m ml_serving.server "$model" >"$work/server.log" 2>&1 &
 echo $! >"$work/server.pid"
 for _ in $(seq 1 120); do curl -sf localhost:18080/v2/health/ready >/dev/null && break; sleep 1; done
 .venv/bin/python - "$work/post.lua" <<'PY'
@@ -37,7 +39,7 @@ for line in open(sys.argv[1]):
     own[frames[-1]] += count
     for frame in set(frames):
         within[frame] += count
-print(f"{total} samples of the front process (all its threads)")
+print(f"{total} samples of the server process (all its threads)")
 print("self time, top 15:")
 for frame, count in own.most_common(15):
     print(f"  {100 * count / total:5.1f} %  {frame[:120]}")

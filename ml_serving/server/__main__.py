@@ -213,14 +213,18 @@ async def serve(settings: Any, model: Any, inputs: Any, limits: Any, replica: Re
 async def start(server: Any, model: Any) -> None:
     """MLServer's start, in an order for replicas: the metrics port, then the model, then the ports that take
     requests, so that a replica accepts requests only for a model it has loaded and a ready server is scraped."""
-    metrics = asyncio.ensure_future(server._metrics_server.start()) if server._metrics_server else None
-    while (
-        metrics and not metrics.done() and not getattr(getattr(server._metrics_server, "_server", None), "started", 0)
-    ):
+    metrics_server = server._metrics_server
+    metrics = asyncio.ensure_future(metrics_server.start()) if metrics_server else None
+    while metrics and not metrics.done() and not _listening(metrics_server):
         await asyncio.sleep(0.01)
     await server._model_registry.load(model)
     freeze_heap()
     await asyncio.gather(server._rest_server.start(), server._grpc_server.start(), *([metrics] if metrics else []))
+
+
+def _listening(mlserver_server: Any) -> bool:
+    """Whether one of MLServer's servers (a uvicorn server inside) has bound its port."""
+    return bool(getattr(getattr(mlserver_server, "_server", None), "started", False))
 
 
 def seal_repository(server: Any, model: Any) -> None:
