@@ -172,25 +172,23 @@ def own_metrics_dir(configured: str | None) -> str:
 async def serve(settings: Any, model: Any, inputs: Any, limits: Any, replica: Replica | None = None) -> None:
     """One MLServer with the model in this process; as `replica`, one of several sharing the inherited socket."""
     from mlserver import MLServer
+    from mlserver.metrics import MetricsServer
+    from mlserver.metrics.prometheus import configure_metrics
     from starlette.middleware import Middleware
 
     from ml_serving.server.middleware import ValidationMiddleware
 
     settings.parallel_workers = 0  # the model runs here: no front process between the request and the model
-    shared = None
+    # Metrics in a multiprocess folder even for one process: replicas share it, and without it MLServer exports
+    # none of its own registry's metrics (`batch_request_queue`). Set before MLServer makes its metrics.
+    shared = settings.model_copy(update={"parallel_workers": replica.count if replica else 1})
+    configure_metrics(shared)
     if replica is not None:
-        from mlserver.metrics.prometheus import configure_metrics
-
-        # Counted in one multiprocess folder for all replicas: set before MLServer makes its metrics.
-        shared = settings.model_copy(update={"parallel_workers": replica.count})
-        configure_metrics(shared)
         settings._custom_rest_server_settings = {"fd": replica.http_fd}
     server = MLServer(settings)
-    if replica is not None:
-        from mlserver.metrics import MetricsServer
-
-        # Replica 0 serves every replica's metrics, summed; the others record theirs and serve none.
-        server._metrics_server = MetricsServer(shared) if replica.index == 0 and settings.metrics_endpoint else None
+    # One process serves the metrics of every replica, summed: replica 0, or the only one.
+    serves_metrics = settings.metrics_endpoint and (replica is None or replica.index == 0)
+    server._metrics_server = MetricsServer(shared) if serves_metrics else None
     seal_repository(server, model)
     app = server._rest_server._app
     # A route for metrics and docs to match; the middleware answers every /invocations request itself.

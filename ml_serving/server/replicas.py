@@ -60,10 +60,6 @@ def supervise(count: int, listener: socket.socket, argv: list[str], env: dict[st
     fd = listener.fileno()
     command = [sys.executable, "-m", "ml_serving.server", *argv]
     alive: dict[int, int] = {}
-    for index in range(count):
-        replica_env = {**env, **Replica(index, count, fd).env()}
-        alive[subprocess.Popen(command, env=replica_env, pass_fds=[fd]).pid] = index
-    listener.close()  # the replicas hold it now
     stopping: list[int] = []
 
     def stop(signum: int, _frame: object = None) -> None:
@@ -78,6 +74,12 @@ def supervise(count: int, listener: socket.socket, argv: list[str], env: dict[st
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGALRM, kill)
+    for index in range(count):
+        if stopping:  # a signal while starting: start no more (those started got it)
+            break
+        replica_env = {**env, **Replica(index, count, fd).env()}
+        alive[subprocess.Popen(command, env=replica_env, pass_fds=[fd]).pid] = index
+    listener.close()  # the replicas hold it now
     code = 0
     while alive:
         pid, status = os.waitpid(-1, 0)
