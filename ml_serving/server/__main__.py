@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ml_serving.server import VERSION_ENV, freeze_heap
+from ml_serving.server import VERSION_ENV
 from ml_serving.server.replicas import Replica, listen, supervise
 
 DEFAULT_SETTINGS_DIR = Path(__file__).resolve().parents[2] / "serving_image"
@@ -215,8 +215,7 @@ async def start(server: Any, model: Any) -> None:
     metrics = asyncio.ensure_future(metrics_server.start()) if metrics_server else None
     while metrics and not metrics.done() and not _listening(metrics_server):
         await asyncio.sleep(0.01)
-    await server._model_registry.load(model)
-    freeze_heap()
+    await server._model_registry.load(model)  # ServingRuntime.load freezes the heap once the model is in it
     await asyncio.gather(server._rest_server.start(), server._grpc_server.start(), *([metrics] if metrics else []))
 
 
