@@ -5,7 +5,10 @@ sends 1-row and 64-row requests at 8 and 32 connections for a fixed duration. Al
 pyfunc `predict` rate (1 and 32 rows) as the ceiling, and cold start (process start → ready) with the model
 baked into the context vs downloaded from the registry. Run (needs Debian's `wrk`):
 
-    .venv/bin/python bench/serving.py [--duration 10] [--rounds 3] [--workers 2]
+    .venv/bin/python bench/serving.py [--duration 10] [--rounds 3] [--workers 2] [--before 3027f86]
+
+`--before REF` also runs this project's server as it was at git commit REF (a worktree of it, same model and
+settings), e.g. 3027f86, the server issue #15 measured as "today's figure".
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def start_ours(model: Path, workers: int, workdir: Path, env_extra: dict | None = None):
+def start_ours(model: Path, workers: int, workdir: Path, env_extra: dict | None = None, project: Path = PROJECT_DIR):
     http, grpc_port, metrics = processes.free_port(), processes.free_port(), processes.free_port()
     env = {
         "MLSERVER_HTTP_PORT": str(http), "MLSERVER_GRPC_PORT": str(grpc_port), "MLSERVER_METRICS_PORT": str(metrics),
@@ -80,7 +83,15 @@ def start_ours(model: Path, workers: int, workdir: Path, env_extra: dict | None 
         "MLSERVER_MODEL_NAME": "churn", **(env_extra or {}),
     }  # fmt: skip
     command = [sys.executable, "-m", "ml_serving.server", str(model)]
-    return processes.running(command, workdir / f"ours-{http}.log", env=env, cwd=PROJECT_DIR), http
+    return processes.running(command, workdir / f"ours-{http}.log", env=env, cwd=project), http
+
+
+def checkout(ref: str, workdir: Path) -> Path:
+    """This repository at commit `ref`, in a worktree of its own (removed with the bench's folder)."""
+    folder = workdir / f"before-{ref}"
+    subprocess.run(["git", "-C", str(PROJECT_DIR), "worktree", "add", "--detach", "-f", str(folder), ref],
+                   check=True, capture_output=True)  # fmt: skip
+    return folder
 
 
 def start_mlflow(model: Path, workers: int, workdir: Path):
@@ -148,6 +159,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--before", metavar="REF", help="also run this project's server as of git commit REF")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("error: wrk not found: apt-get install -y wrk")
@@ -172,7 +184,10 @@ def main() -> None:
     cases = [(path, rows_, conns) for path in ("v2", "invocations") for rows_ in (1, 64) for conns in (8, 32)]
     results: dict[tuple, list] = {}
     servers = {"ours": start_ours, "stock": start_stock, "mlflow": start_mlflow}
-    ready = {"ours": "/v2/health/ready", "stock": "/v2/health/ready", "mlflow": "/ping"}
+    ready = {"ours": "/v2/health/ready", "stock": "/v2/health/ready", "mlflow": "/ping", "before": "/v2/health/ready"}
+    if args.before:
+        before = checkout(args.before, workdir)
+        servers["before"] = lambda model, workers, folder: start_ours(model, workers, folder, project=before)
     for round_ in range(args.rounds):
         order = list(servers) if round_ % 2 == 0 else list(reversed(servers))  # drift hits every server alike
         for server in order:
@@ -207,12 +222,20 @@ def main() -> None:
         errors = f"  ({ours['errors']} non-2xx)" if ours["errors"] else ""
         print(f"{path:<12} {count:>4} {conns:>5} | {cell(ours):>20} | {cell(stock):>24} | {cell(base):>22} | "
               f"{ours['rps'] / stock['rps']:>7.2f}x {ours['rps'] / base['rps']:>8.2f}x{errors}")  # fmt: skip
+    if args.before:
+        print(f"\nthis server as of {args.before}, same runs: path rows conns | req/s p99 | now vs then")
+        for path, count, conns in cases:
+            then = _median(results[("before", path, count, conns)])
+            ours = _median(results[("ours", path, count, conns)])
+            print(f"{path:<12} {count:>4} {conns:>5} | {cell(then):>20} | {ours['rps'] / then['rps']:>7.2f}x")
     print("(mlflow models serve has no V2 route: V2 rows compare with its /invocations at the same load; stock "
           "MLServer serves /invocations outside its batching, as it ships)")  # fmt: skip
     cold = cold_start(f"models:/churn-classifier/{version}", model_dir, workdir)
     print(
         f"\ncold start to ready: baked {cold['baked']:.1f} s, downloaded from the registry {cold['downloaded']:.1f} s"
     )
+    if args.before:
+        subprocess.run(["git", "-C", str(PROJECT_DIR), "worktree", "remove", "--force", str(before)], check=False)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

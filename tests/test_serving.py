@@ -149,23 +149,27 @@ def total(values: dict[str, float], prefix: str, *needles: str) -> float:
 
 
 def test_request_counters_and_latency_histograms_rise(server):
+    """Counted once each, under MLServer's route templates: the validation layer answers these in front of
+    MLServer's app and records MLServer's request metrics itself."""
     before = scrape(server)
     for _ in range(5):
         assert server.post("/v2/models/churn-classifier/infer", v2_body()).status_code == 200
         assert server.post("/invocations", {"dataframe_records": ROWS}).status_code == 200
+    assert server.post("/v2/models/no-such-model/infer", v2_body()).status_code == 404
     after = scrape(server)
     v2_path, invocations = 'path="/v2/models/{model_name}/infer"', 'path="/invocations"'
-    for needle in (v2_path, invocations):
-        counted = total(after, "rest_server_requests_total", needle) - total(
-            before, "rest_server_requests_total", needle
+    for needles, expected in (((v2_path, 'status_code="200"'), 5), ((invocations,), 5), ((v2_path, '"404"'), 1)):
+        counted = total(after, "rest_server_requests_total", *needles) - total(
+            before, "rest_server_requests_total", *needles
         )
-        assert counted >= 5, needle
-        timed = total(after, "rest_server_request_duration_seconds_count", needle) - total(
-            before, "rest_server_request_duration_seconds_count", needle
+        assert counted == expected, needles
+        timed = total(after, "rest_server_request_duration_seconds_count", *needles) - total(
+            before, "rest_server_request_duration_seconds_count", *needles
         )
-        assert timed >= 5, needle
+        assert timed == expected, needles
+    assert total(after, "rest_server_requests_in_progress") == 0
     inferred = total(after, "model_infer_request_success_total") - total(before, "model_infer_request_success_total")
-    assert inferred >= 10, "/invocations goes through the V2 path, so it counts as inference too"
+    assert inferred == 10, "/invocations goes through the V2 path, so it counts as inference too"
 
 
 GOOD = ROWS[0]

@@ -176,7 +176,7 @@ async def serve(settings: Any, model: Any, inputs: Any, limits: Any, replica: Re
     from mlserver.metrics.prometheus import configure_metrics
     from starlette.middleware import Middleware
 
-    from ml_serving.server.middleware import ValidationMiddleware
+    from ml_serving.server.middleware import RequestMetrics, ValidationMiddleware, runs_in_front
 
     settings.parallel_workers = 0  # the model runs here: no front process between the request and the model
     # Metrics in a multiprocess folder even for one process: replicas share it, and without it MLServer exports
@@ -191,31 +191,37 @@ async def serve(settings: Any, model: Any, inputs: Any, limits: Any, replica: Re
     server._metrics_server = MetricsServer(shared) if serves_metrics else None
     seal_repository(server, model)
     app = server._rest_server._app
-    # A route for metrics and docs to match; the middleware answers every /invocations request itself.
+    # A route for docs and metrics to match; the middleware answers every /invocations request itself.
     app.add_api_route("/invocations", _served_by_middleware, methods=["POST"])
     version = model.parameters.version if model.parameters else None
-    app.user_middleware.append(
-        Middleware(
-            ValidationMiddleware,
-            model_name=model.name,
-            model_version=version,
-            inputs=inputs,
-            limits=limits,
-            data_plane=server._data_plane,
-        )
-    )
+    layer = {
+        "model_name": model.name,
+        "model_version": version,
+        "inputs": inputs,
+        "limits": limits,
+        "data_plane": server._data_plane,
+    }
+    front = None
+    if runs_in_front(settings):
+        metrics = RequestMetrics(settings) if settings.metrics_endpoint else None
+        front = ValidationMiddleware(app, **layer, metrics=metrics, routes=app.routes)
+    else:
+        app.user_middleware.append(Middleware(ValidationMiddleware, **layer))
     server._add_signal_handlers()
-    await start(server, model)
+    await start(server, model, front)
 
 
-async def start(server: Any, model: Any) -> None:
+async def start(server: Any, model: Any, front: Any = None) -> None:
     """MLServer's start, in an order for replicas: the metrics port, then the model, then the ports that take
-    requests, so that a replica accepts requests only for a model it has loaded and a ready server is scraped."""
+    requests, so that a replica accepts requests only for a model it has loaded and a ready server is scraped.
+    `front`, if any, takes the place of MLServer's REST app once the model is loaded (loading adds its routes)."""
     metrics_server = server._metrics_server
     metrics = asyncio.ensure_future(metrics_server.start()) if metrics_server else None
     while metrics and not metrics.done() and not _listening(metrics_server):
         await asyncio.sleep(0.01)
     await server._model_registry.load(model)  # ServingRuntime.load freezes the heap once the model is in it
+    if front is not None:
+        server._rest_server._app = front
     await asyncio.gather(server._rest_server.start(), server._grpc_server.start(), *([metrics] if metrics else []))
 
 
@@ -302,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_replicas(settings: Any, served: Served, name: str | None) -> int:
     """`parallel_workers` replicas of this server on the model already fetched, sharing the HTTP port."""
     try:
-        listener = listen(settings.host, settings.http_port)
+        listeners = listen(settings.host, settings.http_port, settings.parallel_workers)
     except OSError as error:
         print(f"error: cannot listen on {settings.host}:{settings.http_port}: {error.strerror}", file=sys.stderr)
         return 2
@@ -312,7 +318,7 @@ def run_replicas(settings: Any, served: Served, name: str | None) -> int:
         *(["--version", served.version] if served.version else []),
     ]
     env = {**os.environ, "MLSERVER_METRICS_DIR": settings.metrics_dir}
-    return supervise(settings.parallel_workers, listener, argv, env)
+    return supervise(listeners, argv, env)
 
 
 if __name__ == "__main__":

@@ -242,16 +242,17 @@ def parse_json(body: bytes, limits: Limits) -> Any:
     if not body.strip():
         raise RequestError(BAD_REQUEST, Refusal.MALFORMED_BODY, "empty body: send a JSON object")
     try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RequestError(
-            BAD_REQUEST, Refusal.MALFORMED_BODY, f"body is not UTF-8 (byte {exc.start}): send UTF-8 encoded JSON"
-        ) from None
-    try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise RequestError(
+                BAD_REQUEST, Refusal.MALFORMED_BODY, f"body is not UTF-8 (byte {bad.start}): send UTF-8 encoded JSON"
+            ) from None
         raise RequestError(BAD_REQUEST, Refusal.MALFORMED_BODY, f"malformed JSON: {exc}") from None
-    _check_depth(payload, limits.max_depth)
+    if body.count(b"[") + body.count(b"{") > limits.max_depth:  # fewer brackets than the limit: not that deep
+        _check_depth(payload, limits.max_depth)
     return payload
 
 
