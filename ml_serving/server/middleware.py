@@ -58,17 +58,29 @@ class RequestMetrics:
         self.duration = exporter.request_time
         self.in_progress = exporter.requests_in_progress
         self.app_name = app_name
+        # The labelled series, each looked up once (as many as the metrics' own series).
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._in_flight: dict[str, Any] = {}
 
     def started(self, method: str) -> None:
-        self.in_progress.labels(method, self.app_name).inc()
+        gauge = self._in_flight.get(method)
+        if gauge is None:
+            gauge = self._in_flight[method] = self.in_progress.labels(method, self.app_name)
+        gauge.inc()
 
     def finished(self, method: str, route: str | None, status: int, seconds: float) -> None:
         """A request answered: counted under its route's template (a path no route matches is not counted, as
         MLServer's middleware does)."""
-        self.in_progress.labels(method, self.app_name).dec()
-        if route is not None:
-            self.requests.labels(method, route, status, self.app_name).inc()
-            self.duration.labels(method, route, status, self.app_name).observe(seconds)
+        self._in_flight[method].dec()
+        if route is None:
+            return
+        key = (method, route, status)
+        series = self._series.get(key)
+        if series is None:
+            labels = (method, route, status, self.app_name)
+            series = self._series[key] = (self.requests.labels(*labels), self.duration.labels(*labels))
+        series[0].inc()
+        series[1].observe(seconds)
 
 
 class ClientGone(Exception):
