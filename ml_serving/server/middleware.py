@@ -88,8 +88,9 @@ class ClientGone(Exception):
 
 
 class ValidationMiddleware:
-    """`metrics` set: the layer runs in front of MLServer's app (`app`) and records the requests it answers;
-    None: it runs inside MLServer's app, whose metrics middleware counts them."""
+    """`app` is MLServer's app (the layer in front of it) or the rest of its middleware stack (the layer inside
+    it). `metrics` records the requests answered here when the layer runs in front; None inside MLServer's app,
+    whose own metrics middleware counts them, or when metrics are off."""
 
     def __init__(
         self,
