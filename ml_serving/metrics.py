@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ml_serving.server import REFUSALS_METRIC
+from ml_serving.server import INFERENCE_ROUTES, REFUSALS_METRIC
 
 # Prometheus labels carrying the stack file's names (from the pods' ml-serving.io/* labels).
 MODEL = "ml_model"
@@ -37,7 +37,7 @@ DCGM_GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"  # from NVIDIA's DCGM exporter, percent p
 REFUSALS = REFUSALS_METRIC  # the serving image's own counter {model, reason}
 REASON = "reason"
 
-INFERENCE_PATHS = "/v2/models/{model_name}/infer|/v2/models/{model_name}/versions/{model_version}/infer|/invocations"
+INFERENCE_PATHS = "|".join(INFERENCE_ROUTES)
 DEFAULT_WINDOW = "1m"
 
 

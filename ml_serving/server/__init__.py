@@ -13,6 +13,13 @@ VERSION_ENV = "ML_SERVING_MODEL_VERSION"
 # metrics.py reads the name from here for the dashboard.
 REFUSALS_METRIC = "ml_serving_request_refusals_total"
 
+# The inference routes, as MLServer's REST app names them in its request metrics' `path` label (route templates):
+# the validation layer records requests under them, and metrics.py's queries select them.
+INFER_ROUTE = "/v2/models/{model_name}/infer"
+VERSION_INFER_ROUTE = "/v2/models/{model_name}/versions/{model_version}/infer"
+INVOCATIONS_ROUTE = "/invocations"
+INFERENCE_ROUTES = (INFER_ROUTE, VERSION_INFER_ROUTE, INVOCATIONS_ROUTE)
+
 # The collector's thresholds once the heap is frozen (Python's defaults: 700, 10, 10); see freeze_heap.
 GC_THRESHOLDS = (50_000, 20, 100)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ml_serving.server import VERSION_ENV
+from ml_serving.server import INVOCATIONS_ROUTE, VERSION_ENV
 from ml_serving.server.replicas import Replica, listen, supervise
 
 DEFAULT_SETTINGS_DIR = Path(__file__).resolve().parents[2] / "serving_image"
@@ -192,7 +192,7 @@ async def serve(settings: Any, model: Any, inputs: Any, limits: Any, replica: Re
     seal_repository(server, model)
     app = server._rest_server._app
     # A route for docs and metrics to match; the middleware answers every /invocations request itself.
-    app.add_api_route("/invocations", _served_by_middleware, methods=["POST"])
+    app.add_api_route(INVOCATIONS_ROUTE, _served_by_middleware, methods=["POST"])
     version = model.parameters.version if model.parameters else None
     layer = {
         "model_name": model.name,

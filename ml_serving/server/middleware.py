@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ml_serving.server import REFUSALS_METRIC
+from ml_serving.server import INFER_ROUTE, INVOCATIONS_ROUTE, REFUSALS_METRIC, VERSION_INFER_ROUTE
 from ml_serving.server import validation as v
 from ml_serving.server.outputs import json_default
 
@@ -31,11 +31,8 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-INVOCATIONS = "/invocations"
 READY = "/v2/health/ready"
 V2_MODELS = "/v2/models/"
-INFER_ROUTE = "/v2/models/{model_name}/infer"
-VERSION_INFER_ROUTE = "/v2/models/{model_name}/versions/{model_version}/infer"
 CLIENT_CLOSED = 499  # what MLServer's request metrics record for a client gone before the answer
 logger = logging.getLogger("ml_serving.server")
 
@@ -118,7 +115,7 @@ class ValidationMiddleware:
         path = scope["path"]
         if path == READY:  # not a request metric, as in MLServer
             return await self._ready(send)
-        if not (path == INVOCATIONS or (path.startswith(V2_MODELS) and self._answers(scope))):
+        if not (path == INVOCATIONS_ROUTE or (path.startswith(V2_MODELS) and self._answers(scope))):
             return await self.app(scope, receive, send)
         if self.metrics is None:
             await self._answer(scope, receive, send)
@@ -144,7 +141,7 @@ class ValidationMiddleware:
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Answer the request; the status sent."""
         try:
-            if scope["path"] == INVOCATIONS:
+            if scope["path"] == INVOCATIONS_ROUTE:
                 return await self._invocations(scope, receive, send)
             self._check_model(scope["path"])
             return await self._v2_infer(scope, receive, send)
@@ -157,8 +154,8 @@ class ValidationMiddleware:
     def _route(self, scope: Scope) -> str | None:
         """The route template MLServer's metrics use for this path; known for inference, matched otherwise."""
         path = scope["path"]
-        if path == INVOCATIONS:
-            return INVOCATIONS
+        if path == INVOCATIONS_ROUTE:
+            return INVOCATIONS_ROUTE
         if path.endswith("/infer"):
             return {5: INFER_ROUTE, 7: VERSION_INFER_ROUTE}.get(path.count("/") + 1)
         from starlette_exporter.middleware import get_matching_route_path
