@@ -101,6 +101,19 @@ def test_v2_rest_predicts_like_the_model(server):
     assert list(np.asarray(output["data"]).ravel()) == server.expected
 
 
+def test_cloudevents_headers_go_out_as_http_headers_as_mlserver_sends_them(server):
+    """Seldon's request logger reads the `Ce-*` headers; MLServer's REST route moves them out of the answer's body."""
+    response = server.post("/v2/models/churn-classifier/infer", v2_body())
+    answer = response.json()
+    assert "headers" not in answer.get("parameters", {})
+    assert response.headers["Ce-Id"] == response.headers["Ce-Requestid"] == answer["id"]
+    assert response.headers["Ce-Type"] == "io.seldon.serving.inference.response"
+    assert response.headers["Ce-Modelid"] == "churn-classifier"
+    invocations = server.post("/invocations", {"dataframe_records": ROWS})
+    assert invocations.json() == {"predictions": server.expected}
+    assert invocations.headers["Ce-Type"] == "io.seldon.serving.inference.response"
+
+
 @pytest.mark.parametrize(
     "payload",
     [

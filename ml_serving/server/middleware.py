@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -30,6 +30,7 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+Headers = Sequence[tuple[bytes, bytes]]
 
 READY = "/v2/health/ready"
 V2_MODELS = "/v2/models/"
@@ -162,10 +163,10 @@ class ValidationMiddleware:
 
         return get_matching_route_path(scope, self.routes)
 
-    async def _send(self, scope: Scope, send: Send, status: int, payload: Any) -> int:
+    async def _send(self, scope: Scope, send: Send, status: int, payload: Any, headers: Headers = ()) -> int:
         if self.metrics is None:
             _handled_here(scope)
-        await _respond(send, status, payload)
+        await _respond(send, status, payload, headers)
         return status
 
     def _count_refusal(self, reason: v.Refusal) -> None:
@@ -201,8 +202,8 @@ class ValidationMiddleware:
     async def _v2_infer(self, scope: Scope, receive: Receive, send: Send) -> int:
         _check_content_type(scope, required=False)
         payload = v.parse_json(await self._read_body(scope, receive), self.limits)
-        status, answer = await self._infer(v.check_v2(payload, self.inputs, self.limits))
-        return await self._send(scope, send, status, answer)
+        status, answer, headers = await self._infer(v.check_v2(payload, self.inputs, self.limits))
+        return await self._send(scope, send, status, answer, headers)
 
     async def _invocations(self, scope: Scope, receive: Receive, send: Send) -> int:
         if scope["method"] != "POST":
@@ -210,13 +211,17 @@ class ValidationMiddleware:
         _check_content_type(scope, required=True)
         body = await self._read_body(scope, receive)
         request = v.invocation_request(v.parse_json(body, self.limits), self.inputs, self.limits)
-        status, answer = await self._infer(request)
-        return await self._send(scope, send, status, v.v2_to_predictions(answer) if status == 200 else answer)
+        status, answer, headers = await self._infer(request)
+        predictions = v.v2_to_predictions(answer) if status == 200 else answer
+        return await self._send(scope, send, status, predictions, headers)
 
-    async def _infer(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """MLServer's own inference call: batching, workers, metrics. Its errors keep their status."""
+    async def _infer(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any], Headers]:
+        """MLServer's own inference call: batching, workers, metrics. Its errors keep their status. The answer's
+        headers (the CloudEvents `Ce-*` headers Seldon's request logger reads) go out as HTTP headers, not in the
+        body, as MLServer's REST route sends them."""
         from mlserver.errors import MLServerError
         from mlserver.types import InferenceRequest
+        from mlserver.utils import extract_headers
 
         try:
             request = _checked_request(payload) or InferenceRequest.model_validate(payload)
@@ -229,11 +234,13 @@ class ValidationMiddleware:
         except MLServerError as exc:
             if 400 <= exc.status_code < 500:
                 raise v.RequestError(exc.status_code, v.Refusal.MODEL_REFUSED, str(exc)) from None
-            return exc.status_code, {"error": str(exc)}
+            return exc.status_code, {"error": str(exc)}, ()
         except Exception as exc:  # the model itself failed on valid input: the server's fault, and counted so
             logger.exception("inference failed")
-            return 500, {"error": f"the model failed: {type(exc).__name__}: {exc}"}
-        return 200, response.model_dump(exclude_none=True)
+            return 500, {"error": f"the model failed: {type(exc).__name__}: {exc}"}, ()
+        headers = extract_headers(response) or {}
+        raw = [(name.lower().encode("latin-1"), str(value).encode("latin-1")) for name, value in headers.items()]
+        return 200, response.model_dump(exclude_none=True), raw
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.limits.max_body_bytes
@@ -348,13 +355,17 @@ def _check_content_type(scope: Scope, required: bool) -> None:
             raise v.RequestError(v.UNSUPPORTED, v.Refusal.MEDIA_TYPE, f"charset {value!r} is not supported: send UTF-8")
 
 
-async def _respond(send: Send, status: int, payload: Any) -> None:
+async def _respond(send: Send, status: int, payload: Any, headers: Headers = ()) -> None:
     body = orjson.dumps(payload, default=json_default)
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
