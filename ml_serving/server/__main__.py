@@ -176,6 +176,7 @@ async def serve(settings: Any, model: Any, inputs: Any, limits: Any, replica: Re
     from mlserver.metrics.prometheus import configure_metrics
     from starlette.middleware import Middleware
 
+    from ml_serving.server.batching import BatchGate, uvicorn_connections
     from ml_serving.server.middleware import RequestMetrics, ValidationMiddleware, runs_in_front
 
     settings.parallel_workers = 0  # the model runs here: no front process between the request and the model
@@ -200,6 +201,7 @@ async def serve(settings: Any, model: Any, inputs: Any, limits: Any, replica: Re
         "inputs": inputs,
         "limits": limits,
         "data_plane": server._data_plane,
+        "gate": BatchGate(uvicorn_connections(server._rest_server)),
     }
     front = None
     if runs_in_front(settings):
@@ -208,18 +210,23 @@ async def serve(settings: Any, model: Any, inputs: Any, limits: Any, replica: Re
     else:
         app.user_middleware.append(Middleware(ValidationMiddleware, **layer))
     server._add_signal_handlers()
-    await start(server, model, front)
+    await start(server, model, front, layer["gate"])
 
 
-async def start(server: Any, model: Any, front: Any = None) -> None:
+async def start(server: Any, model: Any, front: Any = None, gate: Any = None) -> None:
     """MLServer's start, in an order for replicas: the metrics port, then the model, then the ports that take
     requests, so that a replica accepts requests only for a model it has loaded and a ready server is scraped.
-    `front`, if any, takes the place of MLServer's REST app once the model is loaded (loading adds its routes)."""
+    `front`, if any, takes the place of MLServer's REST app once the model is loaded (loading adds its routes);
+    `gate`, if any, closes the loaded model's batches early (batching.close_batches_early)."""
     metrics_server = server._metrics_server
     metrics = asyncio.ensure_future(metrics_server.start()) if metrics_server else None
     while metrics and not metrics.done() and not _listening(metrics_server):
         await asyncio.sleep(0.01)
-    await server._model_registry.load(model)  # ServingRuntime.load freezes the heap once the model is in it
+    loaded = await server._model_registry.load(model)  # ServingRuntime.load freezes the heap once it is in
+    if gate is not None:
+        from ml_serving.server.batching import close_batches_early
+
+        close_batches_early(loaded, gate)
     if front is not None:
         server._rest_server._app = front
     await asyncio.gather(server._rest_server.start(), server._grpc_server.start(), *([metrics] if metrics else []))

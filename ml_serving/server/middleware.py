@@ -24,6 +24,7 @@ import orjson
 
 from ml_serving.server import INFER_ROUTE, INVOCATIONS_ROUTE, REFUSALS_METRIC, VERSION_INFER_ROUTE
 from ml_serving.server import validation as v
+from ml_serving.server.batching import BatchGate
 from ml_serving.server.outputs import json_default
 
 Scope = dict[str, Any]
@@ -88,7 +89,8 @@ class ClientGone(Exception):
 class ValidationMiddleware:
     """`app` is MLServer's app (the layer in front of it) or the rest of its middleware stack (the layer inside
     it). `metrics` records the requests answered here when the layer runs in front; None inside MLServer's app,
-    whose own metrics middleware counts them, or when metrics are off."""
+    whose own metrics middleware counts them, or when metrics are off. `gate`, if any, is told which requests are
+    on their way to the data plane and which are in it (batching.BatchGate)."""
 
     def __init__(
         self,
@@ -100,6 +102,7 @@ class ValidationMiddleware:
         data_plane: Any,
         metrics: RequestMetrics | None = None,
         routes: list[Any] | None = None,
+        gate: BatchGate | None = None,
     ) -> None:
         self.app = app
         self.data_plane = data_plane
@@ -109,6 +112,7 @@ class ValidationMiddleware:
         self.limits = limits
         self.metrics = metrics
         self.routes = routes or []
+        self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,17 +122,24 @@ class ValidationMiddleware:
             return await self._ready(send)
         if not (path == INVOCATIONS_ROUTE or (path.startswith(V2_MODELS) and self._answers(scope))):
             return await self.app(scope, receive, send)
-        if self.metrics is None:
-            await self._answer(scope, receive, send)
-            return None
-        method = scope["method"]
-        self.metrics.started(method)
-        began = time.perf_counter()
-        status = 500
+        gate = self.gate
+        if gate is not None:
+            gate.arriving += 1
         try:
-            status = await self._answer(scope, receive, send)
+            if self.metrics is None:
+                await self._answer(scope, receive, send)
+                return None
+            method = scope["method"]
+            self.metrics.started(method)
+            began = time.perf_counter()
+            status = 500
+            try:
+                status = await self._answer(scope, receive, send)
+            finally:
+                self.metrics.finished(method, self._route(scope), status, time.perf_counter() - began)
         finally:
-            self.metrics.finished(method, self._route(scope), status, time.perf_counter() - began)
+            if gate is not None:
+                gate.arriving -= 1
 
     def _answers(self, scope: Scope) -> bool:
         """A /v2/models/ request answered here: inference on the served model, or a refusal of any other model."""
@@ -229,6 +240,10 @@ class ValidationMiddleware:
             raise v.RequestError(
                 v.UNPROCESSABLE, v.Refusal.BAD_STRUCTURE, f"not a valid inference request: {exc}"
             ) from None
+        gate = self.gate
+        if gate is not None:  # in the data plane now, no longer on its way there
+            gate.arriving -= 1
+            gate.handed.add(id(request))
         try:
             response = await self.data_plane.infer(request, self.model_name, self.model_version)
         except MLServerError as exc:
@@ -238,6 +253,10 @@ class ValidationMiddleware:
         except Exception as exc:  # the model itself failed on valid input: the server's fault, and counted so
             logger.exception("inference failed")
             return 500, {"error": f"the model failed: {type(exc).__name__}: {exc}"}, ()
+        finally:
+            if gate is not None:  # answered: __call__ ends its count
+                gate.handed.discard(id(request))
+                gate.arriving += 1
         headers = extract_headers(response) or {}
         raw = [(name.lower().encode("latin-1"), str(value).encode("latin-1")) for name, value in headers.items()]
         return 200, response.model_dump(exclude_none=True), raw
