@@ -28,10 +28,20 @@ class BatchGate:
     """Whether a batch may close before `max_batch_time`: every open REST connection has its request in the data
     plane, and none is on its way there. `connections` gives the open connections (None: unknown, never close)."""
 
-    def __init__(self, connections: Callable[[], int | None]) -> None:
+    def __init__(self, connections: Callable[[], int | None] = lambda: None) -> None:
         self.connections = connections
         self.arriving = 0  # REST inference requests read, not yet handed to the data plane (or refused)
         self.handed: set[int] = set()  # id() of the REST requests inside the data plane
+
+    def handing(self, request: Any) -> None:
+        """A request read earlier goes into the data plane now."""
+        self.arriving -= 1
+        self.handed.add(id(request))
+
+    def answered(self, request: Any) -> None:
+        """The data plane answered it; counted as arriving again until the layer is done with it."""
+        self.handed.discard(id(request))
+        self.arriving += 1
 
     def complete(self, batch: Iterable[Any]) -> bool:
         if self.arriving:

@@ -112,7 +112,7 @@ class ValidationMiddleware:
         self.limits = limits
         self.metrics = metrics
         self.routes = routes or []
-        self.gate = gate
+        self.gate = gate or BatchGate()  # without connections to count, it never closes a batch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,9 +122,7 @@ class ValidationMiddleware:
             return await self._ready(send)
         if not (path == INVOCATIONS_ROUTE or (path.startswith(V2_MODELS) and self._answers(scope))):
             return await self.app(scope, receive, send)
-        gate = self.gate
-        if gate is not None:
-            gate.arriving += 1
+        self.gate.arriving += 1
         try:
             if self.metrics is None:
                 await self._answer(scope, receive, send)
@@ -138,8 +136,7 @@ class ValidationMiddleware:
             finally:
                 self.metrics.finished(method, self._route(scope), status, time.perf_counter() - began)
         finally:
-            if gate is not None:
-                gate.arriving -= 1
+            self.gate.arriving -= 1
 
     def _answers(self, scope: Scope) -> bool:
         """A /v2/models/ request answered here: inference on the served model, or a refusal of any other model."""
@@ -240,10 +237,7 @@ class ValidationMiddleware:
             raise v.RequestError(
                 v.UNPROCESSABLE, v.Refusal.BAD_STRUCTURE, f"not a valid inference request: {exc}"
             ) from None
-        gate = self.gate
-        if gate is not None:  # in the data plane now, no longer on its way there
-            gate.arriving -= 1
-            gate.handed.add(id(request))
+        self.gate.handing(request)
         try:
             response = await self.data_plane.infer(request, self.model_name, self.model_version)
         except MLServerError as exc:
@@ -254,9 +248,7 @@ class ValidationMiddleware:
             logger.exception("inference failed")
             return 500, {"error": f"the model failed: {type(exc).__name__}: {exc}"}, ()
         finally:
-            if gate is not None:  # answered: __call__ ends its count
-                gate.handed.discard(id(request))
-                gate.arriving += 1
+            self.gate.answered(request)
         headers = extract_headers(response) or {}
         raw = [(name.lower().encode("latin-1"), str(value).encode("latin-1")) for name, value in headers.items()]
         return 200, response.model_dump(exclude_none=True), raw
