@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the real Pulumi CLI, the Kubernetes provider plugin, etcd and kube-apiserver from Go modules
-# (no release downloads here), once per version, into a cache folder outside the repository.
+# Builds the real Pulumi CLI, the Kubernetes provider plugin, etcd, kube-apiserver, the node's binaries (kubelet,
+# kube-scheduler, kube-proxy), the Seldon operator and executor (vendored source), an OCI registry, helm, rclone
+# and prometheus-operator from Go modules (no release downloads here), once per version, into a cache folder
+# outside the repository. `tools/build.sh NAME...` builds only those (e.g. `seldon_operator registry`).
 # Prints progress on stderr and the folder on its last stdout line.
 set -euo pipefail
 
@@ -10,6 +12,11 @@ K8S_PROVIDER_MODULE_VERSION=v4.0.0-20260115033456-f47bc2d6f199   # what the prox
 ETCD_VERSION=3.6.16
 KUBE_VERSION=1.37.2
 KUBE_STAGING_VERSION=0.37.2
+SELDON_VERSION=1.18.2          # operator and executor, from the vendored source (../shared/vendor)
+REGISTRY_VERSION=3.1.2         # github.com/distribution/distribution/v3: the local OCI registry
+HELM_VERSION=4.3.2             # helm.sh/helm/v4: renders the pinned charts for the chart-output checks
+RCLONE_VERSION=1.76.0          # github.com/rclone/rclone: `rclone serve s3`, the local artifact store
+PROM_OPERATOR_VERSION=0.85.0   # github.com/prometheus-operator/prometheus-operator
 
 CACHE=${ML_SERVING_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ml-serving/tools}
 OUT="$CACHE/pulumi-$PULUMI_VERSION-k8s-$K8S_PROVIDER_VERSION-etcd-$ETCD_VERSION-kube-$KUBE_VERSION"
@@ -113,6 +120,57 @@ $replaces")
 
 build_kube_apiserver() { kube_binary kube-apiserver; }
 build_kube_controller_manager() { kube_binary kube-controller-manager; }
+# What a node needs (the `pods` tests): same module, same replaces, so a warm build cache makes these quick.
+build_kubelet() { kube_binary kubelet; }
+build_kube_scheduler() { kube_binary kube-scheduler; }
+build_kube_proxy() { kube_binary kube-proxy; }
+
+# The Seldon Core operator and executor, from the vendored source of tag v$SELDON_VERSION (no module proxy copy).
+SELDON_SRC_TAR=${ML_SERVING_SELDON_SRC:-$(cd "$(dirname "$0")/../.." && pwd)/shared/vendor/seldon-core-$SELDON_VERSION-src.tar.gz}
+seldon_source() {
+  local dir="$WORK/seldon-core-$SELDON_VERSION"
+  if [ ! -d "$dir" ]; then
+    [ -f "$SELDON_SRC_TAR" ] || { echo "error: $SELDON_SRC_TAR is missing (the vendored Seldon source)" >&2; exit 2; }
+    tar -C "$WORK" -xzf "$SELDON_SRC_TAR"
+  fi
+  echo "$dir"
+}
+build_seldon_operator() {
+  [ -x "$BIN/seldon-operator" ] && { say "seldon-operator v$SELDON_VERSION: cached"; return; }
+  say "seldon-operator v$SELDON_VERSION: building from the vendored source (cold: ~4 min)"
+  local src; src=$(seldon_source)
+  (cd "$src/operator" && go build -trimpath -ldflags "-s -w" -o "$BIN/seldon-operator.tmp" .)
+  mv "$BIN/seldon-operator.tmp" "$BIN/seldon-operator"
+  say "seldon-operator: done"
+}
+build_seldon_executor() {
+  [ -x "$BIN/seldon-executor" ] && { say "seldon-executor v$SELDON_VERSION: cached"; return; }
+  say "seldon-executor v$SELDON_VERSION: building from the vendored source"
+  local src; src=$(seldon_source)
+  (cd "$src/executor" && go build -trimpath -ldflags "-s -w" -o "$BIN/seldon-executor.tmp" .)
+  mv "$BIN/seldon-executor.tmp" "$BIN/seldon-executor"
+  say "seldon-executor: done"
+}
+
+# go_tool NAME MODULE VERSION PACKAGE: a main package of a served module, built through a wrapper module.
+go_tool() {
+  local name=$1 mod=$2 version=$3 pkg=$4
+  [ -x "$BIN/$name" ] && { say "$name v$version: cached"; return; }
+  say "$name v$version: building"
+  local dir; dir=$(wrapper "$name" "require $mod v$version")
+  (cd "$dir" && go get "$pkg@v$version" >&2 && go build -trimpath -ldflags "-s -w" -o "$BIN/$name.tmp" "$pkg")
+  mv "$BIN/$name.tmp" "$BIN/$name"
+  say "$name: done"
+}
+build_registry() {
+  go_tool registry github.com/distribution/distribution/v3 "$REGISTRY_VERSION" github.com/distribution/distribution/v3/cmd/registry
+}
+build_helm() { go_tool helm helm.sh/helm/v4 "$HELM_VERSION" helm.sh/helm/v4/cmd/helm; }
+build_rclone() { go_tool rclone github.com/rclone/rclone "$RCLONE_VERSION" github.com/rclone/rclone; }
+build_prometheus_operator() {
+  go_tool prometheus-operator github.com/prometheus-operator/prometheus-operator "$PROM_OPERATOR_VERSION" \
+    github.com/prometheus-operator/prometheus-operator/cmd/operator
+}
 
 command -v go >/dev/null || { echo "error: no Go toolchain on PATH (Go >= 1.25 builds these tools)" >&2; exit 2; }
 start=$SECONDS
@@ -122,10 +180,14 @@ else
   # Two chains side by side (the provider installs itself with the CLI); downloads overlap with compiles.
   (build_pulumi && build_k8s_provider) &
   cli=$!
-  (build_etcd && build_kube_apiserver && build_kube_controller_manager) &
+  (build_etcd && build_kube_apiserver && build_kube_controller_manager && build_kubelet && build_kube_scheduler &&
+    build_kube_proxy) &
   cluster=$!
+  # The cluster's own workloads' tools, after the CLI chain (its compiles are the lightest).
   status=0
   wait $cli || status=$?
+  build_seldon_operator && build_registry && build_helm && build_seldon_executor && build_rclone &&
+    build_prometheus_operator || status=$?
   wait $cluster || status=$?
   [ $status -eq 0 ] || { say "a build failed (its output is above)"; exit $status; }
 fi
