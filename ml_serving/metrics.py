@@ -242,9 +242,10 @@ def gpu_utilization(scope: Scope = Scope()) -> str:
     return f"avg by ({BY_VARIANT}) ({DCGM_GPU_UTIL} * on (namespace, pod) group_left({BY_VARIANT}) {pods})"
 
 
-def scaling_request_rate(model: str, variant: str, window: str = DEFAULT_WINDOW) -> str:
-    """One number for KEDA's prometheus trigger: the variant's inference requests per second across its pods."""
-    return f"sum({request_rate(Scope(model=model, variant=variant), window)})"
+def scaling_request_rate(model: str, variant: str, window: str = DEFAULT_WINDOW, namespace: str | None = None) -> str:
+    """One number for KEDA's prometheus trigger: the variant's inference requests per second across its pods, in
+    its own namespace only (two stacks sharing a Prometheus must not scale on each other's traffic)."""
+    return f"sum({request_rate(Scope(model=model, variant=variant, namespace=namespace), window)})"
 
 
 ADAPTER_METRIC = "ml_serving_requests_per_second"

@@ -132,8 +132,12 @@ class Security(_Config):
 
     network_policies: StrictBool = True
     mtls: Literal["STRICT", "PERMISSIVE", "off"] = "STRICT"
+    # The ingress gateway's service account, its mesh identity: istioctl's name by default; the Helm
+    # `istio/gateway` chart names it after its release (e.g. `istio-ingressgateway`).
     gateway_service_account: DnsLabel = "istio-ingressgateway-service-account"
     trust_domain: str = "cluster.local"
+    # Sidecar injection by revision (`istio.io/rev` on the namespace) instead of `istio-injection: enabled`.
+    istio_revision: DnsLabel | None = None
     probe_cidrs: tuple[str, ...] = ()  # node ranges, for CNIs that do not exempt the kubelet's probes
     jwt: JwtIssuer | None = None
 

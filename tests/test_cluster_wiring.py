@@ -13,11 +13,16 @@ import pulumi
 import pytest
 import yaml
 
+from ml_serving import labels
 from ml_serving.image import METRICS_PORT
 from ml_serving.plan import revealed, run_program
-from ml_serving.specs import charts, security, seldon
+from ml_serving.specs import charts, seldon
 from ml_serving.stackfile import load_settings
+from tests import operator_fixtures
 from tests.conftest import PROJECT_DIR, stack_config
+
+seldon_operator = operator_fixtures.seldon_operator  # the operator fixtures, for the checkov test
+prod_reconciled = operator_fixtures.prod_reconciled
 
 
 def predictors(plan):
@@ -27,19 +32,38 @@ def predictors(plan):
 # 1. The artifact store -------------------------------------------------------------------------------------------
 
 
-def test_graph_nodes_that_download_from_s3_carry_the_credentials_reference(prod):
+def test_pods_that_download_from_s3_carry_the_credentials_and_the_account(prod):
     for model, predictor in predictors(prod):
-        graph = predictor["graph"]
+        graph, pod = predictor["graph"], predictor["componentSpecs"][0]["spec"]
         if "modelUri" not in graph:  # a baked model: nothing to download, no credentials
-            assert model == "fraud" and "envSecretRefName" not in graph
+            assert model == "fraud" and "initContainers" not in pod and "serviceAccountName" not in pod
             continue
         assert graph["modelUri"].startswith("s3://")
-        assert graph["envSecretRefName"] == seldon.ARTIFACT_SECRET, f"{model}/{predictor['name']}"
-        assert graph["serviceAccountName"] == "mlflow-artifacts-reader", "IRSA"
+        (initializer,) = pod["initContainers"]
+        assert initializer["name"] == seldon.initializer_name(model), "the operator then injects none of its own"
+        assert initializer["envFrom"] == [{"secretRef": {"name": seldon.ARTIFACT_SECRET}}], (
+            f"{model}/{predictor['name']}"
+        )
+        assert pod["serviceAccountName"] == "mlflow-artifacts-reader", "IRSA: the pod's account, not the graph's"
+        assert "serviceAccountName" not in graph and "envSecretRefName" not in graph, "the operator would use neither"
     (secret,) = prod.find("Secret", seldon.ARTIFACT_SECRET)
     data = revealed(secret).get("stringData", {})
     assert data["RCLONE_CONFIG_S3_TYPE"] == "s3" and data["RCLONE_CONFIG_S3_ENV_AUTH"] == "true"
     assert secret["metadata"]["namespace"] == "models"
+
+
+def test_the_initializer_reaches_the_store_past_the_sidecar_and_passes_pod_security(prod):
+    """Istio never redirects its proxy's UID (1337): the init container downloads before any sidecar runs."""
+    for _, predictor in predictors(prod):
+        for initializer in predictor["componentSpecs"][0]["spec"].get("initContainers", []):
+            assert initializer["securityContext"] == {
+                "runAsUser": seldon.ISTIO_PROXY_UID,
+                "runAsNonRoot": True,
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "capabilities": {"drop": ["ALL"]},
+            }
+            assert initializer["image"] == seldon.STORAGE_INITIALIZER_IMAGE
 
 
 def _refused(config: dict) -> str:
@@ -73,7 +97,7 @@ def test_baked_models_need_no_credentials():
     for model in config["ml-serving:models"].values():
         model.setdefault("serving", {})["bake"] = True
     plan = run_program(PROJECT_DIR, "prod", config=config)
-    assert all("envSecretRefName" not in p["graph"] for _, p in predictors(plan))
+    assert all("initContainers" not in p["componentSpecs"][0]["spec"] for _, p in predictors(plan))
     assert not plan.find("Secret", seldon.ARTIFACT_SECRET)
 
 
@@ -95,17 +119,54 @@ def test_a_monitor_the_prometheus_selects_scrapes_the_dcgm_exporter(prod):
 
 def test_the_models_namespace_denies_ingress_except_what_serving_needs(prod):
     policies = {p["metadata"]["name"]: p for p in prod.find("NetworkPolicy")}
-    deny = policies["ml-serving-default-deny-ingress"]["spec"]
+    deny = policies.pop("ml-serving-default-deny-ingress")["spec"]
     assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}, "every pod, no ingress rule: nothing allowed"
-    allow = policies["ml-serving-allow-serving"]["spec"]
-    sources = {
-        rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]: {
-            p["port"] for p in rule["ports"]
+    opened = {}
+    for name, policy in policies.items():
+        spec = policy["spec"]
+        sources = {
+            rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]: {
+                p["port"] for p in rule["ports"]
+            }
+            for rule in spec["ingress"]
         }
-        for rule in allow["ingress"]
-    }
-    assert sources == {"istio-system": set(security.SERVING_PORTS), "monitoring": {METRICS_PORT}}
-    assert all(p["metadata"]["namespace"] == "models" for p in policies.values())
+        opened[(name, spec["podSelector"]["matchLabels"][labels.RUNTIME])] = sources
+    assert opened == {
+        ("ml-serving-allow-serving", "mlserver"): {"istio-system": {9000, 9500}, "monitoring": {METRICS_PORT}},
+        ("ml-serving-allow-bentoml", "bentoml"): {"istio-system": {3000}, "monitoring": {3000}},
+    }, "no executor ports (8000/5001): every predictor is no-engine"
+    assert all(p["metadata"]["namespace"] == "models" for p in prod.find("NetworkPolicy"))
+
+
+def test_the_models_namespace_injects_sidecars_and_enforces_pod_security_restricted(prod, dev):
+    for plan in (prod, dev):
+        (namespace,) = [n for n in plan.find("Namespace") if n["metadata"]["name"].startswith("models")]
+        found = namespace["metadata"]["labels"]
+        assert found["istio-injection"] == "enabled"
+        assert {k: v for k, v in found.items() if k.startswith("pod-security")} == {
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/warn": "restricted",
+            "pod-security.kubernetes.io/audit": "restricted",
+        }
+
+
+def test_a_revision_labels_the_namespace_for_that_istiod_and_mtls_off_injects_nothing():
+    config = copy.deepcopy(stack_config("prod"))
+    config["ml-serving:security"]["istioRevision"] = "1-24"
+    (namespace,) = run_program(PROJECT_DIR, "prod", config=config).find("Namespace", "models")
+    assert namespace["metadata"]["labels"]["istio.io/rev"] == "1-24"
+    assert "istio-injection" not in namespace["metadata"]["labels"]
+    config["ml-serving:security"] = {"mtls": "off"}
+    (namespace,) = run_program(PROJECT_DIR, "prod", config=config).find("Namespace", "models")
+    assert not {"istio.io/rev", "istio-injection"} & set(namespace["metadata"]["labels"])
+
+
+def test_the_gateway_principal_is_stack_config_defaulting_to_istioctl_s_account():
+    config = copy.deepcopy(stack_config("prod"))
+    config["ml-serving:security"]["gatewayServiceAccount"] = "istio-ingressgateway"  # Helm: named after the release
+    (policy,) = run_program(PROJECT_DIR, "prod", config=config).find("AuthorizationPolicy")
+    (source,) = policy["spec"]["rules"][0]["from"]
+    assert source["source"]["principals"] == ["cluster.local/ns/istio-system/sa/istio-ingressgateway"]
 
 
 def test_network_policies_can_be_switched_off_for_clusters_whose_cni_ignores_them():
@@ -136,17 +197,19 @@ def test_mesh_mtls_is_strict_and_only_the_gateway_with_a_valid_token_reaches_a_m
     assert peer["default"] == {"mtls": {"mode": "STRICT"}}, "namespace-wide"
     for model in ("churn", "fraud", "embeddings"):  # Prometheus has no sidecar: the metrics port stays plain
         assert peer[f"ml-serving-metrics-{model}"]["portLevelMtls"] == {str(METRICS_PORT): {"mode": "PERMISSIVE"}}
+    assert peer["ml-serving-metrics-churn-bentoml"]["portLevelMtls"] == {"3000": {"mode": "PERMISSIVE"}}
     (authn,) = prod.find("RequestAuthentication")
     (rule,) = authn["spec"]["jwtRules"]
     assert rule["issuer"] == "https://auth.example.com" and rule["jwksUri"].startswith("https://")
     (policy,) = prod.find("AuthorizationPolicy")
     assert policy["spec"]["action"] == "ALLOW"
-    serving, metrics_only = policy["spec"]["rules"]
+    serving, metrics_only, bentoml_metrics = policy["spec"]["rules"]
     (source,) = serving["from"]
     assert source["source"]["principals"] == ["cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"]
     assert source["source"]["requestPrincipals"] == ["https://auth.example.com/*"], "a token of the issuer"
-    assert serving["to"][0]["operation"]["ports"] == [str(p) for p in security.SERVING_PORTS]
+    assert serving["to"][0]["operation"]["ports"] == ["9000", "9500", "3000"], "what the operator routes to"
     assert metrics_only == {"to": [{"operation": {"ports": [str(METRICS_PORT)]}}]}
+    assert bentoml_metrics == {"to": [{"operation": {"ports": ["3000"], "paths": ["/metrics"], "methods": ["GET"]}}]}
 
 
 # 6. One owner for the chart list -------------------------------------------------------------------------------
@@ -169,7 +232,7 @@ def test_the_stack_installs_exactly_the_charts_the_one_list_returns(autoscaler):
     assert ("prometheus-adapter" in listed) == (autoscaler == "hpa")
 
 
-# 8. checkov on what the pods will be ----------------------------------------------------------------------------
+# 8. checkov on what the operator makes of the pods (tests/operator_fixtures.py) ----------------------------------------------------------------------------
 
 CHECKOV_SKIPS = {
     "CKV_K8S_43": "images are tagged by content hash (the tag is the digest of the build inputs), not by digest",
@@ -184,33 +247,24 @@ def checkov() -> str:
     return found
 
 
-def pod_templates(plan) -> list[dict]:
-    """Each predictor's componentSpec as the Deployment the Seldon operator makes of it (its pod template is
-    ours; the operator adds its executor container, which is Seldon's)."""
-    deployments = []
-    for model, predictor in predictors(plan):
-        for index, component in enumerate(predictor["componentSpecs"]):
-            labels = predictor["labels"]
-            deployments.append(
-                {
-                    "apiVersion": "apps/v1",
-                    "kind": "Deployment",
-                    "metadata": {
-                        "name": f"{model}-{predictor['name']}-{index}",
-                        "namespace": "models",
-                        "labels": labels,
-                    },
-                    "spec": {
-                        "selector": {"matchLabels": labels},
-                        "template": {"metadata": {"labels": labels}, "spec": component["spec"]},
-                    },
-                }
-            )
-    return deployments
+def operator_deployments(stack) -> list[dict]:
+    """The Deployments the real operator made of prod's SeldonDeployments, as manifests (no status)."""
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {k: d["metadata"][k] for k in ("name", "namespace", "labels")},
+            "spec": d["spec"],
+        }
+        for d in stack.deployments()
+    ]
 
 
-def test_checkov_finds_nothing_in_the_pod_templates_beyond_the_written_skips(prod, tmp_path):
-    objects = pod_templates(prod) + [
+@pytest.mark.operator
+def test_checkov_finds_nothing_in_the_operator_s_deployments_beyond_the_written_skips(prod_reconciled, tmp_path):
+    prod = prod_reconciled.plan
+    deployments = operator_deployments(prod_reconciled)
+    objects = deployments + [
         o for o in prod.objects if o["kind"] in ("NetworkPolicy", "Namespace", "ConfigMap", "Secret")
     ]
     (tmp_path / "objects.yaml").write_text(yaml.safe_dump_all(json.loads(json.dumps(revealed(objects)))))
@@ -224,7 +278,8 @@ def test_checkov_finds_nothing_in_the_pod_templates_beyond_the_written_skips(pro
     failed = [(f["check_id"], f["resource"]) for r in reports for f in r["results"]["failed_checks"]]
     assert not failed, failed
     passed = {(f["check_id"], f["resource"]) for r in reports for f in r["results"]["passed_checks"]}
-    for deployment in pod_templates(prod):  # every pod template was read: the token, UID, root fs, probe checks
+    assert len(deployments) == 5, "one per predictor"
+    for deployment in deployments:  # every Deployment was read: the token, UID, root fs, probe checks
         resource = f"Deployment.models.{deployment['metadata']['name']}"
         for check in ("CKV_K8S_38", "CKV_K8S_40", "CKV_K8S_22", "CKV_K8S_8"):
             assert (check, resource) in passed, (check, resource)

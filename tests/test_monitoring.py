@@ -208,7 +208,7 @@ def test_keda_scales_on_the_module_request_rate(settings):
         triggers = {t["type"]: t for t in predictor["componentSpecs"][0]["kedaSpec"]["triggers"]}
         assert triggers["prometheus"]["metadata"] == {
             "serverAddress": settings.monitoring.prometheus_url,
-            "query": metrics.scaling_request_rate("churn", predictor["name"]),
+            "query": metrics.scaling_request_rate("churn", predictor["name"], namespace="models"),
             "threshold": "50",
         }
         assert {"cpu", "memory", "prometheus"} == set(triggers)

@@ -81,7 +81,11 @@ def test_predictor_of_a_shadow_has_no_traffic():
     resolved = ResolvedVersion("2", "s3://b/2", None, None, pinned=True)
     spec = seldon.predictor(settings, "m", "s", model.variants["s"], resolved, "img")
     assert spec["shadow"] is True and "traffic" not in spec
-    assert spec["annotations"] == {labels.MODEL_URI: "s3://b/2", labels.RESOLVED_FROM: "pinned"}
+    assert spec["annotations"] == {
+        labels.MODEL_URI: "s3://b/2",
+        labels.RESOLVED_FROM: "pinned",
+        seldon.NO_ENGINE: "true",
+    }
 
 
 def test_models_must_not_be_empty():
@@ -100,7 +104,7 @@ def test_a_bentoml_variant_is_a_no_engine_predictor_with_http_probes_on_bentomls
     resolved = ResolvedVersion("1", "s3://b/1", None, None, pinned=True)
     mlserver = seldon.predictor(settings, "m", "a", model.variants["a"], resolved, "img")
     bentoml = seldon.predictor(settings, "m", "b", model.variants["b"], resolved, "img-bento")
-    assert bentoml["annotations"][seldon.NO_ENGINE] == "true" and seldon.NO_ENGINE not in mlserver["annotations"]
+    assert bentoml["annotations"][seldon.NO_ENGINE] == mlserver["annotations"][seldon.NO_ENGINE] == "true"
     assert (mlserver["labels"][labels.RUNTIME], bentoml["labels"][labels.RUNTIME]) == ("mlserver", "bentoml")
     (container,) = bentoml["componentSpecs"][0]["spec"]["containers"]
     assert container["name"] == "m", "named like the graph node: Seldon runs it as the model"

@@ -74,9 +74,13 @@ def test_seldon_deployment_serves_v2_with_the_built_image(prod):
         assert container["name"] == graph["name"], "Seldon runs the container named like the graph node"
         assert container["image"] in images
         assert container["image"].startswith("registry.example.com/ml-serving/churn:")
-        assert {"name": "metrics", "containerPort": 8082, "protocol": "TCP"} in container["ports"]
-        assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-        assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        if predictor["labels"][labels.RUNTIME] == "bentoml":  # prod's shadow: README, 'Two runtimes'
+            assert predictor["name"] == "mirror" and predictor["shadow"] is True
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        else:
+            assert {"name": "metrics", "containerPort": 8082, "protocol": "TCP"} in container["ports"]
+            assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+            assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
         assert container["resources"] == {
             "requests": {"cpu": "500m", "memory": "1Gi"},
             "limits": {"cpu": "500m", "memory": "1Gi"},

@@ -59,11 +59,14 @@ def pod_monitor(settings: Settings) -> dict[str, Any]:
             "selector": {"matchExpressions": [{"key": labels.MODEL, "operator": "Exists"}]},
             "namespaceSelector": {"matchNames": [settings.namespace]},
             "podMetricsEndpoints": [
-                {
+                {  # MLServer pods only: the operator names a port `metrics` on BentoML's container too (6000)
                     "port": "metrics",
                     "path": METRICS_PATH,
                     "interval": _monitoring(settings).scrape_interval,
-                    "relabelings": relabel,
+                    "relabelings": [
+                        {"sourceLabels": [_meta_label(labels.RUNTIME)], "regex": "mlserver", "action": "keep"},
+                        *relabel,
+                    ],
                 },
                 {  # BentoML serves /metrics on its one port, `http`; only BentoML pods are scraped there
                     "port": "http",

@@ -12,6 +12,9 @@ from ml_serving import labels
 from ml_serving.settings import Settings
 
 ISTIO_GATEWAY_API = "networking.istio.io/v1beta1"
+ISTIO_INJECTION, ISTIO_REVISION = "istio-injection", "istio.io/rev"  # what istiod's injector selects namespaces by
+POD_SECURITY = "pod-security.kubernetes.io"  # Pod Security admission's namespace labels: enforce, warn, audit
+POD_SECURITY_LEVEL = "restricted"
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,16 @@ def namespace_object(name: str, component: str) -> dict[str, Any]:
 
 
 def namespace(settings: Settings) -> dict[str, Any]:
-    return namespace_object(settings.namespace, "serving")
+    """The models namespace: sidecars injected where the mesh policies need them (STRICT mTLS, the access policy
+    and the JWT rule are enforced by the sidecar, so without one they guard nothing), and Pod Security
+    `restricted` enforced (and warned and audited, so a refused template is named on its Deployment too)."""
+    found = namespace_object(settings.namespace, "serving")
+    extra = {f"{POD_SECURITY}/{mode}": POD_SECURITY_LEVEL for mode in ("enforce", "warn", "audit")}
+    if settings.security.mtls != "off":
+        revision = settings.security.istio_revision
+        extra.update({ISTIO_REVISION: revision} if revision else {ISTIO_INJECTION: "enabled"})
+    found["metadata"]["labels"].update(extra)
+    return found
 
 
 def seldon_operator(settings: Settings) -> HelmChart:

@@ -1,11 +1,15 @@
 """Who may reach the model pods: NetworkPolicies, Istio mTLS and access policy for the models namespace.
 
+Every predictor is Seldon `no-engine`, so the operator's Services and VirtualService route straight to the
+server's container: MLServer's http/grpc ports, BentoML's one port (which also serves its /metrics). What each
+runtime opens is exactly that, per runtime present in the stack:
 - NetworkPolicies (enforced by the cluster's CNI, switchable off where it does not): ingress is denied by default;
-  the Istio ingress gateway's namespace may reach the serving ports, the monitoring namespace the metrics port.
-- PeerAuthentication: mutual TLS inside the mesh (STRICT), with the metrics port PERMISSIVE for each model, since
-  Prometheus scrapes without a sidecar.
+  the Istio ingress gateway's namespace may reach the serving ports, the monitoring namespace the scrape port.
+- PeerAuthentication: mutual TLS inside the mesh (STRICT), with the scrape port PERMISSIVE for each model and
+  runtime, since Prometheus scrapes without a sidecar.
 - AuthorizationPolicy: only the ingress gateway's identity (and, with `security.jwt`, only requests carrying a
-  valid token of that issuer, checked by a RequestAuthentication) reaches the serving ports.
+  valid token of that issuer, checked by a RequestAuthentication) reaches the serving ports; anyone the
+  NetworkPolicy lets through reaches MLServer's metrics port and BentoML's GET /metrics.
 """
 
 from __future__ import annotations
@@ -13,23 +17,33 @@ from __future__ import annotations
 from typing import Any
 
 from ml_serving import labels
-from ml_serving.image import METRICS_PORT
 from ml_serving.settings import Settings
-from ml_serving.specs.seldon import EXECUTOR_PORTS, MODEL_PORTS
+from ml_serving.specs.monitoring import BENTOML_METRICS_PATH
+from ml_serving.specs.seldon import scrape_port, serving_ports
 
 NETWORKING_API = "networking.k8s.io/v1"
 SECURITY_API = "security.istio.io/v1"
 NAMESPACE_NAME = "kubernetes.io/metadata.name"  # the label Kubernetes puts on every namespace
-SERVING_PORTS = (*EXECUTOR_PORTS, *MODEL_PORTS)
 ISTIO_PROBE_PORT = 15020  # Istio rewrites HTTP probes to the sidecar's agent on this port
+RUNTIMES = ("mlserver", "bentoml")
+
+
+def runtimes(settings: Settings) -> list[str]:
+    """The runtimes the stack's variants use, in a fixed order."""
+    used = {v.runtime for m in settings.models.values() for v in m.variants.values()}
+    return [r for r in RUNTIMES if r in used]
+
+
+def all_serving_ports(settings: Settings) -> tuple[int, ...]:
+    return tuple(p for r in runtimes(settings) for p in serving_ports(r))
 
 
 def _metadata(settings: Settings, name: str) -> dict[str, Any]:
     return {"name": name, "namespace": settings.namespace, "labels": labels.common("security")}
 
 
-def _model_pods() -> dict[str, Any]:
-    return {"matchExpressions": [{"key": labels.MODEL, "operator": "Exists"}]}
+def _runtime_pods(runtime: str) -> dict[str, Any]:
+    return {"matchLabels": {labels.RUNTIME: runtime}}
 
 
 def _tcp(ports: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -41,7 +55,7 @@ def _from_namespace(name: str) -> dict[str, Any]:
 
 
 def network_policies(settings: Settings) -> list[dict[str, Any]]:
-    """Deny all ingress in the models namespace, then allow what serving needs (nothing when switched off)."""
+    """Deny all ingress in the models namespace, then allow per runtime what serving needs (nothing when off)."""
     if not settings.security.network_policies:
         return []
     deny = {
@@ -50,27 +64,34 @@ def network_policies(settings: Settings) -> list[dict[str, Any]]:
         "metadata": _metadata(settings, "ml-serving-default-deny-ingress"),
         "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
     }
-    ingress = [{"from": [_from_namespace(settings.platform.gateway_namespace)], "ports": _tcp(SERVING_PORTS)}]
+    return [deny, *(_allow(settings, runtime) for runtime in runtimes(settings))]
+
+
+def _allow(settings: Settings, runtime: str) -> dict[str, Any]:
+    serving, scrape = serving_ports(runtime), scrape_port(runtime)
+    ingress = [{"from": [_from_namespace(settings.platform.gateway_namespace)], "ports": _tcp(serving)}]
     if settings.monitoring is not None:
-        ingress.append({"from": [_from_namespace(settings.monitoring.namespace)], "ports": _tcp((METRICS_PORT,))})
+        ingress.append({"from": [_from_namespace(settings.monitoring.namespace)], "ports": _tcp((scrape,))})
     if settings.security.probe_cidrs:
         ingress.append(
             {
                 "from": [{"ipBlock": {"cidr": cidr}} for cidr in settings.security.probe_cidrs],
-                "ports": _tcp((*SERVING_PORTS, METRICS_PORT, ISTIO_PROBE_PORT)),
+                "ports": _tcp(tuple(dict.fromkeys((*serving, scrape, ISTIO_PROBE_PORT)))),
             }
         )
-    allow = {
+    return {
         "apiVersion": NETWORKING_API,
         "kind": "NetworkPolicy",
-        "metadata": _metadata(settings, "ml-serving-allow-serving"),
-        "spec": {"podSelector": _model_pods(), "policyTypes": ["Ingress"], "ingress": ingress},
+        "metadata": _metadata(
+            settings, "ml-serving-allow-serving" if runtime == "mlserver" else f"ml-serving-allow-{runtime}"
+        ),
+        "spec": {"podSelector": _runtime_pods(runtime), "policyTypes": ["Ingress"], "ingress": ingress},
     }
-    return [deny, allow]
 
 
 def peer_authentications(settings: Settings) -> list[dict[str, Any]]:
-    """Mesh mTLS for the namespace; each model's metrics port stays reachable by a Prometheus without sidecar."""
+    """Mesh mTLS for the namespace; each model's scrape port, per runtime, stays reachable by a Prometheus without
+    sidecar (BentoML's is its serving port: the AuthorizationPolicy lets plain requests reach only /metrics)."""
     mode = settings.security.mtls
     if mode == "off":
         return []
@@ -80,20 +101,24 @@ def peer_authentications(settings: Settings) -> list[dict[str, Any]]:
         "metadata": _metadata(settings, "default"),
         "spec": {"mtls": {"mode": mode}},
     }
-    metrics_ports = [
+    scrape_ports = [
         {
             "apiVersion": SECURITY_API,
             "kind": "PeerAuthentication",
-            "metadata": _metadata(settings, f"ml-serving-metrics-{key}"),
+            "metadata": _metadata(
+                settings, f"ml-serving-metrics-{key}" + ("" if runtime == "mlserver" else f"-{runtime}")
+            ),
             "spec": {
-                "selector": {"matchLabels": {labels.MODEL: key}},
+                "selector": {"matchLabels": {labels.MODEL: key, labels.RUNTIME: runtime}},
                 "mtls": {"mode": mode},
-                "portLevelMtls": {str(METRICS_PORT): {"mode": "PERMISSIVE"}},
+                "portLevelMtls": {str(scrape_port(runtime)): {"mode": "PERMISSIVE"}},
             },
         }
-        for key in settings.models
+        for key, model in settings.models.items()
+        for runtime in RUNTIMES
+        if any(v.runtime == runtime for v in model.variants.values())
     ]
-    return [namespace_wide, *metrics_ports]
+    return [namespace_wide, *scrape_ports]
 
 
 def gateway_principal(settings: Settings) -> str:
@@ -119,7 +144,7 @@ def request_authentication(settings: Settings) -> dict[str, Any] | None:
 
 def authorization_policy(settings: Settings) -> dict[str, Any] | None:
     """Only the ingress gateway (and with `jwt`, only a caller with a valid token) reaches the serving ports;
-    the metrics port answers anyone the NetworkPolicy lets through. Needs mTLS: identities come from it."""
+    the scrape endpoints answer anyone the NetworkPolicy lets through. Needs mTLS: identities come from it."""
     if settings.security.mtls == "off":
         return None
     source: dict[str, Any] = {"principals": [gateway_principal(settings)]}
@@ -132,11 +157,21 @@ def authorization_policy(settings: Settings) -> dict[str, Any] | None:
         "spec": {
             "action": "ALLOW",
             "rules": [
-                {"from": [{"source": source}], "to": [{"operation": {"ports": [str(p) for p in SERVING_PORTS]}}]},
-                {"to": [{"operation": {"ports": [str(METRICS_PORT)]}}]},
+                {
+                    "from": [{"source": source}],
+                    "to": [{"operation": {"ports": [str(p) for p in all_serving_ports(settings)]}}],
+                },
+                *(_scrape_rule(runtime) for runtime in runtimes(settings)),
             ],
         },
     }
+
+
+def _scrape_rule(runtime: str) -> dict[str, Any]:
+    operation: dict[str, Any] = {"ports": [str(scrape_port(runtime))]}
+    if runtime == "bentoml":  # its scrape port is its serving port: plain requests reach only the metrics
+        operation.update(paths=[BENTOML_METRICS_PATH], methods=["GET"])
+    return {"to": [{"operation": operation}]}
 
 
 def objects(settings: Settings) -> list[dict[str, Any]]:

@@ -10,7 +10,12 @@ Seldon Core v1 (operator v1.18.2) facts this builder relies on:
 - the operator owns the replica count unless a componentSpec has `kedaSpec` or `hpaSpec`, so autoscaling goes
   there and never into a separate HPA;
 - predictor labels are copied onto the Deployments and pods it generates;
-- `traffic` and `shadow` take effect through the Istio VirtualService it writes for the gateway we annotate.
+- `traffic` and `shadow` take effect through the Istio VirtualService it writes for the gateway we annotate;
+- it injects its executor only without `seldon.io/no-engine`, and its storage initializer only when the pod
+  template has no init container of that name; neither injected container can be given `capabilities.drop`
+  (chart and `seldon-config` set only the executor's user), so Pod Security `restricted` would refuse the pod.
+  Every predictor is therefore `no-engine` (the server answers the Open Inference Protocol itself) and declares
+  the initializer itself.
 """
 
 from __future__ import annotations
@@ -28,12 +33,23 @@ from ml_serving.specs import gpu
 
 API_VERSION = "machinelearning.seldon.io/v1"
 TMP_VOLUME = "tmp"
-# Ports of a predictor's pods (Seldon Core v1.18.2: the executor's defaults, which the Istio VirtualService
-# targets, and constants.FirstHttpPortNumber / FirstGrpcPortNumber, the model container's, which the executor calls).
-EXECUTOR_PORTS = (8000, 5001)
+# The MLServer container's ports (Seldon Core v1.18.2: constants.FirstHttpPortNumber / FirstGrpcPortNumber, which
+# it gives a custom server's container); under no-engine the predictor's Service and VirtualService route to them.
 MODEL_PORTS = (9000, 9500)
-ARTIFACT_SECRET = "ml-serving-artifact-store"
-NO_ENGINE = "seldon.io/no-engine"  # the Secret the stack creates from artifactStore.rclone
+ARTIFACT_SECRET = "ml-serving-artifact-store"  # the Secret the stack creates from artifactStore.rclone
+NO_ENGINE = "seldon.io/no-engine"
+# The storage initializer, as the operator would inject it (model_initializer_injector.go): its name, volume and
+# mount path are what the operator looks for (it then injects nothing and only mounts the volume read-only into
+# the model's container); the image and resources are the chart's `storageInitializer` values.
+STORAGE_INITIALIZER_IMAGE = "seldonio/rclone-storage-initializer:1.18.2"
+STORAGE_INITIALIZER_RESOURCES = {
+    "requests": {"cpu": "100m", "memory": "100Mi"},
+    "limits": {"cpu": "1", "memory": "1Gi"},
+}
+MODEL_MOUNT_PATH = "/mnt/models"
+# Istio's proxy UID: its iptables rules let this UID's traffic out unredirected, so the initializer reaches the
+# artifact store before the sidecar runs (istio.io, "Application requirements": init containers).
+ISTIO_PROXY_UID = 1337
 # Storage the rclone initializer reaches only with credentials; its remote is the URI's scheme (s3://b/p → s3:b/p).
 CREDENTIAL_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "wasb", "wasbs", "abfs", "abfss", "azure", "oss"})
 
@@ -69,18 +85,48 @@ def artifact_secret(settings: Settings) -> dict[str, Any] | None:
     }
 
 
-def storage_access(settings: Settings, model_uri: str) -> dict[str, str]:
-    """Graph-node fields that hand the storage initializer its credentials: the env Secret and the account."""
+def storage_access(settings: Settings, model_uri: str) -> tuple[str | None, str | None]:
+    """What hands the storage initializer its credentials: the env Secret's name and the pod's service account
+    (which carries the IRSA / workload-identity role; the graph's own `serviceAccountName` reaches no pod)."""
     store = settings.artifact_store
     if store is None or storage_scheme(model_uri) is None:
-        return {}
-    fields: dict[str, str] = {}
-    secret = artifact_secret_name(settings)
+        return None, None
+    return artifact_secret_name(settings), store.service_account_name
+
+
+def storage_initializer(settings: Settings, model_key: str, model_uri: str) -> dict[str, Any]:
+    """Seldon's rclone initializer, declared so it can pass Pod Security `restricted` and reach the artifact store
+    under an Istio sidecar: as the proxy's UID, whose traffic Istio never redirects (seldon-core#3330, #4450)."""
+    secret, _ = storage_access(settings, model_uri)
+    container: dict[str, Any] = {
+        "name": initializer_name(model_key),
+        "image": STORAGE_INITIALIZER_IMAGE,
+        "args": [model_uri, MODEL_MOUNT_PATH],
+        "resources": STORAGE_INITIALIZER_RESOURCES,
+        "securityContext": {
+            "runAsUser": ISTIO_PROXY_UID,
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "volumeMounts": [
+            {"name": model_volume(model_key), "mountPath": MODEL_MOUNT_PATH},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+    }
     if secret:
-        fields["envSecretRefName"] = secret
-    if store.service_account_name:
-        fields["serviceAccountName"] = store.service_account_name
-    return fields
+        container["envFrom"] = [{"secretRef": {"name": secret}}]
+    return container
+
+
+def initializer_name(model_key: str) -> str:
+    return f"{model_key}-model-initializer"[:63].rstrip("-")
+
+
+def model_volume(model_key: str) -> str:
+    return f"{model_key}-provision-location"[:63].rstrip("-")
 
 
 def check_storage_access(settings: Settings, resolved: Callable[[str, str], ResolvedVersion]) -> None:
@@ -124,10 +170,20 @@ def predictor_annotations(resolved: ResolvedVersion, variant: Variant) -> dict[s
     notes = {labels.MODEL_URI: resolved.model_uri, labels.RESOLVED_FROM: resolved.origin}
     if resolved.run_id:
         notes[labels.RUN_ID] = resolved.run_id
-    if variant.runtime == "bentoml":
-        # No Seldon executor in front: BentoML answers the Open Inference Protocol itself (operator: "no-engine").
-        notes[NO_ENGINE] = "true"
+    # No Seldon executor in front of a one-model graph: both servers answer the Open Inference Protocol and export
+    # the request metrics themselves, and the executor the operator injects could not pass Pod Security `restricted`.
+    notes[NO_ENGINE] = "true"
     return notes
+
+
+def serving_ports(runtime: str) -> tuple[int, ...]:
+    """The container ports the operator's Services route to under no-engine: MLServer's http/grpc, BentoML's one."""
+    return (BENTOML_PORT,) if runtime == "bentoml" else MODEL_PORTS
+
+
+def scrape_port(runtime: str) -> int:
+    """Where Prometheus scrapes a runtime's pods: MLServer's metrics port, BentoML's one port."""
+    return BENTOML_PORT if runtime == "bentoml" else METRICS_PORT
 
 
 def resources(model: Model, variant: Variant | None = None) -> dict[str, Any]:
@@ -201,9 +257,13 @@ def _probe(path: str, period: int, failures: int, delay: int) -> dict[str, Any]:
     }
 
 
-def pod_spec(settings: Settings, model_key: str, variant: Variant, image: str, version: str) -> dict[str, Any]:
+def pod_spec(
+    settings: Settings, model_key: str, variant: Variant, image: str, version: str, model_uri: str | None = None
+) -> dict[str, Any]:
+    """The pod template; with `model_uri` (a model downloaded at start) the storage initializer and its volume,
+    and the artifact store's service account on the pod, where IRSA's token reaches rclone."""
     model = settings.models[model_key]
-    return {
+    spec: dict[str, Any] = {
         **gpu.scheduling(settings, variant),
         "securityContext": {
             "runAsNonRoot": True,
@@ -217,6 +277,13 @@ def pod_spec(settings: Settings, model_key: str, variant: Variant, image: str, v
         "containers": [serving_container(model_key, model, variant, image, version)],
         "volumes": [{"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}}],
     }
+    if model_uri is not None:
+        _, account = storage_access(settings, model_uri)
+        if account:
+            spec["serviceAccountName"] = account
+        spec["initContainers"] = [storage_initializer(settings, model_key, model_uri)]
+        spec["volumes"].append({"name": model_volume(model_key), "emptyDir": {}})
+    return spec
 
 
 def keda_spec(autoscaling: Autoscaling, requests_trigger: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -279,17 +346,19 @@ def requests_trigger(settings: Settings, model_key: str, variant_name: str) -> d
         "metricType": "AverageValue",
         "metadata": {
             "serverAddress": settings.monitoring.prometheus_url,
-            "query": metrics.scaling_request_rate(model_key, variant_name),
+            "query": metrics.scaling_request_rate(model_key, variant_name, namespace=settings.namespace),
             "threshold": f"{per_replica:g}",
         },
     }
 
 
-def component_spec(settings: Settings, model_key: str, variant_name: str, image: str, version: str) -> dict[str, Any]:
+def component_spec(
+    settings: Settings, model_key: str, variant_name: str, image: str, version: str, model_uri: str | None = None
+) -> dict[str, Any]:
     variant = settings.models[model_key].variants[variant_name]
     model = settings.models[model_key]
     spec: dict[str, Any] = {
-        "spec": pod_spec(settings, model_key, variant, image, version),
+        "spec": pod_spec(settings, model_key, variant, image, version, model_uri),
         "pdbSpec": {"maxUnavailable": model.disruption_budget.max_unavailable},
     }
     if settings.platform.autoscaler == "keda":
@@ -304,15 +373,15 @@ def predictor(
 ) -> dict[str, Any]:
     model = settings.models[model_key]
     graph: dict[str, Any] = {"name": model_key, "type": "MODEL", "children": []}
-    if not model.serving.bake:
-        graph["modelUri"] = resolved.model_uri
-        graph.update(storage_access(settings, resolved.model_uri))
+    downloaded = None if model.serving.bake else resolved.model_uri
+    if downloaded is not None:
+        graph["modelUri"] = downloaded  # the operator sets MLSERVER_MODEL_URI to the initializer's folder
     spec: dict[str, Any] = {
         "name": name,
         "labels": predictor_labels(model_key, model, name, resolved),
         "annotations": predictor_annotations(resolved, variant),
         "graph": graph,
-        "componentSpecs": [component_spec(settings, model_key, name, image, resolved.version)],
+        "componentSpecs": [component_spec(settings, model_key, name, image, resolved.version, downloaded)],
     }
     if variant.shadow:
         spec["shadow"] = True
