@@ -233,17 +233,40 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         cluster.start(crd_dir=args.crds, namespaces=tuple(args.namespace))
     except ClusterError as exc:
         raise UsageError(str(exc)) from None
+    operator = None
+    if args.operator:
+        operator = _start_operator(args, folder, cluster)
     console.print(f"API server {cluster.server} is up; in another shell:\n  export KUBECONFIG={cluster.kubeconfig}")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop etcd and kube-apiserver on SIGTERM too
     try:
-        while all(p.poll() is None for p in cluster.processes):
+        while all(p.poll() is None for p in cluster.processes) and (operator is None or operator.running()):
             time.sleep(1)
-        console.print("[red]etcd or kube-apiserver exited[/]; logs in " + str(cluster.root))
+        console.print("[red]etcd, kube-apiserver or the Seldon operator exited[/]; logs in " + str(cluster.root))
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
+        if operator is not None:
+            operator.stop()
         cluster.stop()
+
+
+def _start_operator(args: argparse.Namespace, folder: Path, cluster):  # type: ignore[no-untyped-def]
+    """The Seldon operator, set up by its chart with `--stack`'s values; stops the cluster if it cannot start."""
+    from ml_serving.localcluster import ClusterError
+    from ml_serving.localoperator import LocalOperator
+    from ml_serving.specs.platform import seldon_operator
+    from ml_serving.stackfile import load_settings
+
+    settings = load_settings(args.project_dir or find_project_dir(), args.stack)
+    operator = LocalOperator(folder / "bin", cluster.kubeconfig, seldon_operator(settings), root=cluster.root)
+    try:
+        operator.start(cluster.api_client())
+    except ClusterError as exc:
+        cluster.stop()
+        raise UsageError(f"{exc} (or run without it: --no-operator)") from None
+    console.print(f"Seldon operator {operator.chart.version} reconciles SeldonDeployments (log: {operator.log})")
+    return operator
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
@@ -494,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=["istio-system", "monitoring"],
         help="namespaces its installs would have made (default: istio-system, monitoring)",
     )
+    cluster.add_argument(
+        "--no-operator", dest="operator", action="store_false", help="do not run the Seldon operator beside it"
+    )
+    cluster.add_argument("--stack", default="dev", help="whose Seldon chart values set up the operator (default: dev)")
     cluster.set_defaults(func=cmd_cluster)
 
     pin = commands.add_parser(

@@ -49,6 +49,7 @@ class Reconciled:
     cluster: Any
     operator: LocalOperator
     config: dict[str, Any]
+    stack: str = "prod"
     plan: Plan = field(init=False)
     settings: Settings = field(init=False)
 
@@ -62,8 +63,8 @@ class Reconciled:
     def apply(self, config: dict[str, Any]) -> None:
         """Plan `config` and create or replace its namespace, Secret and SeldonDeployments."""
         self.config = copy.deepcopy(config)
-        self.settings = parse_settings(self.config, "Pulumi.test.yaml")
-        self.plan = run_program(PROJECT_DIR, "prod", config=self.config)
+        self.settings = parse_settings(self.config, f"Pulumi.{self.stack}.yaml")
+        self.plan = run_program(PROJECT_DIR, self.stack, config=self.config)
         objects = [revealed(o) for kind in APPLIED_KINDS for o in self.plan.find(kind)]
         for obj in objects:
             _apply(self.cluster, obj)
@@ -140,14 +141,16 @@ def _apply(cluster: Any, obj: dict[str, Any]) -> None:
         api.replace(body=body, namespace=namespace)
 
 
-def reconciled(cluster: Any, operator: LocalOperator, namespace: str, edit: Any = None) -> Reconciled:
-    """Prod's config in namespace `namespace` (changed by `edit(config)`), applied and reconciled to the point
-    where the operator has written the VirtualService of every SeldonDeployment."""
-    config = copy.deepcopy(stack_config("prod"))
+def reconciled(
+    cluster: Any, operator: LocalOperator, namespace: str, stack_name: str = "prod", registry: Any = None
+) -> Reconciled:
+    """A stack's config in namespace `namespace` (its aliases resolved in `registry`), applied and reconciled to
+    the point where the operator has written the VirtualService of every SeldonDeployment."""
+    config = copy.deepcopy(stack_config(stack_name))
     config["ml-serving:namespace"] = namespace
-    if edit is not None:
-        edit(config)
-    stack = Reconciled(cluster, operator, config)
+    if registry is not None:
+        config["ml-serving:registry"] = {"trackingUri": registry.tracking_uri}
+    stack = Reconciled(cluster, operator, config, stack_name)
     stack.mark_available()
     for sdep in stack.plan.find("SeldonDeployment"):
         stack.virtual_service(sdep["metadata"]["name"])

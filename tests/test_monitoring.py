@@ -225,8 +225,14 @@ def test_pod_monitor_scrapes_the_port_and_path_seldon_sets_and_relabels_names(se
         "bentoml",
         "keep",
     ), "an MLServer pod's http port has no /metrics: scraping it would count the pod down"
-    assert bentoml["relabelings"][1:] == endpoint["relabelings"]
-    keep, *renames = endpoint["relabelings"]
+    only_mlserver = endpoint["relabelings"][0]
+    assert (only_mlserver["sourceLabels"], only_mlserver["regex"], only_mlserver["action"]) == (
+        ["__meta_kubernetes_pod_label_ml_serving_io_runtime"],
+        "mlserver",
+        "keep",
+    ), "the operator names a port `metrics` on BentoML's container too: scraping it would count the pod down"
+    assert bentoml["relabelings"][1:] == endpoint["relabelings"][1:]
+    keep, *renames = endpoint["relabelings"][1:]
     assert (keep["action"], keep["sourceLabels"]) == ("keep", ["__meta_kubernetes_pod_container_name"])
     for container in settings.models:  # the model's container is named like the graph node: the model key
         assert re.fullmatch(keep["regex"], container), "Prometheus anchors relabel regexes"

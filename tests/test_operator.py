@@ -26,6 +26,7 @@ pytestmark = pytest.mark.operator
 seldon_operator = operator_fixtures.seldon_operator  # the fixtures, for this module
 prod_reconciled = operator_fixtures.prod_reconciled
 CHURN = "churn"
+GRPC_ROUTE = 1  # the operator's VirtualService: route 0 is HTTP (/seldon/<ns>/<name>/), route 1 gRPC (by headers)
 
 
 def template(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -236,7 +237,7 @@ def _routed(stack: Reconciled) -> dict[str, set[int]]:
     deployments = stack.deployments()
     reached: dict[str, set[int]] = {d["metadata"]["name"]: set() for d in deployments}
     for vs in stack.items("networking.istio.io/v1beta1", "VirtualService"):
-        for route in vs["spec"]["http"]:
+        for index, route in enumerate(vs["spec"]["http"]):
             destinations = [d["destination"] for d in route["route"]]
             if route.get("mirror"):
                 destinations.append(route["mirror"])
@@ -244,8 +245,11 @@ def _routed(stack: Reconciled) -> dict[str, set[int]]:
                 service = services[destination["host"].split(".")[0]]
                 (port,) = [p for p in service["spec"]["ports"] if p["port"] == destination["port"]["number"]]
                 for deployment in deployments:
-                    if selects({"matchLabels": service["spec"]["selector"]}, pod_labels(deployment)):
-                        reached[deployment["metadata"]["name"]].add(int(port["targetPort"]))
+                    if not selects({"matchLabels": service["spec"]["selector"]}, pod_labels(deployment)):
+                        continue
+                    if index == GRPC_ROUTE and pod_labels(deployment)[labels.RUNTIME] == "bentoml":
+                        continue  # BentoML serves no gRPC: nothing listens where that route points
+                    reached[deployment["metadata"]["name"]].add(int(port["targetPort"]))
     return reached
 
 
@@ -354,6 +358,19 @@ def test_the_scaled_object_carries_the_configured_triggers(prod_reconciled):
         assert scaled["spec"]["maxReplicaCount"] == autoscaling.max_replicas
         kinds = {t["type"] for t in scaled["spec"]["triggers"]}
         assert "cpu" in kinds and ("prometheus" in kinds) == (autoscaling.requests_per_second_per_replica is not None)
+
+
+def test_dev_reconciles_to_one_restricted_mlserver_predictor_with_all_traffic(cluster, seldon_operator, registry):
+    stack = reconciled(cluster, seldon_operator, "models-dev", "dev", registry)
+    ((key, deployment),) = by_predictor(stack).items()
+    assert key == (CHURN, "champion")
+    assert model_container(deployment)["image"].startswith("ml-serving-dev/churn:")
+    assert _weights(stack.virtual_service(CHURN), stack.namespace) == ({"champion": 100}, None)
+    (scaled,) = stack.items("keda.sh/v1alpha1", "ScaledObject")
+    assert [t["type"] for t in scaled["spec"]["triggers"]] == ["cpu"], "dev: cpu only, no Prometheus trigger"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dev-check"}, "spec": template(deployment)["spec"]}
+    status, text, _ = _dry_run(stack, f"/api/v1/namespaces/{stack.namespace}/pods", pod)
+    assert status == 201, text[:800]
 
 
 def test_the_operator_ran_with_the_chart_s_istio_and_keda_settings(seldon_operator):
