@@ -373,7 +373,16 @@ def test_dev_reconciles_to_one_restricted_mlserver_predictor_with_all_traffic(cl
     assert status == 201, text[:800]
 
 
-def test_the_operator_ran_with_the_chart_s_istio_and_keda_settings(seldon_operator):
+def test_the_operator_ran_with_the_chart_s_istio_and_keda_settings(seldon_operator, cluster):
+    from kubernetes import client
+
+    config = client.CoreV1Api(cluster.api_client()).read_namespaced_config_map("seldon-config", "seldon-system")
+    initializer = json.loads(config.data["storageInitializer"])
+    assert initializer["image"] == seldon.STORAGE_INITIALIZER_IMAGE, "the one we declare is the chart's"
+    assert {
+        "requests": {"cpu": initializer["cpuRequest"], "memory": initializer["memoryRequest"]},
+        "limits": {"cpu": initializer["cpuLimit"], "memory": initializer["memoryLimit"]},
+    } == seldon.STORAGE_INITIALIZER_RESOURCES
     env = seldon_operator.env
     assert env["ISTIO_ENABLED"] == "true" and env["KEDA_ENABLED"] == "true", json.dumps(env)[:500]
     assert env["ISTIO_GATEWAY"] == "istio-system/seldon-gateway"
