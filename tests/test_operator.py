@@ -187,16 +187,29 @@ def _dry_run(stack: Reconciled, path: str, body: dict[str, Any]) -> tuple[int, s
 def test_pod_security_admission_accepts_every_generated_pod_template(prod_reconciled):
     """The namespace enforces `restricted`: a pod of each Deployment would be created, and the Deployment itself
     draws no PodSecurity warning (what `warn: restricted` reports on workload objects)."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
     stack = prod_reconciled
+    # A namespace of its own, labelled as the stack labels its namespace, so the admission is checked even where
+    # the namespace labels themselves were wrong (test_the_models_namespace_gets_sidecars_and_enforces_…).
+    checked = f"{stack.namespace}-pod-security"
+    enforced = {f"{platform.POD_SECURITY}/{m}": platform.POD_SECURITY_LEVEL for m in ("enforce", "warn")}
+    try:
+        client.CoreV1Api(stack.cluster.api_client()).create_namespace(
+            {"metadata": {"name": checked, "labels": enforced}}
+        )
+    except ApiException as exc:
+        assert exc.status == 409, exc
     for deployment in stack.deployments():
         name = deployment["metadata"]["name"]
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}-check"[:63], "labels": pod_labels(deployment)},
                "spec": template(deployment)["spec"]}  # fmt: skip
-        status, text, _ = _dry_run(stack, f"/api/v1/namespaces/{stack.namespace}/pods", pod)
+        status, text, _ = _dry_run(stack, f"/api/v1/namespaces/{checked}/pods", pod)
         assert status == 201, f"{name}: {text[:800]}"
         copy_of = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": f"{name}-check"[:63]},
                    "spec": deployment["spec"]}  # fmt: skip
-        status, text, warnings = _dry_run(stack, f"/apis/apps/v1/namespaces/{stack.namespace}/deployments", copy_of)
+        status, text, warnings = _dry_run(stack, f"/apis/apps/v1/namespaces/{checked}/deployments", copy_of)
         assert status == 201, text[:800]
         assert not [w for w in warnings if "PodSecurity" in w], f"{name}: {warnings}"
 
