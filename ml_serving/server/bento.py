@@ -7,9 +7,10 @@ run) loads the MLflow model once per worker and answers:
 - MLflow's `/invocations` in its four formats;
 - `/v2/health/live|ready`, and BentoML's own `/livez`, `/readyz`, `/metrics`.
 Every request is checked by `ml_serving.server.validation` (the module the MLServer image uses, not a copy), then
-decoded as MLServer's MLflow runtime would and sent through BentoML's adaptive batching (`predict_frame`, a
+decoded as MLServer's MLflow runtime would and sent through BentoML's adaptive batching (`predict_rows`, a
 batchable API called through the service's own in-process client), so a client's mistake is never a 5xx here
-either.
+either. BentoML's `max_latency_ms` is a request's whole budget (serving.maxLatencyMs): what it sheds is answered
+503 with Retry-After and counted as the refusal reason `overloaded`.
 """
 
 from __future__ import annotations
