@@ -9,6 +9,10 @@ baked into the context vs downloaded from the registry. Run (needs Debian's `wrk
 
 `--before REF` also runs this project's server as it was at git commit REF (a worktree of it, same model and
 settings), e.g. 3027f86, the server issue #15 measured as "today's figure".
+
+`--bentoml` runs instead the runtimes side by side (issue 27): the MLServer runtime, the BentoML runtime
+(`ml-serving serve --runtime bentoml`) and stock BentoML (`bentoml serve` of bench/stock_bento.py: the same model,
+workers and batch size, BentoML's default latency budget), 1-row requests at 8 and 32 connections, non-2xx counted.
 """
 
 from __future__ import annotations
@@ -123,6 +127,51 @@ def start_stock(model: Path, workers: int, workdir: Path):
     return processes.running(command, workdir / f"stock-{http}.log"), http
 
 
+def start_bentoml_runtime(model: Path, workers: int, workdir: Path):
+    """This project's BentoML runtime, as `ml-serving serve --runtime bentoml` starts it."""
+    port = processes.free_port()
+    cli = str(Path(sys.executable).parent / "ml-serving")
+    command = [cli, "serve", str(model), "--name", "churn", "--runtime", "bentoml", "--http-port", str(port)]
+    env = {"MLSERVER_PARALLEL_WORKERS": str(workers), "TMPDIR": str(workdir)}
+    return processes.running(command, workdir / f"bentoml-{port}.log", env=env), port
+
+
+def start_stock_bentoml(model: Path, workers: int, workdir: Path):
+    """Stock BentoML (bench/stock_bento.py) with the same workers and batch size as the runtimes."""
+    from ml_serving.cli import bentoml_python
+
+    port = processes.free_port()
+    batch = json.loads((PROJECT_DIR / "serving_image" / "model-settings.json").read_text())["max_batch_size"]
+    env = {"BENCH_MODEL": str(model), "BENCH_WORKERS": str(workers), "BENCH_MAX_BATCH_SIZE": str(batch),
+           "BENTOML_HOME": str(workdir / "bentoml-home")}  # fmt: skip
+    command = [bentoml_python(), "-m", "bentoml", "serve", "stock_bento:Stock", "--host", "127.0.0.1", "--port",
+               str(port), "--working-dir", str(Path(__file__).parent)]  # fmt: skip
+    return processes.running(command, workdir / f"stock-bentoml-{port}.log", env=env), port
+
+
+def compare_runtimes(model_dir: Path, workers: int, duration: int, workdir: Path) -> None:
+    """The MLServer runtime, the BentoML runtime and stock BentoML on 1-row requests at 8 and 32 connections."""
+    ours = [("v2", v2_body(1)), ("invocations", invocations_body(1))]
+    targets = {
+        "mlserver runtime": (start_ours, "/v2/health/ready", ours),
+        "bentoml runtime": (start_bentoml_runtime, "/readyz", ours),
+        "stock bentoml": (start_stock_bentoml, "/readyz", [("predict", json.dumps({"rows": rows(1)}))]),
+    }
+    routes = {"v2": "/v2/models/churn/infer", "invocations": "/invocations", "predict": "/predict"}
+    print(f"\n{'server':<17} {'path':<12} {'conns':>5} | {'req/s':>7} {'p50':>8} {'p99':>9} | non-2xx")
+    for server, (start, ready, bodies) in targets.items():
+        context, port = start(model_dir, workers, workdir)
+        with context as process:
+            processes.wait_for(f"http://127.0.0.1:{port}{ready}", process, workdir / "start.log", 300)
+            for path, body in bodies:
+                url = f"http://127.0.0.1:{port}{routes[path]}"
+                for conns in (8, 32):
+                    wrk(url, body, conns, 2, workdir)  # warm up
+                    r = wrk(url, body, conns, duration, workdir)
+                    print(f"{server:<17} {path:<12} {conns:>5} | {r['rps']:>7.0f} {r['p50_ms']:>6.1f}ms "
+                          f"{r['p99_ms']:>7.1f}ms | {r['errors']}")  # fmt: skip
+
+
 def in_process_rate(model: Path) -> dict[int, float]:
     import pandas as pd
     from mlflow.pyfunc import load_model
@@ -160,6 +209,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--before", metavar="REF", help="also run this project's server as of git commit REF")
+    parser.add_argument("--bentoml", action="store_true", help="only the runtimes side by side, with stock BentoML")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("error: wrk not found: apt-get install -y wrk")
@@ -180,6 +230,10 @@ def main() -> None:
     rates = in_process_rate(model_dir)
     print(f"in-process predict: 1 row {rates[1]:.0f} calls/s, 32 rows {rates[32]:.0f} calls/s", end=" ")
     print(f"({32 * rates[32]:.0f} rows/s)")
+    if args.bentoml:
+        compare_runtimes(model_dir, args.workers, args.duration, workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
 
     cases = [(path, rows_, conns) for path in ("v2", "invocations") for rows_ in (1, 64) for conns in (8, 32)]
     results: dict[tuple, list] = {}

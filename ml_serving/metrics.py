@@ -38,6 +38,11 @@ REFUSALS = REFUSALS_METRIC  # the serving image's own counter {model, reason}
 REASON = "reason"
 
 INFERENCE_PATHS = "|".join(INFERENCE_ROUTES)
+# A shed (503 + Retry-After, refusal reason `overloaded`): the server declined work over its latency budget. No
+# inference route answers 503 otherwise, so the status alone tells a shed from a failure. Sheds are refusals, not
+# server errors: the error ratio leaves them out, the refused share counts them.
+SERVER_ERROR_STATUS = "5(0[0-24-9]|[1-9][0-9])"  # every 5xx but 503
+REFUSED_STATUS = "4..|503"
 DEFAULT_WINDOW = "1m"
 
 
@@ -119,8 +124,9 @@ def _status_rate(scope: Scope, window: str, status: str) -> str:
 
 
 def server_errors_rate(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
-    """Inference requests per second the server failed (5xx); 0, not nothing, while there is traffic but no error."""
-    return f"({_status_rate(scope, window, '5..')} or {request_rate(scope, window)} * 0)"
+    """Inference requests per second the server failed (5xx but a shed's 503); 0, not nothing, while there is
+    traffic but no error."""
+    return f"({_status_rate(scope, window, SERVER_ERROR_STATUS)} or {request_rate(scope, window)} * 0)"
 
 
 def error_ratio(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
@@ -129,9 +135,10 @@ def error_ratio(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
 
 
 def rejected_ratio(scope: Scope = Scope(), window: str = DEFAULT_WINDOW) -> str:
-    """Share of inference requests refused as the client's mistake (4xx): a challenger whose signature refuses
-    what the champion accepts shows here, not in the error ratio."""
-    refused = _status_rate(scope, window, "4..")
+    """Share of inference requests refused (4xx: the client's mistake; 503: shed over the latency budget): a
+    challenger whose signature refuses what the champion accepts, or that sheds what the champion serves, shows
+    here, not in the error ratio."""
+    refused = _status_rate(scope, window, REFUSED_STATUS)
     return f"({refused} or {request_rate(scope, window)} * 0) / {request_rate(scope, window)}"
 
 

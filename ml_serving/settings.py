@@ -210,6 +210,9 @@ class Serving(_Config):
     max_batch_size: Annotated[StrictInt, Field(ge=1, le=4096)] | None = None
     max_batch_time_seconds: Annotated[float, Field(ge=0, le=10)] | None = None
     max_body_bytes: Annotated[StrictInt, Field(ge=1024)] | None = None
+    # BentoML only: a request's whole budget (queue + predict) before BentoML sheds it with 503 + Retry-After;
+    # unset, BentoML's own default (60 s, its request timeout). Not MLServer's batch window (maxBatchTimeSeconds).
+    max_latency_ms: Annotated[StrictInt, Field(ge=10, le=60_000)] | None = None
 
 
 class Resources(_Config):

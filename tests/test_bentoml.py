@@ -12,8 +12,10 @@ import pytest
 import requests
 
 from ml_serving import metrics
+from ml_serving.server import MAX_LATENCY_ENV
 from ml_serving.stackfile import load_settings
 from tests import processes
+from tests.load_fixtures import send
 from tests.test_serving import BAD, BAD_V2, ROWS, _send, v2_body
 
 pytestmark = pytest.mark.serving
@@ -42,14 +44,20 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def both(tmp_path_factory):
-    """The seeded churn model served by each runtime, as `churn` (the name a cluster gives it)."""
+def churn_registry(tmp_path_factory) -> str:
     from ml_serving.seed import register_churn_model
 
     bentoml_python()
-    workdir = tmp_path_factory.mktemp("runtimes")
-    registry = f"sqlite:///{workdir / 'registry.db'}"
+    registry = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}"
     register_churn_model(registry, aliases=("champion",))
+    return registry
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory, churn_registry):
+    """The seeded churn model served by each runtime, as `churn` (the name a cluster gives it)."""
+    workdir = tmp_path_factory.mktemp("runtimes")
+    registry = churn_registry
     ports = {"mlserver": [processes.free_port() for _ in range(3)], "bentoml": [processes.free_port()]}
     common = [CLI, "serve", "models:/churn-classifier@champion", "--tracking-uri", registry, "--name", "churn"]
     commands = {
@@ -115,6 +123,53 @@ def test_bentoml_health_and_the_metric_names_the_queries_use(both):
     assert any(f"{metrics.BENTOML_BATCH_SIZE}_count{{" in line for line in text.splitlines()), "adaptive batching ran"
 
 
+# Under load: concurrent keep-alive clients for a bounded time, as `wrk -c8`/`-c32` would, every answer checked.
+# BentoML's default budget (60 s) is far above any queue a busy 2-core machine builds in a few seconds, so a
+# non-2xx here is a defect (issue 27: a 4 ms budget shed 80 % of requests at 8 connections), not a slow machine.
+LOAD_SECONDS = 3
+ONE_ROW = [{"dataframe_records": [row]} for row in ROWS]
+
+
+@pytest.mark.parametrize("connections", [8, 32])
+def test_under_load_both_runtimes_answer_every_request_with_the_same_predictions(both, connections):
+    expected = [both["mlserver"].post("/invocations", body).json()["predictions"] for body in ONE_ROW]
+    assert len({str(e) for e in expected}) == 2, "both classes, or the comparison proves little"
+    for runtime, served in both.items():
+        load = send(served.url + "/invocations", ONE_ROW, connections, LOAD_SECONDS)
+        assert load.statuses() == {200: len(load.answers)}, (runtime, connections, load.statuses())
+        assert len(load.answers) > connections, (runtime, "every connection had an answer")
+        wrong = [a for a in load.answers if a.predictions != expected[a.row]]
+        assert not wrong, (runtime, connections, wrong[:3])
+
+
+@pytest.fixture(scope="module")
+def tight_budget(tmp_path_factory, churn_registry):
+    """BentoML with a 1 ms latency budget: every queued request is over it, so load is shed for sure."""
+    workdir = tmp_path_factory.mktemp("tight")
+    port = processes.free_port()
+    command = [CLI, "serve", "models:/churn-classifier@champion", "--tracking-uri", churn_registry, "--name",
+               "churn", "--runtime", "bentoml", "--http-port", str(port)]  # fmt: skip
+    env = {"TMPDIR": str(workdir), "MLSERVER_PARALLEL_WORKERS": "1", MAX_LATENCY_ENV: "1"}
+    with processes.running(command, workdir / "bentoml.log", env=env) as process:
+        url = f"http://127.0.0.1:{port}"
+        processes.wait_for(url + "/readyz", process, workdir / "bentoml.log", seconds=180)
+        yield url
+
+
+def test_a_shed_is_a_503_with_retry_after_counted_as_overloaded_never_a_500(tight_budget):
+    load = send(tight_budget + "/invocations", ONE_ROW, 32, LOAD_SECONDS)
+    statuses = load.statuses()
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.get(503), f"a 1 ms budget under 32 connections sheds: {statuses}"
+    assert {a.retry_after for a in load.answers if a.status == 503} == {"1"}
+    text = requests.get(tight_budget + "/metrics", timeout=10).text
+    refusals = [line for line in text.splitlines() if line.startswith(metrics.REFUSALS + "{")]
+    assert any('reason="overloaded"' in line and 'model="churn"' in line for line in refusals), refusals
+    counted = [line for line in text.splitlines() if line.startswith(metrics.BENTOML.requests + "{")]
+    assert any('endpoint="/invocations"' in line and 'http_response_code="503"' in line for line in counted)
+    assert not any('endpoint="/invocations"' in line and 'http_response_code="500"' in line for line in counted)
+
+
 # A canary of the runtime alone: champion on MLServer, challenger on BentoML, the same model (the flaky fixture,
 # each process with its own fault switch), real processes and a real Prometheus; `pulumi` is the stand-in.
 
@@ -173,8 +228,9 @@ def test_a_runtime_canary_walks_every_stage_then_rolls_back_a_faulty_bentoml_cha
     for fault, expected in ((0.0, 0), (0.5, 1)):
         fresh_canary(project, prometheus)
         path = project / "Pulumi.canary.yaml"
-        # The same version, only the runtime differs. BentoML's batched self-call is slower than MLServer on 2 busy
-        # cores: the latency gates stay, with room, so what decides here is each runtime's own error series.
+        # The same version, only the runtime differs. With no shed left, the errors gates pass at their defaults;
+        # the latency gates still need room: one request at a time, BentoML's batched in-process self-call is
+        # slower than MLServer (p95 0.12 s vs 0.043 s, 2.8x, on 2 busy cores, 2026-12-03; issue 27's open part).
         path.write_text(path.read_text().replace(
             '{version: "2", modelUri: "file:///models/churn/2", weight: 0}',
             '{version: "1", modelUri: "file:///models/churn/1", weight: 0, runtime: bentoml}',

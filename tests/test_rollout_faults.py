@@ -42,8 +42,8 @@ from tests.test_rollout import canary, deploy, rollout, standin_env, ups, weight
 # Which gate a query belongs to, told apart by what only its PromQL contains.
 QUERY_KINDS = {
     "requests": lambda q: "increase(" in q,
-    "error_ratio": lambda q: 'status_code=~"5.."' in q,
-    "rejected": lambda q: 'status_code=~"4.."' in q,
+    "error_ratio": lambda q: f'status_code=~"{metrics.SERVER_ERROR_STATUS}"' in q,
+    "rejected": lambda q: f'status_code=~"{metrics.REFUSED_STATUS}"' in q,
     "latency": lambda q: "histogram_quantile" in q,
 }
 

@@ -128,6 +128,18 @@ def test_the_bentoml_runtime_is_validated_like_every_field():
         )
 
 
+def test_the_latency_budget_reaches_the_container_and_is_validated():
+    from ml_serving.server import MAX_LATENCY_ENV
+
+    model = settings_with(serving={"maxLatencyMs": 2000}).models["m"]
+    assert {"name": MAX_LATENCY_ENV, "value": "2000"} in seldon.serving_env(model, "1")
+    unset = settings_with().models["m"]
+    assert MAX_LATENCY_ENV not in {e["name"] for e in seldon.serving_env(unset, "1")}, "BentoML's own default then"
+    for bad, words in ((4, "at least 10"), (120_000, "at most 60000"), ("1s", "not a whole number")):
+        with pytest.raises(ConfigError, match=rf"models\.m\.serving\.maxLatencyMs: .*{words}"):
+            settings_with(serving={"maxLatencyMs": bad})
+
+
 def test_a_bentoml_variant_builds_from_its_own_dockerfile_and_requirements():
     from ml_serving.image import ModelEnvironment, build_context
 

@@ -8,6 +8,7 @@ import gc
 # The registry version the server answers as: the SeldonDeployment sets it per predictor (Seldon's own
 # MLSERVER_MODEL_VERSION is always "v1"), `ml-serving serve` resolves it from the registry.
 VERSION_ENV = "ML_SERVING_MODEL_VERSION"
+MAX_LATENCY_ENV = "ML_SERVING_MAX_LATENCY_MS"  # the BentoML runtime's latency budget (serving.maxLatencyMs)
 
 # Requests refused as the client's mistake, by `reason` (validation.Refusal: a bounded set, never request data).
 # metrics.py reads the name from here for the dashboard.

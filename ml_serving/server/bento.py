@@ -7,27 +7,29 @@ run) loads the MLflow model once per worker and answers:
 - MLflow's `/invocations` in its four formats;
 - `/v2/health/live|ready`, and BentoML's own `/livez`, `/readyz`, `/metrics`.
 Every request is checked by `ml_serving.server.validation` (the module the MLServer image uses, not a copy), then
-decoded as MLServer's MLflow runtime would and sent through BentoML's adaptive batching (`predict_frame`, a
+decoded as MLServer's MLflow runtime would and sent through BentoML's adaptive batching (`predict_rows`, a
 batchable API called through the service's own in-process client), so a client's mistake is never a 5xx here
-either.
+either. BentoML's `max_latency_ms` is a request's whole budget (serving.maxLatencyMs): what it sheds is answered
+503 with Retry-After and counted as the refusal reason `overloaded`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
+import aiohttp
 import bentoml
 import numpy as np
 import orjson
 import pandas as pd
+from bentoml.exceptions import ServiceUnavailable
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ml_serving.server import VERSION_ENV, freeze_heap
+from ml_serving.server import MAX_LATENCY_ENV, REFUSALS_METRIC, VERSION_ENV, freeze_heap
 from ml_serving.server import validation as v
 from ml_serving.server.__main__ import load_limits, settings_dir
 from ml_serving.server.outputs import INPUT_ERRORS, json_default, named_outputs
@@ -36,7 +38,12 @@ MODEL_NAME = os.environ.get("MLSERVER_MODEL_NAME") or "model"
 MODEL_PATH = os.environ.get("MLSERVER_MODEL_URI") or "/mnt/models"
 MODEL_VERSION = os.environ.get(VERSION_ENV) or None
 MAX_BATCH_SIZE = int(os.environ.get("MLSERVER_MODEL_MAX_BATCH_SIZE") or 64)
-MAX_LATENCY_MS = max(1, math.ceil(float(os.environ.get("MLSERVER_MODEL_MAX_BATCH_TIME") or 0.004) * 1000))
+# BentoML's max_latency_ms is a request's whole budget (queueing plus inference), not MLServer's batch window:
+# its dispatcher sheds work it predicts will exceed it. The stack's serving.maxLatencyMs, else BentoML's default.
+DEFAULT_MAX_LATENCY_MS = 60_000
+MAX_LATENCY_MS = int(os.environ.get(MAX_LATENCY_ENV) or DEFAULT_MAX_LATENCY_MS)
+RETRY_AFTER_SECONDS = 1
+SELF_CALL_ATTEMPTS = 3
 WORKERS = int(os.environ.get("MLSERVER_PARALLEL_WORKERS") or 1) or 1
 NUMPY_OF_V2 = {datatype: numpy for numpy, datatype in v.V2_OF_NUMPY.items() if numpy not in ("str", "bytes")}
 
@@ -128,6 +135,22 @@ class ModelService:
             raise ModelRefused(f"the model refused the input: {error}") from None
         return named_outputs(output, self.model.metadata.signature)
 
+    async def batched(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """`predict_rows` through BentoML's batching (its in-process client). BentoML 1.4.40's client replaces its
+        session every 100 calls and closes the old one under calls still in flight: such a call never reached a
+        verdict, and a prediction is safe to repeat, so it is sent again rather than answered 500."""
+        for attempt in range(SELF_CALL_ATTEMPTS):
+            try:
+                return await self.to_async.predict_rows(rows)  # type: ignore[attr-defined,no-any-return]
+            except ServiceUnavailable:  # the dispatcher shed it: over the latency budget, not the model's fault
+                raise v.RequestError(
+                    SHED, v.Refusal.OVERLOADED, "the server is overloaded: retry after the Retry-After seconds"
+                ) from None
+            except aiohttp.ClientConnectionError:
+                if attempt == SELF_CALL_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("not reached")
+
     async def infer(self, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """A checked V2 request: rows are batched, arrays and parameters go to the model directly."""
         content_type = (request.get("parameters") or {}).get("content_type")
@@ -138,7 +161,7 @@ class ModelService:
                 tensors = request["inputs"]
                 count = tensors[0]["shape"][0]
                 rows = [{t["name"]: t["data"][i] for t in tensors} for i in range(count)]
-                predicted = await self.to_async.predict_rows(rows)  # type: ignore[attr-defined]
+                predicted = await self.batched(rows)
                 if predicted and isinstance(predicted[0], dict):
                     output: Any = pd.DataFrame.from_records(predicted)
                 else:
@@ -161,8 +184,31 @@ async def _service() -> ModelService:
     return bentoml.get_current_service()  # type: ignore[no-any-return]
 
 
+SHED = 503
+
+
+def _refusals() -> Any:
+    """The MLServer image's refusals counter (same name and labels), made on first use through BentoML's metrics
+    API, which serves it on /metrics from every worker."""
+    global _refusal_counter
+    if _refusal_counter is None:
+        _refusal_counter = bentoml.metrics.Counter(
+            name=REFUSALS_METRIC.removesuffix("_total"),
+            documentation="Requests refused before or instead of predicting, by reason",
+            labelnames=["model", "reason"],
+        )
+    return _refusal_counter
+
+
+_refusal_counter: Any = None
+
+
 async def _refused(error: v.RequestError) -> Response:
-    return _json(error.status, {"error": error.message})
+    _refusals().labels(model=MODEL_NAME, reason=error.reason.value).inc()
+    response = _json(error.status, {"error": error.message})
+    if error.status == SHED:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
 
 
 async def v2_infer(request: Request) -> Response:

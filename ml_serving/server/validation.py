@@ -41,6 +41,7 @@ class Refusal(StrEnum):
     RAGGED = "ragged"  # columns or inputs of different lengths
     BAD_PARAMETERS = "bad_parameters"
     MODEL_REFUSED = "model_refused"  # valid here, refused by MLServer or the model as the client's mistake
+    OVERLOADED = "overloaded"  # shed (503 + Retry-After): over the latency budget, not the client's mistake
 
 
 class RequestError(Exception):

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from ml_serving import labels, metrics
 from ml_serving.image import BAKED_MODEL_PATH, BENTOML_PORT, METRICS_PORT, SERVING_UID
 from ml_serving.registry import ResolvedVersion
-from ml_serving.server import VERSION_ENV
+from ml_serving.server import MAX_LATENCY_ENV, VERSION_ENV
 from ml_serving.settings import Autoscaling, Model, Settings, Variant
 from ml_serving.specs import gpu
 
@@ -209,6 +209,7 @@ def serving_env(model: Model, version: str) -> list[dict[str, str]]:
         "MLSERVER_MODEL_MAX_BATCH_SIZE": serving.max_batch_size,
         "MLSERVER_MODEL_MAX_BATCH_TIME": serving.max_batch_time_seconds,
         "ML_SERVING_MAX_BODY_BYTES": serving.max_body_bytes,
+        MAX_LATENCY_ENV: serving.max_latency_ms,
         "MLSERVER_MODEL_URI": BAKED_MODEL_PATH if serving.bake else None,
     }
     return [{"name": name, "value": str(value)} for name, value in values.items() if value is not None]
