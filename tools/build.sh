@@ -156,7 +156,11 @@ build_seldon_executor() {
   [ -x "$BIN/seldon-executor" ] && { say "seldon-executor v$SELDON_VERSION: cached"; return; }
   say "seldon-executor v$SELDON_VERSION: building from the vendored source"
   local src; src=$(seldon_source)
-  (cd "$src/executor" && go build -trimpath -ldflags "-s -w" -o "$BIN/seldon-executor.tmp" .)
+  # Its main is cmd/executor; go.mod replaces the operator with ./_operator (upstream's Makefile copies ../operator
+  # there); confluent-kafka-go needs cgo, so link statically: the image is then the binary alone.
+  rm -rf "$src/executor/_operator"; cp -r "$src/operator" "$src/executor/_operator"
+  (cd "$src/executor" && CGO_ENABLED=1 go build -trimpath -ldflags "-s -w -linkmode external -extldflags -static" \
+    -o "$BIN/seldon-executor.tmp" ./cmd/executor)
   mv "$BIN/seldon-executor.tmp" "$BIN/seldon-executor"
   say "seldon-executor: done"
 }
