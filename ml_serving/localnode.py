@@ -49,6 +49,8 @@ NODE_CONTROLLERS = (
     "endpointslice-mirroring-controller",
     "pod-garbage-collector-controller",
     "disruption-controller",
+    # removes the not-ready taint the kubelet registers the node with
+    "node-lifecycle-controller",
 )
 POD_NETWORK = "ml-serving-pods"
 
@@ -403,7 +405,6 @@ class LocalNode:
         nodehost.remove_cgroup(self.cgroup)
         nodehost.restore_sysctls(self.before.sysctls)
         nodehost.remove_cni_cache(POD_NETWORK)
-        nodehost.remove_containerd_run(self.before)
 
     def leftovers(self) -> nodehost.Leftovers:
         """What of the node is still on the host (empty after a complete `stop()`)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import time
@@ -21,8 +20,7 @@ from pathlib import Path
 CGROUP_FS = Path("/sys/fs/cgroup")
 NETNS_DIR = Path("/run/netns")
 CNI_CACHE = Path("/var/lib/cni/results")
-# containerd 1.6 puts its shims' sockets under /run/containerd/s whatever its config says.
-CONTAINERD_RUN = Path("/run/containerd")
+
 # Sysctls the kubelet (protectKernelDefaults: false) and kube-proxy may set: put back as they were.
 SYSCTLS = (
     "vm/overcommit_memory",
@@ -96,7 +94,6 @@ class HostSnapshot:
     rules: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
     links: set[str] = field(default_factory=set)
-    containerd_run: bool = True
 
     @classmethod
     def take(cls) -> HostSnapshot:
@@ -106,7 +103,6 @@ class HostSnapshot:
             rules={tool: node_rules(iptables_rules(tool)) for tool in ("iptables", "ip6tables")},
             sysctls=read_sysctls(),
             links=set(link_names()),
-            containerd_run=CONTAINERD_RUN.exists(),
         )
 
 
@@ -248,12 +244,6 @@ def _rmdir(path: Path, seconds: float = 10) -> None:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.1)
-
-
-def remove_containerd_run(before: HostSnapshot) -> None:
-    """/run/containerd, if the node's containerd made it (no other containerd on the host uses it then)."""
-    if not before.containerd_run:
-        shutil.rmtree(CONTAINERD_RUN, ignore_errors=True)
 
 
 def remove_cni_cache(network: str) -> None:

@@ -3,6 +3,7 @@ tear-down leaves no process, mount, interface, netns, iptables rule or cgroup be
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,7 @@ def test_a_pod_runs_is_ready_and_answers_on_its_pod_ip(node: LocalNode, core: An
     )
     pod = poll(lambda: ready_pods(core, "app=hello-pod"), "pod hello Ready")[0]
     assert pod.spec.node_name == node.name  # the scheduler bound it to the node
-    assert pod.status.pod_ip in node.subnet.with_prefixlen and pod.status.pod_ip != node.node_ip
+    assert ipaddress.ip_address(pod.status.pod_ip) in node.subnet and pod.status.pod_ip != node.node_ip
     answer = requests.get(f"http://{pod.status.pod_ip}:8080/", timeout=5)
     assert answer.text == "hello from hello\n"
 
