@@ -321,6 +321,17 @@ class LocalNode:
             return False
         return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
 
+    def pod_memory(self, namespace: str, pod: str) -> int:
+        """A pod's working-set memory in bytes as the kubelet reports it (stats summary, through the API server)."""
+        from kubernetes import client
+
+        api = client.CoreV1Api(self.cluster.api_client())
+        text = api.connect_get_node_proxy_with_path(self.name, "stats/summary", _preload_content=False).data
+        for entry in json.loads(text)["pods"]:
+            if entry["podRef"]["namespace"] == namespace and entry["podRef"]["name"] == pod:
+                return int(entry.get("memory", {}).get("workingSetBytes", 0))
+        raise NodeError(f"the kubelet reports no stats for pod {namespace}/{pod} yet")
+
     def _start_control_plane(self) -> None:
         """The scheduler and the workload controllers (the cluster's own manager runs GC and namespaces)."""
         kubeconfig = str(self.cluster.kubeconfig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,9 +34,11 @@ def node_bin_dir() -> Path:
 def node() -> Iterator[LocalNode]:
     """A fresh API server and one node for the module; stopped (and its host state removed) afterwards."""
     bin_dir = node_bin_dir()
+    started = time.monotonic()
     cluster = LocalCluster(bin_dir).start(crd_dir=None, namespaces=())
     try:
         node = LocalNode(cluster, bin_dir).start()
+        node.cluster_started = started  # for the "cluster start -> first Ready pod" figure
     except BaseException:
         cluster.stop()
         raise

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from ml_serving.localnode import HELLO_IMAGE, LocalNode
+from ml_serving.localnode import HELLO_IMAGE, LocalNode, NodeError
 from ml_serving.ociimage import binary_image
 from tests.node_fixtures import node  # noqa: F401  (the module's node)
 
@@ -68,10 +68,19 @@ def test_a_pod_runs_is_ready_and_answers_on_its_pod_ip(node: LocalNode, core: An
         {"metadata": {"name": "hello", "labels": {"app": "hello-pod"}}, "spec": {"containers": [hello_container()]}},
     )
     pod = poll(lambda: ready_pods(core, "app=hello-pod"), "pod hello Ready")[0]
+    print(f"cluster start -> first Ready pod: {time.monotonic() - node.cluster_started:.1f} s")
     assert pod.spec.node_name == node.name  # the scheduler bound it to the node
     assert ipaddress.ip_address(pod.status.pod_ip) in node.subnet and pod.status.pod_ip != node.node_ip
     answer = requests.get(f"http://{pod.status.pod_ip}:8080/", timeout=5)
     assert answer.text == "hello from hello\n"
+
+    def memory() -> int:  # the kubelet's stats need a housekeeping pass after the pod starts
+        try:
+            return node.pod_memory(NAMESPACE, "hello")
+        except NodeError:
+            return 0
+
+    print(f"hello pod working set: {poll(memory, 'the kubelet reporting the pod memory') / 2**20:.1f} MiB")
 
 
 def test_a_deployment_behind_a_service_answers_and_replaces_a_deleted_pod(node: LocalNode, core: Any) -> None:  # noqa: F811
