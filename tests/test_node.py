@@ -119,6 +119,41 @@ def test_a_deployment_behind_a_service_answers_and_replaces_a_deleted_pod(node: 
     assert poll(lambda: through_service() == f"hello from {second.metadata.name}\n", "the new pod through the Service")
 
 
+def test_the_seldon_executor_image_runs_beside_a_model_as_the_operator_injects_it(node: LocalNode, core: Any) -> None:  # noqa: F811
+    """The executor image made here (nodeimages.py) starts as user 8888 with the operator's arguments and is Ready
+    once its graph's model answers on localhost:9000 (here the node's test server stands in for the model)."""
+    import base64
+    import json
+
+    from ml_serving.nodeimages import EXECUTOR_IMAGE, executor_image
+
+    node.import_image(executor_image(node.bin_dir, node.root / "images"))
+    graph = {
+        "name": "m",
+        "type": "MODEL",
+        "endpoint": {"service_host": "localhost", "service_port": 9000, "type": "REST"},
+    }
+    predictor = base64.b64encode(json.dumps({"name": "p", "graph": graph}).encode()).decode()
+    model = {**hello_container(), "args": [":9000"], "ports": [], "readinessProbe": None}
+    executor = {
+        "name": "seldon-container-engine",
+        "image": EXECUTOR_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["--sdep", "s", "--namespace", NAMESPACE, "--predictor", "p", "--http_port", "8000",
+                 "--grpc_port", "5001", "--protocol", "v2", "--transport", "rest", "--prometheus_path", "/prometheus"],
+        "env": [{"name": "ENGINE_PREDICTOR", "value": predictor}],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": 8000}, "periodSeconds": 1},
+        "securityContext": {"runAsUser": 8888, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
+    }  # fmt: skip
+    core.create_namespaced_pod(
+        NAMESPACE,
+        {"metadata": {"name": "executor", "labels": {"app": "executor"}}, "spec": {"containers": [model, executor]}},
+    )
+    pod = poll(lambda: ready_pods(core, "app=executor"), "the executor pod Ready")[0]
+    metrics = requests.get(f"http://{pod.status.pod_ip}:8000/prometheus", timeout=5)
+    assert metrics.status_code == 200 and "go_gc_duration_seconds" in metrics.text
+
+
 def test_tear_down_leaves_nothing_behind(node: LocalNode) -> None:  # noqa: F811
     running = node.ctr("tasks", "ls").stdout
     assert "RUNNING" in running  # the pods above still run: stop() has something to clean
