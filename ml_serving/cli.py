@@ -236,16 +236,27 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     operator = None
     if args.operator:
         operator = _start_operator(args, folder, cluster)
-    console.print(f"API server {cluster.server} is up; in another shell:\n  export KUBECONFIG={cluster.kubeconfig}")
+    node = None
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop etcd and kube-apiserver on SIGTERM too
     try:
-        while all(p.poll() is None for p in cluster.processes) and (operator is None or operator.running()):
+        if args.node:
+            from ml_serving.localnode import LocalNode
+
+            node = LocalNode(cluster, folder / "bin").start()
+            console.print(f"node {node.name} is Ready (pods on {node.subnet}, logs in {node.root})")
+        console.print(f"API server {cluster.server} is up; in another shell:\n  export KUBECONFIG={cluster.kubeconfig}")
+        processes = [*cluster.processes, *(node.processes.values() if node else ())]
+        while all(p.poll() is None for p in processes) and (operator is None or operator.running()):
             time.sleep(1)
-        console.print("[red]etcd, kube-apiserver or the Seldon operator exited[/]; logs in " + str(cluster.root))
+        console.print("[red]a cluster process or the Seldon operator exited[/]; logs in " + str(cluster.root))
         return 1
+    except ClusterError as exc:  # the node's NodeError too
+        raise UsageError(str(exc)) from None
     except KeyboardInterrupt:
         return 0
     finally:
+        if node is not None:
+            node.stop()
         if operator is not None:
             operator.stop()
         cluster.stop()
@@ -521,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-operator", dest="operator", action="store_false", help="do not run the Seldon operator beside it"
     )
     cluster.add_argument("--stack", default="dev", help="whose Seldon chart values set up the operator (default: dev)")
+    cluster.add_argument(
+        "--node", action="store_true", help="add a node that runs pods (containerd, kubelet, scheduler; needs root)"
+    )
     cluster.set_defaults(func=cmd_cluster)
 
     pin = commands.add_parser(

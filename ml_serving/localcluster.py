@@ -162,6 +162,8 @@ class LocalCluster:
                 "--service-account-issuer", self.server, "--service-account-key-file", str(key),
                 "--service-account-signing-key-file", str(key),
                 "--disable-admission-plugins", "ServiceAccount", "--enable-priority-and-fairness=false",
+                # a node (localnode.py) is reached by its IP: never a DNS lookup of its name
+                "--kubelet-preferred-address-types", "InternalIP",
             ],
         )  # fmt: skip
         self.kubeconfig = self.root / "kubeconfig"

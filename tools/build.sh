@@ -124,6 +124,15 @@ build_kube_controller_manager() { kube_binary kube-controller-manager; }
 build_kubelet() { kube_binary kubelet; }
 build_kube_scheduler() { kube_binary kube-scheduler; }
 build_kube_proxy() { kube_binary kube-proxy; }
+# The node's own images' binaries (tools/node, standard library only): the pause process and the node test's server.
+build_node_images() {
+  [ -x "$BIN/node-pause" ] && [ -x "$BIN/node-hello" ] && { say "node-pause, node-hello: cached"; return; }
+  say "node-pause, node-hello: building"
+  (cd "$(dirname "$0")/node" && for name in pause hello; do
+    go build -trimpath -ldflags "-s -w" -o "$BIN/node-$name.tmp" "./$name" && mv "$BIN/node-$name.tmp" "$BIN/node-$name"
+  done)
+  say "node-pause, node-hello: done"
+}
 
 # The Seldon Core operator and executor, from the vendored source of tag v$SELDON_VERSION (no module proxy copy).
 SELDON_SRC_TAR=${ML_SERVING_SELDON_SRC:-$(cd "$(dirname "$0")/../.." && pwd)/shared/vendor/seldon-core-$SELDON_VERSION-src.tar.gz}
@@ -147,7 +156,11 @@ build_seldon_executor() {
   [ -x "$BIN/seldon-executor" ] && { say "seldon-executor v$SELDON_VERSION: cached"; return; }
   say "seldon-executor v$SELDON_VERSION: building from the vendored source"
   local src; src=$(seldon_source)
-  (cd "$src/executor" && go build -trimpath -ldflags "-s -w" -o "$BIN/seldon-executor.tmp" .)
+  # Its main is cmd/executor; go.mod replaces the operator with ./_operator (upstream's Makefile copies ../operator
+  # there); confluent-kafka-go needs cgo, so link statically: the image is then the binary alone.
+  rm -rf "$src/executor/_operator"; cp -r "$src/operator" "$src/executor/_operator"
+  (cd "$src/executor" && CGO_ENABLED=1 go build -trimpath -ldflags "-s -w -linkmode external -extldflags -static" \
+    -o "$BIN/seldon-executor.tmp" ./cmd/executor)
   mv "$BIN/seldon-executor.tmp" "$BIN/seldon-executor"
   say "seldon-executor: done"
 }
@@ -181,7 +194,7 @@ else
   (build_pulumi && build_k8s_provider) &
   cli=$!
   (build_etcd && build_kube_apiserver && build_kube_controller_manager && build_kubelet && build_kube_scheduler &&
-    build_kube_proxy) &
+    build_kube_proxy && build_node_images) &
   cluster=$!
   # The cluster's own workloads' tools, after the CLI chain (its compiles are the lightest).
   status=0

@@ -1,0 +1,3 @@
+module ml-serving/node
+
+go 1.25
