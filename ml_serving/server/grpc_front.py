@@ -122,7 +122,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return ModelInferResponseConverter.from_types(response, use_raw=bool(request.raw_input_contents))
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
-        return pb.RepositoryIndexResponse(models=await _index(self.front, request.ready, pb))
+        return pb.RepositoryIndexResponse(models=await _index(self.front, request, context, pb))
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         await _read_only(self.front, context)
@@ -138,7 +138,7 @@ class ModelRepositoryServicer(ModelRepositoryServiceServicer):
         self.front = front
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        return mr_pb.RepositoryIndexResponse(models=await _index(self.front, request.ready, mr_pb))
+        return mr_pb.RepositoryIndexResponse(models=await _index(self.front, request, context, mr_pb))
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         await _read_only(self.front, context)
@@ -152,9 +152,12 @@ async def _read_only(front: Front, context: Any) -> None:
     await _abort(front, context, v.RequestError(HTTPStatus.FORBIDDEN, v.Refusal.READ_ONLY, message))
 
 
-async def _index(front: Front, only_ready: bool, module: Any) -> list[Any]:
+async def _index(front: Front, request: Any, context: Any, module: Any) -> list[Any]:
+    if request.repository_name:
+        message = f"repository '{request.repository_name}' is not here: leave repository_name empty"
+        await _abort(front, context, v.RequestError(HTTPStatus.NOT_FOUND, v.Refusal.UNKNOWN_MODEL, message))
     ready = await front.is_ready()
-    if only_ready and not ready:
+    if request.ready and not ready:
         return []
     entry = module.RepositoryIndexResponse.ModelIndex(
         name=front.model_name, version=front.model_version or "", state="READY" if ready else "UNAVAILABLE"
