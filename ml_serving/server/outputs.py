@@ -55,6 +55,8 @@ def named_outputs(output: Any, signature: Any) -> Any:
     if isinstance(output, pd.Series):
         output = output.to_frame()
     if isinstance(output, pd.DataFrame):
+        if not all(isinstance(c, str) for c in output.columns):  # an unnamed Series' column 0: V2 names are text
+            output = output.rename(columns=str)
         # pandas 3 keeps text as its `str` dtype, which MLServer's codec (NumPy dtypes) cannot name: as objects,
         # it is BYTES.
         text = [c for c, t in output.dtypes.items() if isinstance(t, pd.StringDtype) or str(t) == "str"]
