@@ -19,12 +19,11 @@ from typing import Any
 
 import orjson
 
-from ml_serving.server import REFUSALS_METRIC
+from ml_serving.server import REFUSALS_METRIC, protocols
 from ml_serving.server import validation as v
 from ml_serving.server.batching import BatchGate
 from ml_serving.server.outputs import json_default
 from ml_serving.server.routes import Answer, Route, match
-from ml_serving.server.validation import protocols
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

@@ -31,9 +31,9 @@ from mlserver.grpc.model_repository_pb2_grpc import (
 from mlserver.grpc.utils import to_headers, to_metadata
 from mlserver.utils import extract_headers, insert_headers
 
+from ml_serving.server import protocols
 from ml_serving.server import validation as v
 from ml_serving.server.front import Front, checked_request, refusals
-from ml_serving.server.validation import protocols
 
 # A refusal's HTTP status as a gRPC status (422, the request's content, is INVALID_ARGUMENT here: MLServer's own
 # mapping says FAILED_PRECONDITION, which means a state of the server, not the request).

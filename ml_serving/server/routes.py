@@ -14,7 +14,7 @@ from ml_serving.server import INFER_ROUTE, INVOCATIONS_ROUTE, VERSION_INFER_ROUT
 
 
 class Answer(StrEnum):
-    """What the front does for a route (the handler's name in middleware.ValidationMiddleware)."""
+    """What the front does for a route (the name of its handler in front.Front)."""
 
     INFER = "infer"
     INVOCATIONS = "invocations"

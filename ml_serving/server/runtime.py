@@ -16,7 +16,7 @@ from ml_serving.server import freeze_heap
 from ml_serving.server import mlserver_compat as compat
 from ml_serving.server.frames import columns_frame
 from ml_serving.server.outputs import INPUT_ERRORS, named_outputs, output_kind
-from ml_serving.server.validation.protocols import OUTPUT_KIND
+from ml_serving.server.protocols import OUTPUT_KIND
 
 
 class ServingRuntime(MLflowRuntime):

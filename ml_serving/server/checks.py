@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from ml_serving.server.validation.signature import (
+from ml_serving.server.signature import (
     KINDS,
     Column,
     Inputs,

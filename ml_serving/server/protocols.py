@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from ml_serving.server.validation.checks import (
+from ml_serving.server.checks import (
     Limits,
     Refusal,
     check_params,
@@ -20,7 +20,7 @@ from ml_serving.server.validation.checks import (
     refuse,
     type_name,
 )
-from ml_serving.server.validation.signature import Column, Inputs, finite_number
+from ml_serving.server.signature import Column, Inputs, finite_number
 
 INVOCATION_FORMATS = ("dataframe_records", "dataframe_split", "instances", "inputs")
 

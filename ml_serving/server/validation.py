@@ -1,4 +1,4 @@
-"""Request validation in three layers, each importing only the one below it:
+"""Request validation in three layers, modules beside this one, each importing only the one below it:
 
 - `signature`: what a model takes, read once from its MLflow signature (`model_inputs`);
 - `checks`: a request's content against it (`check_v2`, `check_rows`), refusals as `RequestError`;
@@ -7,7 +7,7 @@
 This module only gathers their public names for the runtimes (`from ml_serving.server import validation as v`).
 """
 
-from ml_serving.server.validation.checks import (
+from ml_serving.server.checks import (
     DATATYPE_VALUES,
     V2_DATATYPES,
     WIDENS_TO,
@@ -20,7 +20,7 @@ from ml_serving.server.validation.checks import (
     check_value,
     parse_json,
 )
-from ml_serving.server.validation.protocols import (
+from ml_serving.server.protocols import (
     INVOCATION_FORMATS,
     Invocation,
     invocation_envelope,
@@ -29,7 +29,7 @@ from ml_serving.server.validation.protocols import (
     v2_request,
     v2_to_predictions,
 )
-from ml_serving.server.validation.signature import (
+from ml_serving.server.signature import (
     KIND_OF_MLFLOW_TYPE,
     KINDS,
     V2_OF_NUMPY,
