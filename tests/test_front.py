@@ -1,6 +1,6 @@
-"""The validation layer in front of MLServer's app (ml_serving/server/middleware.py): the requests it answers skip
-MLServer's FastAPI stack, so it records MLServer's REST request metrics for them itself; and the replicas'
-listening sockets (ml_serving/server/replicas.py) spread connections over the replicas."""
+"""The serving front (ml_serving/server/front.py, routes.py, grpc_front.py): it owns its routes, refuses every
+other one, and records MLServer's REST request metrics itself; the replicas' listening sockets
+(ml_serving/server/replicas.py) spread connections over the replicas."""
 
 from __future__ import annotations
 
@@ -10,47 +10,34 @@ from types import SimpleNamespace
 
 import pytest
 from prometheus_client import REGISTRY
-from starlette.routing import Route
 
-from ml_serving.server import validation
-from ml_serving.server.middleware import RequestMetrics, ValidationMiddleware, runs_in_front
+from ml_serving.server import routes, validation
+from ml_serving.server.front import Front, RequestMetrics
+from ml_serving.server.grpc_front import SERVED
 from ml_serving.server.replicas import listen
 
 PREFIX = "front_test"  # series of their own in this process's registry
-PLAIN = {"gzip_enabled": False, "cors_settings": None, "tracing_server": None, "metrics_rest_server_prefix": PREFIX}
+PLAIN = {"metrics_rest_server_prefix": PREFIX}
 
 
 def settings(**changes) -> SimpleNamespace:
     return SimpleNamespace(**{**PLAIN, **changes})
 
 
-async def _unused(*args):
-    raise AssertionError("not called")
-
-
-ROUTES = [Route("/v2/models/{model_name}/ready", _unused), Route("/v2/models/{model_name}/infer", _unused)]
-
-
-def call(layer: ValidationMiddleware, method: str, path: str, scope: dict | None = None) -> tuple[int, list[str]]:
-    """One request through the layer (in `scope`, if given, which it may mark): the status it answered, and the
-    paths it passed on to MLServer's app."""
-    passed, sent = [], []
-
-    async def app(scope, receive, send):
-        passed.append(scope["path"])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+def call(layer: Front, method: str, path: str, body: bytes = b"{}") -> tuple[int, dict]:
+    """One request through the front: the status it answered and its headers."""
+    sent = []
 
     async def receive():
-        return {"type": "http.request", "body": b"{}", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message):
         sent.append(message)
 
-    layer.app = app
-    scope = {} if scope is None else scope
-    scope.update(type="http", method=method, path=path, headers=[(b"content-type", b"application/json")])
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "method": method, "path": path, "headers": headers if body else []}
     asyncio.run(layer(scope, receive, send))
-    return sent[0]["status"], passed
+    return sent[0]["status"], dict(sent[0]["headers"])
 
 
 def sample(name: str, **labels: str) -> float:
@@ -59,43 +46,90 @@ def sample(name: str, **labels: str) -> float:
 
 def test_requests_answered_in_front_are_counted_under_mlserver_route_templates():
     metrics = RequestMetrics(settings())
-    layer = ValidationMiddleware(_unused, "churn", None, None, validation.Limits(), None, metrics, ROUTES)
+    layer = Front("churn", None, None, validation.Limits(), None, metrics)
     refused = {"method": "GET", "path": "/v2/models/{model_name}/ready", "status_code": "404", "app_name": "mlserver"}
     before = sample("requests_total", **refused)
 
-    assert call(layer, "GET", "/v2/models/other/ready") == (404, [])
+    assert call(layer, "GET", "/v2/models/other/ready", b"")[0] == 404
 
     assert sample("requests_total", **refused) == before + 1
     assert sample("request_duration_seconds_count", **refused) == before + 1
     assert sample("requests_in_progress", method="GET", app_name="mlserver") == 0
 
 
-def test_requests_for_the_served_model_that_are_not_inference_go_to_mlserver_uncounted_here():
-    metrics = RequestMetrics(settings())
-    layer = ValidationMiddleware(_unused, "churn", None, None, validation.Limits(), None, metrics, ROUTES)
-    served = {"method": "GET", "path": "/v2/models/{model_name}/ready", "status_code": "200", "app_name": "mlserver"}
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/v2/models/churn/generate", 404),
+        ("POST", "/v2/models/churn/versions/7/generate", 404),
+        ("POST", "/v2/models/churn/infer_stream", 404),
+        ("POST", "/v2/models/churn/generate_stream", 404),
+        ("GET", "/v2/docs", 404),
+        ("GET", "/v2/models/churn/docs/dataplane.json", 404),
+        ("GET", "/v2/models/churn/infer", 405),
+        ("PUT", "/invocations", 405),
+        ("DELETE", "/v2/models/churn", 405),
+        ("POST", "/nowhere", 404),
+        ("GET", "/v2/models/churn", 400),  # a body on a route that reads none
+    ],
+)
+def test_paths_and_methods_outside_the_route_table_are_refused_by_the_front(method, path, status):
+    """Nothing reaches MLServer: there is no app behind the front (its data plane is None here)."""
+    layer = Front("churn", "7", None, validation.Limits(), None)
+    answered, headers = call(layer, method, path)
+    assert answered == status
+    if status == 405:
+        assert headers[b"allow"] in (b"GET, HEAD", b"POST"), "405 says which methods the path takes"
 
-    assert call(layer, "GET", "/v2/models/churn/ready") == (200, ["/v2/models/churn/ready"])
 
-    assert sample("requests_total", **served) == 0, "MLServer's own middleware counts what its app answers"
+# MLServer 1.7.1's routes the front does not serve, each with why. A route MLServer adds is in neither list, and
+# the test below fails until someone decides (and the live test in test_serving.py sends it bad input).
+NOT_SERVED = {
+    "/v2/models/{model_name}/generate": "LLM text generation: refused, not routed as infer",
+    "/v2/models/{model_name}/versions/{model_version}/generate": "as above",
+    "/v2/models/{model_name}/infer_stream": "server-sent events: the data plane's stream is not checked",
+    "/v2/models/{model_name}/versions/{model_version}/infer_stream": "as above",
+    "/v2/models/{model_name}/generate_stream": "as above",
+    "/v2/models/{model_name}/versions/{model_version}/generate_stream": "as above",
+    "/v2/models/{model_name}/docs": "Swagger UI (loads scripts from a CDN)",
+    "/v2/models/{model_name}/versions/{model_version}/docs": "as above",
+    "/v2/models/{model_name}/docs/dataplane.json": "the OpenAPI document of the above",
+    "/v2/models/{model_name}/versions/{model_version}/docs/dataplane.json": "as above",
+    "/v2/docs": "as above",
+    "/v2/docs/dataplane.json": "as above",
+}
+NOT_SERVED_RPCS = {"ModelStreamInfer"}  # answered UNIMPLEMENTED
 
 
-def test_inside_mlserver_app_the_layer_leaves_counting_to_mlserver():
-    """With gzip, CORS or tracing, MLServer's app must see every request: the layer then runs inside it, records
-    nothing itself, and marks what it answered so that MLServer's metrics middleware finds the route's template."""
-    assert runs_in_front(settings())
-    for changes in ({"gzip_enabled": True}, {"cors_settings": object()}, {"tracing_server": "otel:4317"}):
-        assert not runs_in_front(settings(**changes))
-    layer = ValidationMiddleware(_unused, "churn", None, None, validation.Limits(), None)
-    router = SimpleNamespace(routes=ROUTES)
-    scope = {"app": SimpleNamespace(router=router)}
-    refused = {"method": "GET", "path": "/v2/models/{model_name}/ready", "status_code": "404", "app_name": "mlserver"}
-    before = sample("requests_total", **refused)
+def mlserver_routes() -> set[tuple[str, str]]:
+    """(template, method) of every REST route MLServer 1.7.1 registers: its app's table, built as MLServer builds
+    it, plus the MLflow runtime's custom handlers."""
+    from mlserver.handlers import get_custom_handlers
+    from mlserver.rest.app import create_app
+    from mlserver.settings import ModelSettings, Settings
+    from mlserver_mlflow import MLflowRuntime
 
-    assert call(layer, "GET", "/v2/models/other/ready", scope) == (404, [])
+    app = create_app(Settings(), data_plane=None, model_repository_handlers=None)
+    table = {(r.path, m) for r in app.routes if hasattr(r, "methods") and r.path.startswith("/v2") for m in r.methods}
+    runtime = MLflowRuntime(ModelSettings(name="m", implementation=MLflowRuntime))
+    table |= {(h.rest_path, h.rest_method) for h, _ in get_custom_handlers(runtime)}
+    return table
 
-    assert sample("requests_total", **refused) == before
-    assert scope.get("router") is router and scope.get("endpoint") is not None
+
+def test_every_mlserver_route_is_served_by_the_front_or_refused_on_purpose():
+    served = {(r.template, m) for r in routes.ROUTES for m in r.methods if m != "HEAD"}
+    for template, method in mlserver_routes():
+        assert (template, method) in served or template in NOT_SERVED, f"{method} {template}: serve or refuse it"
+    assert {t for t, _ in served} - {t for t, _ in mlserver_routes()} == set(), "the front serves MLServer's paths"
+
+
+def test_every_grpc_rpc_is_served_by_the_front_or_refused_on_purpose():
+    from mlserver.grpc import dataplane_pb2, model_repository_pb2
+
+    for module in (dataplane_pb2, model_repository_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for rpc in service.methods:
+                assert rpc.name in SERVED.get(service.full_name, ()) or rpc.name in NOT_SERVED_RPCS, rpc.full_name
 
 
 def test_replicas_listen_on_one_port_and_the_kernel_spreads_connections_over_them():

@@ -37,6 +37,51 @@ mlflow.models.set_model(Scorer())
 '''
 
 
+KINDS_MODEL = '''
+import mlflow
+import numpy as np
+import pandas as pd
+
+
+class Kinds(mlflow.pyfunc.PythonModel):
+    """Every kind of output MLflow's scoring server answers differently, chosen by the `kind` param."""
+
+    def predict(self, context, model_input, params=None):
+        x = model_input["x"].to_numpy()
+        kind = (params or {}).get("kind", "series")
+        if kind == "series":
+            return pd.Series(x * 2)
+        if kind == "named_series":
+            return pd.Series(x * 2, name="score")
+        if kind == "frame":
+            return pd.DataFrame({"score": x * 2, "label": ["up" if v > 0 else "down" for v in x]})
+        if kind == "dict":
+            return {"score": x * 2, "flag": x > 0}
+        if kind == "strings":
+            return ["up" if v > 0 else "down" for v in x]
+        if kind == "matrix":
+            return np.stack([x, -x], axis=1)
+        return np.asarray(["up" if v > 0 else "down" for v in x], dtype=object)
+
+
+mlflow.models.set_model(Kinds())
+'''
+FAILING_MODEL = """
+import mlflow
+
+
+class Failing(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        raise RuntimeError("this model cannot load")
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+mlflow.models.set_model(Failing())
+"""
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from mlflow.models import ModelSignature, infer_signature
@@ -69,7 +114,16 @@ def models(tmp_path_factory):
     mlflow.pyfunc.save_model(
         folder / "params", python_model=str(folder / "scorer.py"), signature=signature, pip_requirements=PIP
     )
-    paths = {kind: str(folder / kind) for kind in ("tensor", "unsigned", "proba", "params")}
+    (folder / "kinds.py").write_text(textwrap.dedent(KINDS_MODEL))
+    kinds_signature = ModelSignature(  # an unnamed output (MLServer's runtime needs one): nothing renamed
+        inputs=Schema([ColSpec("double", "x")]),
+        outputs=Schema([ColSpec("double")]),
+        params=ParamSchema([ParamSpec("kind", "string", "series")]),
+    )
+    mlflow.pyfunc.save_model(
+        folder / "kinds", python_model=str(folder / "kinds.py"), signature=kinds_signature, pip_requirements=PIP
+    )
+    paths = {kind: str(folder / kind) for kind in ("tensor", "unsigned", "proba", "params", "kinds")}
     # No worker processes (inference in the server process): four servers start in half the time.
     with processes.serving_servers(
         paths, folder, env={"MLSERVER_MODEL_NAME": "m", "MLSERVER_PARALLEL_WORKERS": "0"}
@@ -158,8 +212,8 @@ def test_predict_proba_outputs_come_back_named_from_the_output_schema(models):
     outputs = {o["name"]: o for o in answer.json()["outputs"]}
     assert set(outputs) == {"p_stay", "p_churn"} and outputs["p_churn"]["datatype"] == "FP64"
     assert outputs["p_churn"]["data"] == pytest.approx(expected[:, 1].tolist())
-    records = post(url, "/invocations", {"dataframe_records": frame.to_dict(orient="records")}).json()["predictions"]
-    assert [r["p_stay"] for r in records] == pytest.approx(expected[:, 0].tolist())
+    rows = post(url, "/invocations", {"dataframe_records": frame.to_dict(orient="records")}).json()["predictions"]
+    assert [r[0] for r in rows] == pytest.approx(expected[:, 0].tolist()), "an array's rows, as MLflow answers"
 
 
 @pytest.mark.parametrize(
@@ -177,6 +231,81 @@ def test_v2_metadata_describes_the_signature(models, kind, inputs, outputs):
     assert [(t["name"], t["datatype"], t["shape"]) for t in metadata.get("inputs", [])] == inputs
     if outputs is not None:
         assert [(t["name"], t["datatype"]) for t in metadata.get("outputs", [])] == outputs
+
+
+def mlflow_answer(model, body: dict) -> dict:
+    """What `mlflow models serve` answers for `body`: its scoring server's own request handler, in process."""
+    import json
+
+    from mlflow.pyfunc import scoring_server
+
+    answer = scoring_server.invocations(json.dumps(body), "application/json", model, model.metadata.get_input_schema())
+    assert answer.status == 200, answer.response
+    return json.loads(answer.response)
+
+
+X_FRAME = {"dataframe_split": {"columns": ["x"], "data": [[-2.0], [0.5], [3.0]]}}
+SAME_AS_MLFLOW = [
+    ("tensor", {"inputs": X.tolist()}),  # one tensor: a 1-D array
+    ("unsigned", {"inputs": X[:, :3].tolist()}),
+    ("proba", {"dataframe_records": pd.DataFrame(X[:, :3], columns=["a", "b", "c"]).to_dict(orient="records")}),
+    ("params", {**X_FRAME, "params": {"threshold": 0.7}}),  # a DataFrame of a string and a number column
+    *[("kinds", {**X_FRAME, "params": {"kind": kind}})
+      for kind in ("series", "named_series", "frame", "dict", "strings", "matrix", "text_array")],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"), SAME_AS_MLFLOW, ids=[f"{k}-{b.get('params', {}).get('kind', '')}" for k, b in SAME_AS_MLFLOW]
+)
+def test_invocations_answers_exactly_as_mlflow_models_serve(models, kind, body):
+    """Series and DataFrames as records, arrays as nested lists, a dict of arrays as {name: values}, strings as
+    strings: compared with MLflow's scoring server's own answer, not a hand-written one."""
+    url, model = models[kind]
+    answer = post(url, "/invocations", body)
+    assert answer.status_code == 200, answer.text
+    ours, theirs = answer.json(), mlflow_answer(model, body)
+    assert same(ours, theirs), f"ours {ours}\nmlflow {theirs}"
+
+
+def same(ours, theirs) -> bool:
+    """Equal JSON, numbers to float precision (MLServer carries FP64 as JSON numbers, as MLflow does)."""
+    if isinstance(theirs, dict):
+        return isinstance(ours, dict) and ours.keys() == theirs.keys() and all(same(ours[k], theirs[k]) for k in ours)
+    if isinstance(theirs, list):
+        return isinstance(ours, list) and len(ours) == len(theirs) and all(map(same, ours, theirs))
+    if isinstance(theirs, float) and not isinstance(ours, bool):
+        return ours == pytest.approx(theirs)
+    return type(ours) is type(theirs) and ours == theirs
+
+
+def test_v2_answers_do_not_carry_the_output_kind(models):
+    url, _ = models["kinds"]
+    body = {"inputs": [v2("x", "FP64", np.array([[1.0], [-1.0]]))], "parameters": {"kind": "dict"}}
+    answer = post(url, "/v2/models/m/infer", body).json()
+    assert "ml_serving_output" not in answer.get("parameters", {})
+    assert {o["name"] for o in answer["outputs"]} == {"score", "flag"}
+
+
+def test_a_model_that_fails_to_load_stops_the_server_before_it_takes_requests(tmp_path):
+    """As MLServer's own start does: the load fails, the server stops (exit 1, the reason in one line) and its
+    request port never opened."""
+    import subprocess
+    import sys
+
+    (tmp_path / "failing.py").write_text(textwrap.dedent(FAILING_MODEL))
+    mlflow.pyfunc.save_model(tmp_path / "failing", python_model=str(tmp_path / "failing.py"), pip_requirements=PIP)
+    http = processes.free_port()
+    env = {
+        **__import__("os").environ, "MLSERVER_HTTP_PORT": str(http), "MLSERVER_GRPC_PORT": str(processes.free_port()),
+        "MLSERVER_METRICS_PORT": str(processes.free_port()), "MLSERVER_PARALLEL_WORKERS": "0",
+        "MLSERVER_METRICS_DIR": str(tmp_path / "metrics"), "MLSERVER_MODEL_NAME": "m",
+    }  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "ml_serving.server", str(tmp_path / "failing")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "error: model 'm' failed to load: " in run.stderr and "this model cannot load" in run.stderr
+    assert "Uvicorn running on" not in run.stderr.replace(f":{http}", "") or f":{http}" not in run.stderr
 
 
 def test_the_process_that_loads_the_model_freezes_its_heap(tmp_path):

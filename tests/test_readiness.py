@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from ml_serving.server import validation
-from ml_serving.server.middleware import ValidationMiddleware
+from ml_serving.server.front import Front
 
 
 class DataPlane:
@@ -25,17 +25,14 @@ class DataPlane:
 
 
 def probe(ready: bool | None) -> int:
-    async def downstream(scope, receive, send):
-        raise AssertionError("readiness is answered by the middleware")
-
-    middleware = ValidationMiddleware(downstream, "churn", "7", None, validation.Limits(), DataPlane(ready))
+    front = Front("churn", "7", None, validation.Limits(), DataPlane(ready))
     sent = []
 
     async def send(message):
         sent.append(message)
 
     scope = {"type": "http", "path": "/v2/health/ready", "method": "GET", "headers": []}
-    asyncio.run(middleware(scope, None, send))
+    asyncio.run(front(scope, None, send))
     return sent[0]["status"]
 
 

@@ -333,7 +333,8 @@ def test_unknown_model_name_is_404_and_adds_no_metric_series(server):
 
 
 def test_wrong_method_on_invocations(server):
-    assert requests.get(server.url + "/invocations", timeout=5).status_code in (404, 405)
+    answer = requests.get(server.url + "/invocations", timeout=5)
+    assert answer.status_code == 405 and answer.headers["Allow"] == "POST"
 
 
 def test_slow_client_gets_408(server):
@@ -350,10 +351,23 @@ def test_slow_client_gets_408(server):
     assert time.monotonic() - started < 10
 
 
+V2_ROUTES = [
+    "/v2/models/churn-classifier/{kind}",
+    "/v2/models/churn-classifier/versions/{version}/{kind}",
+]
+V2_KINDS = ["infer", "generate", "infer_stream", "generate_stream"]  # MLServer 1.7.1's inference routes
+
+
 def test_still_ready_and_right_after_all_the_bad_input(server):
+    """The bad-input tables on every inference route MLServer has, not only `infer`: each answered 4xx."""
     for name, body, content_type, _status, _words in BAD + BAD_V2:
-        path = "/v2/models/churn-classifier/infer" if name.startswith("v2-") else "/invocations"
-        assert _send(server, path, body, content_type).status_code < 500
+        if not name.startswith("v2-"):
+            assert 400 <= _send(server, "/invocations", body, content_type).status_code < 500, name
+            continue
+        for route in V2_ROUTES:
+            for kind in V2_KINDS:
+                path = route.format(kind=kind, version=server.version)
+                assert 400 <= _send(server, path, body, content_type).status_code < 500, (name, path)
     assert requests.get(server.url + "/v2/health/ready", timeout=5).status_code == 200
     assert server.post("/invocations", {"dataframe_records": ROWS}).json() == {"predictions": server.expected}
     errors = total(scrape(server), "rest_server_requests_total", 'status_code="5')
@@ -370,6 +384,87 @@ def test_answers_as_the_registry_version_on_every_route(server):
     assert [(m["name"], m.get("version"), m.get("state")) for m in index] == [
         ("churn-classifier", server.version, "READY")
     ]
+
+
+# A BYTES value for an INT64 column: the bad input of issue 23, which MLServer's generate route answered 500 and
+# its stream routes 200.
+BAD_BODY = {
+    "inputs": [{**v2_body()["inputs"][0], "datatype": "BYTES", "data": ["a", "b", "c"]}, *v2_body()["inputs"][1:]]
+}
+
+
+def test_bad_input_to_every_route_mlserver_registers_is_refused(server):
+    """Every (path, method) of MLServer's own route table (tests/test_front.py builds it as MLServer does), and
+    every other method on those paths, with the served model's name and version: a 4xx, never a 2xx or 5xx."""
+    from tests.test_front import mlserver_routes
+
+    templates = {template for template, _ in mlserver_routes()}
+    assert len(templates) > 20, "MLServer's table was read"
+    for template in sorted(templates):
+        path = template.replace("{model_name}", "churn-classifier").replace("{model_version}", server.version)
+        for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
+            answer = requests.request(method, server.url + path, json=BAD_BODY, timeout=30)
+            assert 400 <= answer.status_code < 500, f"{method} {path} -> {answer.status_code} {answer.text[:200]}"
+            assert "error" in answer.json(), f"{method} {path}: a refusal says why"
+    assert requests.get(server.url + "/v2/health/ready", timeout=5).status_code == 200
+
+
+# A bad request per gRPC request type; an RPC whose request type is missing here fails the test until added.
+def _bad_grpc_requests():
+    from mlserver.grpc import dataplane_pb2 as pb
+    from mlserver.grpc import model_repository_pb2 as mr_pb
+    from mlserver.grpc.converters import ModelInferRequestConverter
+    from mlserver.types import InferenceRequest
+
+    body = json.loads(json.dumps(BAD_BODY))
+    for tensor in body["inputs"]:
+        if tensor["datatype"] == "BYTES":
+            tensor["data"] = [value.encode() for value in tensor["data"]]
+    infer = ModelInferRequestConverter.from_types(InferenceRequest.model_validate(body), "churn-classifier", None)
+    return {
+        "inference.ModelInferRequest": infer,
+        "inference.ModelReadyRequest": pb.ModelReadyRequest(name="no-such-model"),
+        "inference.ModelMetadataRequest": pb.ModelMetadataRequest(name="no-such-model"),
+        "inference.RepositoryIndexRequest": pb.RepositoryIndexRequest(repository_name="nowhere"),
+        "inference.RepositoryModelLoadRequest": pb.RepositoryModelLoadRequest(model_name="churn-classifier"),
+        "inference.RepositoryModelUnloadRequest": pb.RepositoryModelUnloadRequest(model_name="churn-classifier"),
+        "inference.model_repository.RepositoryIndexRequest": mr_pb.RepositoryIndexRequest(repository_name="nowhere"),
+        "inference.model_repository.RepositoryModelLoadRequest": mr_pb.RepositoryModelLoadRequest(model_name="x"),
+        "inference.model_repository.RepositoryModelUnloadRequest": mr_pb.RepositoryModelUnloadRequest(model_name="x"),
+    }
+
+
+def test_bad_input_to_every_grpc_rpc_is_refused(server):
+    """Every RPC of MLServer's gRPC services, read from their descriptors: a bad request is refused with a
+    status; only the RPCs that take no input at all (ServerLive, ServerReady, ServerMetadata) answer OK."""
+    from google.protobuf import message_factory
+    from mlserver.grpc import dataplane_pb2, model_repository_pb2
+
+    bad = _bad_grpc_requests()
+    with grpc.insecure_channel(server.grpc) as channel:
+        for module in (dataplane_pb2, model_repository_pb2):
+            for service in module.DESCRIPTOR.services_by_name.values():
+                for rpc in service.methods:
+                    output = message_factory.GetMessageClass(rpc.output_type)
+                    path = f"/{service.full_name}/{rpc.name}"
+                    if not rpc.input_type.fields:
+                        request = message_factory.GetMessageClass(rpc.input_type)()
+                        channel.unary_unary(path, request_serializer=type(request).SerializeToString,
+                                            response_deserializer=output.FromString)(request, timeout=30)  # fmt: skip
+                        continue
+                    request = bad[rpc.input_type.full_name]
+                    serialize = type(request).SerializeToString
+                    with pytest.raises(grpc.RpcError) as refused:
+                        if rpc.client_streaming or rpc.server_streaming:
+                            call = channel.stream_stream(path, request_serializer=serialize,
+                                                         response_deserializer=output.FromString)  # fmt: skip
+                            list(call(iter([request]), timeout=30))
+                        else:
+                            call = channel.unary_unary(path, request_serializer=serialize,
+                                                       response_deserializer=output.FromString)  # fmt: skip
+                            call(request, timeout=30)
+                    assert refused.value.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), path
+    assert requests.get(server.url + "/v2/health/ready", timeout=5).status_code == 200
 
 
 def test_nobody_can_unload_the_model_over_rest_or_grpc(server):
@@ -562,12 +657,22 @@ INVOCATIONS_REQUESTS = st.one_of(
 )
 
 
+OTHER_ROUTES = st.sampled_from([
+    "/v2/models/churn-classifier/generate", "/v2/models/churn-classifier/infer_stream",
+    "/v2/models/churn-classifier/generate_stream", "/v2/models/churn-classifier/versions/{v}/infer",
+    "/v2/models/churn-classifier/versions/{v}/generate", "/v2/models/churn-classifier/versions/{v}/infer_stream",
+    "/v2/repository/index",
+])  # fmt: skip
+
+
 @given(
     st.tuples(st.just("/v2/models/churn-classifier/infer"), V2_REQUESTS)
     | st.tuples(st.just("/invocations"), INVOCATIONS_REQUESTS)
+    | st.tuples(OTHER_ROUTES, V2_REQUESTS | JSON)
 )
 @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_generated_requests_never_get_a_5xx(server, request_):
     path, body = request_
+    path = path.replace("{v}", server.version)
     answer = server.post(path, json.dumps(body).encode())
     assert answer.status_code < 500, f"{path} {json.dumps(body)[:400]} -> {answer.status_code} {answer.text[:300]}"

@@ -66,7 +66,7 @@ V2 = [
 @pytest.mark.parametrize(("payload", "reason"), [c[1:] for c in INVOCATIONS], ids=[c[0] for c in INVOCATIONS])
 def test_invocations_refusals_name_their_check(payload, reason):
     with pytest.raises(v.RequestError) as refused:
-        v.invocation_table(payload, COLUMNS, LIMITS)
+        v.invocation_table(v.invocation_envelope(payload), COLUMNS, LIMITS)
     assert refused.value.reason is reason, refused.value.message
     assert 400 <= refused.value.status < 500
 
@@ -91,8 +91,9 @@ def test_lossless_numeric_datatypes_fit_and_the_optional_column_may_be_absent():
         tensor("tenure_months", "INT32", [3]), tensor("monthly_charges", "FP32", [9.5]), tensor("plan", "BYTES", ["a"])
     )
     v.check_v2(narrow, v.Inputs(columns=COLUMNS), LIMITS)
-    table, params = v.invocation_table({"dataframe_records": [ROW], "params": {"k": 1}}, COLUMNS, LIMITS)
-    assert table == {"tenure_months": [3], "monthly_charges": [99.5], "plan": ["basic"]} and params == {"k": 1}
+    envelope = v.invocation_envelope({"dataframe_records": [ROW], "params": {"k": 1}})
+    table = v.invocation_table(envelope, COLUMNS, LIMITS)
+    assert table == {"tenure_months": [3], "monthly_charges": [99.5], "plan": ["basic"]} and envelope.params == {"k": 1}
 
 
 def test_every_kind_is_one_row_of_the_table():
@@ -236,7 +237,7 @@ def test_a_checked_request_becomes_mlservers_model_without_a_second_validation_a
     """The front builds MLServer's request model directly from a checked payload (its largest cost otherwise)."""
     from mlserver.types import InferenceRequest
 
-    from ml_serving.server.middleware import _checked_request
+    from ml_serving.server.front import _checked_request
 
     checked = v.check_v2(v2(parameters={"content_type": "pd"}), v.Inputs(columns=COLUMNS), LIMITS)
     with_params = {**checked, "id": "r1", "parameters": {"content_type": "pd", "threshold": 0.7}}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ml_serving.server import INVOCATIONS_ROUTE, VERSION_ENV
+from ml_serving.server import VERSION_ENV
 from ml_serving.server.replicas import Replica, listen, supervise
 
 DEFAULT_SETTINGS_DIR = Path(__file__).resolve().parents[2] / "serving_image"
@@ -170,102 +170,27 @@ def own_metrics_dir(configured: str | None) -> str:
 
 
 async def serve(settings: Any, model: Any, inputs: Any, limits: Any, replica: Replica | None = None) -> None:
-    """One MLServer with the model in this process; as `replica`, one of several sharing the inherited socket."""
-    from mlserver import MLServer
-    from mlserver.metrics import MetricsServer
+    """One server with the model in this process; as `replica`, one of several sharing the inherited socket."""
     from mlserver.metrics.prometheus import configure_metrics
-    from starlette.middleware import Middleware
 
-    from ml_serving.server.batching import BatchGate, uvicorn_connections
-    from ml_serving.server.middleware import RequestMetrics, ValidationMiddleware, runs_in_front
+    from ml_serving.server.servers import FrontServer
 
     settings.parallel_workers = 0  # the model runs here: no front process between the request and the model
     # Metrics in a multiprocess folder even for one process: replicas share it, and without it MLServer exports
     # none of its own registry's metrics (`batch_request_queue`). Set before MLServer makes its metrics.
     shared = settings.model_copy(update={"parallel_workers": replica.count if replica else 1})
     configure_metrics(shared)
-    if replica is not None:
-        settings._custom_rest_server_settings = {"fd": replica.http_fd}
-    server = MLServer(settings)
     # One process serves the metrics of every replica, summed: replica 0, or the only one.
-    serves_metrics = settings.metrics_endpoint and (replica is None or replica.index == 0)
-    server._metrics_server = MetricsServer(shared) if serves_metrics else None
-    seal_repository(server, model)
-    app = server._rest_server._app
-    # A route for docs and metrics to match; the middleware answers every /invocations request itself.
-    app.add_api_route(INVOCATIONS_ROUTE, _served_by_middleware, methods=["POST"])
-    version = model.parameters.version if model.parameters else None
-    layer = {
-        "model_name": model.name,
-        "model_version": version,
-        "inputs": inputs,
-        "limits": limits,
-        "data_plane": server._data_plane,
-        "gate": BatchGate(uvicorn_connections(server._rest_server)),
-    }
-    front = None
-    if runs_in_front(settings):
-        metrics = RequestMetrics(settings) if settings.metrics_endpoint else None
-        front = ValidationMiddleware(app, **layer, metrics=metrics, routes=app.routes)
-    else:
-        app.user_middleware.append(Middleware(ValidationMiddleware, **layer))
-    server._add_signal_handlers()
-    await start(server, model, front, layer["gate"])
-
-
-async def start(server: Any, model: Any, front: Any = None, gate: Any = None) -> None:
-    """MLServer's start, in an order for replicas: the metrics port, then the model, then the ports that take
-    requests, so that a replica accepts requests only for a model it has loaded and a ready server is scraped.
-    `front`, if any, takes the place of MLServer's REST app once the model is loaded (loading adds its routes);
-    `gate`, if any, closes the loaded model's batches early (batching.close_batches_early)."""
-    metrics_server = server._metrics_server
-    metrics = asyncio.ensure_future(metrics_server.start()) if metrics_server else None
-    while metrics and not metrics.done() and not _listening(metrics_server):
-        await asyncio.sleep(0.01)
-    loaded = await server._model_registry.load(model)  # ServingRuntime.load freezes the heap once it is in
-    if gate is not None:
-        from ml_serving.server.batching import close_batches_early
-
-        close_batches_early(loaded, gate)
-    if front is not None:
-        server._rest_server._app = front
-    await asyncio.gather(server._rest_server.start(), server._grpc_server.start(), *([metrics] if metrics else []))
-
-
-def _listening(mlserver_server: Any) -> bool:
-    """Whether one of MLServer's servers (a uvicorn server inside) has bound its port."""
-    return bool(getattr(getattr(mlserver_server, "_server", None), "started", False))
-
-
-def seal_repository(server: Any, model: Any) -> None:
-    """A pod serves the one model its stack declares: the repository API's load and unload are refused (403) on
-    REST and gRPC alike, since both call these handlers (loading at start does not go through them), and its
-    index lists that model (loaded at start, not found on disk, so MLServer's own scan would list nothing)."""
-    import grpc
-    from mlserver.errors import MLServerError
-    from mlserver.grpc import utils as grpc_utils
-
-    from ml_serving.server.middleware import refusals
-    from ml_serving.server.validation import FORBIDDEN, Refusal
-
-    async def refuse(*args: Any, **kwargs: Any) -> bool:
-        refusals().labels(model=model.name, reason=Refusal.READ_ONLY.value).inc()
-        raise MLServerError(
-            f"loading and unloading models is disabled here: this server serves '{model.name}', as its stack declares",
-            status_code=FORBIDDEN,
-        )
-
-    async def served() -> list[Any]:
-        return [model]
-
-    handlers = server._model_repository_handlers
-    handlers.load = handlers.unload = refuse
-    handlers._repository.list = served
-    grpc_utils.STATUS_CODE_MAPPING.setdefault(FORBIDDEN, grpc.StatusCode.PERMISSION_DENIED)
-
-
-async def _served_by_middleware() -> None:
-    raise NotImplementedError
+    serves_metrics = replica is None or replica.index == 0
+    server = FrontServer(
+        settings,
+        model,
+        inputs,
+        limits,
+        http_fd=replica.http_fd if replica else None,
+        metrics_settings=shared if serves_metrics else None,
+    )
+    await server.start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     replica = Replica.from_env()
+    from ml_serving.server.mlserver_compat import IncompatibleMLServer, check_version
+
+    try:
+        check_version()
+    except IncompatibleMLServer as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     folder = settings_dir()
     try:
@@ -308,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     model = model_settings(folder, served.path, args.name, served.version)
-    asyncio.run(serve(settings, model, inputs, load_limits(folder), replica))
+    from ml_serving.server.servers import ModelLoadFailed
+
+    try:
+        asyncio.run(serve(settings, model, inputs, load_limits(folder), replica))
+    except ModelLoadFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

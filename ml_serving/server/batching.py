@@ -7,21 +7,13 @@ clients wait (issue #15). `BatchGate` knows when that is: the validation layer c
 and hands to the data plane, and uvicorn knows the open connections. The batch size and time limits, the
 merging, the model call and the metrics stay MLServer's own; what the gate changes is only when a batch closes,
 and only for batches made of REST requests (gRPC multiplexes requests on a connection: its batches wait as they
-always did).
+always did). The batcher that asks the gate is mlserver_compat.ClosingBatcher (it copies a private loop).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
-
-from mlserver.batching.adaptive import AdaptiveBatcher
-from mlserver.batching.requests import BatchedRequests
-
-# Where MLServer keeps a model's batcher (mlserver.batching.hooks._AdaptiveBatchingAttr), found per call.
-BATCHER_ATTRIBUTE = "__adaptive_batching__"
-RECHECK_SECONDS = 0.001
 
 
 class BatchGate:
@@ -52,53 +44,10 @@ class BatchGate:
         return all(id(request) in self.handed for request in batch)
 
 
-class ClosingBatcher(AdaptiveBatcher):
-    """MLServer 1.7.1's `AdaptiveBatcher._batch_requests`, plus the gate: stop waiting when it says no request can
-    join. tests/test_batching.py pins the source this copies, so an MLServer upgrade re-checks it."""
-
-    gate: BatchGate
-
-    async def _batch_requests(self) -> AsyncIterator[BatchedRequests]:
-        while not self._requests.empty():
-            to_batch: dict[str, Any] = {}
-            start = time.time()
-            timeout = self._max_batch_time
-            try:
-                while len(to_batch) < self._max_batch_size:
-                    if to_batch and self._requests.empty() and self.gate.complete(to_batch.values()):
-                        break  # nothing can arrive before these are answered
-                    # A connection closing or a request refused can complete the batch without a request
-                    # arriving: the gate is asked again every RECHECK_SECONDS of the wait.
-                    wait = min(timeout, RECHECK_SECONDS) if to_batch else timeout
-                    try:
-                        internal_id, inference_request = await self._get_request(timeout=wait)
-                    except TimeoutError:
-                        if wait >= timeout:
-                            raise
-                    else:
-                        to_batch[internal_id] = inference_request
-                    timeout = self._max_batch_time - (time.time() - start)
-            except TimeoutError:
-                pass
-            yield BatchedRequests(to_batch)
-
-
-def close_batches_early(model: Any, gate: BatchGate) -> bool:
-    """Let the loaded model's batcher close batches by the gate; False if the model does not batch."""
-    batcher = getattr(model, BATCHER_ATTRIBUTE, None)
-    if not isinstance(batcher, AdaptiveBatcher):
-        return False
-    batcher.__class__ = ClosingBatcher  # the same batcher (queue, futures, metrics), its loop as above
-    batcher.gate = gate
-    return True
-
-
-def uvicorn_connections(rest_server: Any) -> Callable[[], int | None]:
-    """The open connections of MLServer's REST server (its uvicorn server exists once it has started)."""
+def uvicorn_connections(server: Any) -> Callable[[], int | None]:
+    """The open connections of a uvicorn server (None before it has started)."""
 
     def count() -> int | None:
-        server = getattr(rest_server, "_server", None)
-        state = getattr(server, "server_state", None)
-        return None if state is None else len(state.connections)
+        return len(server.server_state.connections) if server.started else None
 
     return count

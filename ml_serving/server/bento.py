@@ -16,6 +16,7 @@ either. BentoML's `max_latency_ms` is a request's whole budget (serving.maxLaten
 from __future__ import annotations
 
 import os
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
@@ -172,7 +173,7 @@ class ModelService:
                     model_input = self.frame(model_input.to_dict(orient="records"))
                 output = self._predict(model_input, params)
         except ModelRefused as error:
-            return v.UNPROCESSABLE, {"error": str(error)}
+            return HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(error)}
         return 200, encode(output, MODEL_NAME, MODEL_VERSION)
 
 
@@ -224,7 +225,9 @@ async def v2_infer(request: Request) -> Response:
 async def invocations(request: Request) -> Response:
     try:
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-            raise v.RequestError(v.UNSUPPORTED, v.Refusal.MEDIA_TYPE, "send Content-Type: application/json")
+            raise v.RequestError(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, v.Refusal.MEDIA_TYPE, "send Content-Type: application/json"
+            )
         service = await _service()
         payload = v.invocation_request(v.parse_json(await _body(request), LIMITS), service.inputs, LIMITS)
         status, answer = await service.infer(payload)
@@ -236,10 +239,12 @@ async def invocations(request: Request) -> Response:
 async def _body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > LIMITS.max_body_bytes:
-        raise v.RequestError(v.TOO_LARGE, v.Refusal.TOO_LARGE, f"body of {declared} bytes is over the limit")
+        raise v.RequestError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, v.Refusal.TOO_LARGE, f"body of {declared} bytes is over the limit"
+        )
     body = await request.body()
     if len(body) > LIMITS.max_body_bytes:
-        raise v.RequestError(v.TOO_LARGE, v.Refusal.TOO_LARGE, "body is over the limit")
+        raise v.RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, v.Refusal.TOO_LARGE, "body is over the limit")
     return body
 
 
@@ -247,13 +252,13 @@ def _check_model(request: Request) -> None:
     name, version = request.path_params.get("name"), request.path_params.get("version")
     if name != MODEL_NAME:
         raise v.RequestError(
-            v.NOT_FOUND,
+            HTTPStatus.NOT_FOUND,
             v.Refusal.UNKNOWN_MODEL,
             f"model '{name}' is not served here; this server serves '{MODEL_NAME}'",
         )
     if version is not None and MODEL_VERSION and version != MODEL_VERSION:
         raise v.RequestError(
-            v.NOT_FOUND, v.Refusal.UNKNOWN_MODEL, f"model '{name}' version '{version}' is not served here"
+            HTTPStatus.NOT_FOUND, v.Refusal.UNKNOWN_MODEL, f"model '{name}' version '{version}' is not served here"
         )
 
 

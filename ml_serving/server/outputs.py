@@ -18,6 +18,25 @@ def json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+def output_kind(output: Any) -> dict[str, Any] | None:
+    """What kind of object the model returned, for `/invocations` to answer as MLflow does
+    (validation.protocols.predictions): named_outputs may turn an array into named columns."""
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(output, np.ndarray):
+        return {"kind": "array", "ndim": output.ndim}
+    if isinstance(output, pd.DataFrame):
+        return {"kind": "records"}
+    if isinstance(output, pd.Series):
+        return {"kind": "records", "name": str(0 if output.name is None else output.name)}
+    if isinstance(output, dict):
+        return {"kind": "dict", "ndim": {str(k): np.ndim(value) for k, value in output.items()}}
+    if isinstance(output, list):
+        return {"kind": "list"}
+    return None
+
+
 def named_outputs(output: Any, signature: Any) -> Any:
     """An array of predictions as a frame named by the signature's output columns (e.g. `label`, or `label` and
     `probability`), so both protocols answer with those names and each column's own V2 datatype."""
@@ -36,6 +55,8 @@ def named_outputs(output: Any, signature: Any) -> Any:
     if isinstance(output, pd.Series):
         output = output.to_frame()
     if isinstance(output, pd.DataFrame):
+        if not all(isinstance(c, str) for c in output.columns):  # an unnamed Series' column 0: V2 names are text
+            output = output.rename(columns=str)
         # pandas 3 keeps text as its `str` dtype, which MLServer's codec (NumPy dtypes) cannot name: as objects,
         # it is BYTES.
         text = [c for c, t in output.dtypes.items() if isinstance(t, pd.StringDtype) or str(t) == "str"]
