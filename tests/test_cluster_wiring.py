@@ -236,7 +236,6 @@ def test_the_stack_installs_exactly_the_charts_the_one_list_returns(autoscaler):
 # 8. checkov on what the operator makes of the pods (tests/operator_fixtures.py) ----------------------------------------------------------------------------
 
 CHECKOV_SKIPS = {
-    "CKV_K8S_43": "images are tagged by content hash (the tag is the digest of the build inputs), not by digest",
     "CKV_K8S_15": "a content-addressed tag never changes, so IfNotPresent pulls exactly the image declared",
     # Seen only on the operator's real Deployments (the synthesized templates lacked the initializer):
     "CKV_K8S_35": "rclone takes its remotes from RCLONE_CONFIG_* variables (envFrom the artifact-store Secret, as "
