@@ -94,6 +94,8 @@ def _print_summary(plan, out_dir: Path, files: int) -> None:  # type: ignore[no-
     for image in plan.images:
         pushed = "pushed" if not image.get("skipPush") else "local"
         objects.add_row("Docker image", pushed, image["imageName"])
+    for image in plan.local_images:
+        objects.add_row("Docker image", "pushed" if image.get("push") else "local", image["name"])
     for release in plan.releases:
         objects.add_row(
             "Helm release", release.get("namespace", ""), f"{release['name']} ({release['chart']} {release['version']})"
@@ -236,7 +238,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     operator = None
     if args.operator:
         operator = _start_operator(args, folder, cluster)
-    node = None
+    node = engine = registry = None
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop etcd and kube-apiserver on SIGTERM too
     try:
         if args.node:
@@ -244,6 +246,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
             node = LocalNode(cluster, folder / "bin").start()
             console.print(f"node {node.name} is Ready (pods on {node.subnet}, logs in {node.root})")
+        if args.images:
+            engine, registry = start_image_services(args.registry_port)
         console.print(f"API server {cluster.server} is up; in another shell:\n  export KUBECONFIG={cluster.kubeconfig}")
         processes = [*cluster.processes, *(node.processes.values() if node else ())]
         while all(p.poll() is None for p in processes) and (operator is None or operator.running()):
@@ -255,11 +259,33 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if node is not None:
-            node.stop()
+        for started in (registry, engine, node):
+            if started is not None:
+                started.stop()
         if operator is not None:
             operator.stop()
         cluster.stop()
+
+
+def start_image_services(port: int):  # type: ignore[no-untyped-def]
+    """A Docker engine (dockerd, unless one answers) and the local OCI registry, for `servingImage.build: true`."""
+    from ml_serving.containers import ContainerError, LocalRegistry, registry_binary, start_engine
+
+    binary = registry_binary()
+    if binary is None:
+        raise UsageError("the OCI registry is not built: run `tools/build.sh registry`, or pass --no-images")
+    try:
+        engine = start_engine()
+        registry = LocalRegistry(binary, port=port).start()
+    except ContainerError as exc:
+        raise UsageError(f"{exc} (or pass --no-images)") from None
+    where = "started here" if engine.started_here else "already running"
+    console.print(
+        f"Docker engine {where}; OCI registry on {registry.address}. To build, push and deploy by digest, set in "
+        f"the stack file:\n  ml-serving:servingImage: {{repository: {registry.address}/ml-serving-dev, build: true, "
+        "builder: dynamic, push: true}"
+    )
+    return engine, registry
 
 
 def _start_operator(args: argparse.Namespace, folder: Path, cluster):  # type: ignore[no-untyped-def]
@@ -535,6 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--node", action="store_true", help="add a node that runs pods (containerd, kubelet, scheduler; needs root)"
     )
+    cluster.add_argument(
+        "--images",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also a Docker engine (unless one runs) and a local OCI registry (default: on)",
+    )
+    cluster.add_argument("--registry-port", type=int, default=5001, help="the OCI registry's port (default 5001)")
     cluster.set_defaults(func=cmd_cluster)
 
     pin = commands.add_parser(

@@ -152,7 +152,18 @@ def build_context(
     build_args = {"PYTHON_VERSION": environment.python_version}
     if bake_from:
         build_args["MODEL_URI"] = BAKED_MODEL_PATH
+    files["Dockerfile"] = with_arg_defaults(files["Dockerfile"].decode(), build_args).encode()
     return BuildContext(files, environment.python_version, bake_from, build_args)
+
+
+def with_arg_defaults(dockerfile: str, values: dict[str, str]) -> str:
+    """The Dockerfile with these `ARG NAME=default` lines set to `values`, so a plain `docker build <context>`
+    builds what the stack means (the build args stay too, for builders that pass them)."""
+    for name, value in values.items():
+        dockerfile, count = re.subn(rf"^ARG {name}=\S*$", f"ARG {name}={value}", dockerfile, flags=re.M)
+        if count == 0:
+            raise ImageError(f"the serving image's Dockerfile has no `ARG {name}=...` line to set")
+    return dockerfile
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,10 @@ def tools_dir() -> Path | None:
 
 def tools_env(folder: Path) -> dict[str, str]:
     """The environment that makes the built tools the ones used: CLI on PATH, its plugins, no downloads."""
+    from ml_serving.image_provider import with_provider_on_path  # the image build's dynamic provider
+
     return {
-        "PATH": f"{folder / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": with_provider_on_path(f"{folder / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"),
         "PULUMI_HOME": str(folder / "pulumi-home"),
         "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
         "PULUMI_SKIP_UPDATE_CHECK": "true",

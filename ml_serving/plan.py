@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import runpy
 import sys
@@ -23,6 +24,8 @@ from ml_serving.stackfile import read_config, stack_file
 
 HELM_RELEASE = "kubernetes:helm.sh/v3:Release"
 DOCKER_IMAGE = "docker:index/image:Image"
+DYNAMIC = "pulumi-python:dynamic:Resource"  # the image build on the local engine (ml_serving/image_provider.py)
+IMAGES = (DOCKER_IMAGE, DYNAMIC)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,16 @@ class Plan:
     def images(self) -> list[dict[str, Any]]:
         return [r.inputs for r in self.resources if r.type == DOCKER_IMAGE]
 
+    @property
+    def image_refs(self) -> list[str]:
+        """What the pods are told to run: each built image's name, or `repo@sha256:…` once pushed."""
+        return [next(iter(image_outputs(r.type, r.inputs).values())) for r in self.resources if r.type in IMAGES]
+
+    @property
+    def local_images(self) -> list[dict[str, Any]]:
+        """Images the dynamic provider builds (`servingImage.builder: dynamic`), without its pickled code."""
+        return [{k: v for k, v in r.inputs.items() if k != "__provider"} for r in self.resources if r.type == DYNAMIC]
+
     def components(self, type_token: str) -> list[Declared]:
         return [r for r in self.resources if r.type == type_token]
 
@@ -75,6 +88,18 @@ def normalize(value: Any) -> Any:
     return value
 
 
+def image_outputs(type_token: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """What a build would answer, offline: a pushed image's `repo@sha256:…` (a stand-in digest of its name, so
+    the plan shows the shape pods get), else its name."""
+    if type_token not in IMAGES or ("name" not in inputs and "imageName" not in inputs):
+        return {}
+    name = inputs.get("imageName") or inputs["name"]
+    pushed = not inputs.get("skipPush", True) if type_token == DOCKER_IMAGE else bool(inputs.get("push"))
+    digest = f"{name.rsplit(':', 1)[0]}@sha256:{hashlib.sha256(name.encode()).hexdigest()}"
+    ref = digest if pushed else name
+    return {"repoDigest": ref} if type_token == DOCKER_IMAGE else {"ref": ref}
+
+
 def _mocks_class() -> type:
     import pulumi
 
@@ -87,7 +112,7 @@ def _mocks_class() -> type:
         def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict[str, Any]]:
             inputs = normalize(dict(args.inputs))
             self.resources.append(Declared(args.typ, args.name, inputs, bool(args.custom)))
-            return f"{args.name}-id", dict(args.inputs)
+            return f"{args.name}-id", {**dict(args.inputs), **image_outputs(args.typ, inputs)}
 
         def call(self, args: pulumi.runtime.MockCallArgs) -> dict[str, Any]:
             return {}

@@ -158,6 +158,8 @@ class ServingImage(_Config):
 
     repository: str = Field(default="ml-serving", pattern=r"^[a-z0-9]+([._/:-][a-z0-9]+)*$")
     build: StrictBool = True
+    # pulumi-docker's provider, or the project's dynamic provider on the local engine (no plugin needed).
+    builder: Literal["pulumi-docker", "dynamic"] = "pulumi-docker"
     push: StrictBool = False
     registry_server: str | None = None
     registry_username: str | None = None

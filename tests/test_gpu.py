@@ -100,7 +100,7 @@ def test_gpu_variants_get_the_cuda_build_of_the_image(prod):
     cpu, cuda = image.build_context(environment), image.build_context(environment, gpu=True)
     assert b"nvidia/cuda:" in cuda.files["Dockerfile"] and b"nvidia/cuda" not in cpu.files["Dockerfile"]
     assert cpu.tag != cuda.tag
-    (embeddings,) = [i["imageName"] for i in prod.images if "/embeddings:" in i["imageName"]]
+    (embeddings,) = [ref for ref in prod.image_refs if "/embeddings@sha256:" in ref]
     assert pod(prod, "embeddings", "champion")["containers"][0]["image"] == embeddings
 
 

@@ -66,14 +66,14 @@ def test_seldon_deployment_serves_v2_with_the_built_image(prod):
     (sdep,) = prod.find("SeldonDeployment", "churn")
     assert sdep["spec"]["protocol"] == "v2"
     assert sdep["metadata"]["annotations"]["seldon.io/istio-gateway"] == "istio-system/seldon-gateway"
-    images = {image["imageName"] for image in prod.images}
+    images = set(prod.image_refs)
     for predictor in sdep["spec"]["predictors"]:
         graph = predictor["graph"]
         assert "implementation" not in graph, "a custom server: Seldon runs our container as it is"
         (container,) = predictor["componentSpecs"][0]["spec"]["containers"]
         assert container["name"] == graph["name"], "Seldon runs the container named like the graph node"
         assert container["image"] in images
-        assert container["image"].startswith("registry.example.com/ml-serving/churn:")
+        assert container["image"].startswith("registry.example.com/ml-serving/churn@sha256:"), "pushed: by digest"
         if predictor["labels"][labels.RUNTIME] == "bentoml":  # prod's shadow: README, 'Two runtimes'
             assert predictor["name"] == "mirror" and predictor["shadow"] is True
             assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
