@@ -20,6 +20,7 @@ from components import (
 )
 from ml_serving.program import (
     build_contexts,
+    chart_sources,
     kubernetes_provider,
     load_settings,
     resolve_versions,
@@ -28,10 +29,13 @@ from ml_serving.program import (
 
 settings = load_settings()
 versions = resolve_versions(settings)
+sources = chart_sources(settings)
 contexts = build_contexts(settings, versions, Path("build") / pulumi.get_stack())
 provider = kubernetes_provider(settings.kubernetes)
 
-platform = ServingPlatform("platform", ServingPlatformArgs(settings), pulumi.ResourceOptions(providers=[provider]))
+platform = ServingPlatform(
+    "platform", ServingPlatformArgs(settings, sources), pulumi.ResourceOptions(providers=[provider])
+)
 security = ModelsSecurity(
     "security",
     ModelsSecurityArgs(settings),
@@ -61,7 +65,7 @@ for model in settings.models:
 if settings.monitoring is not None:
     MonitoringStack(
         "monitoring",
-        MonitoringStackArgs(settings, secret(settings.grafana_admin_password)),
+        MonitoringStackArgs(settings, secret(settings.grafana_admin_password), sources),
         pulumi.ResourceOptions(providers=[provider], depends_on=[platform.namespace]),
     )
 

@@ -7,7 +7,9 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from ml_serving.specs.platform import HelmChart
+from ml_serving.chartsource import ChartSource
+from ml_serving.specs.charts import Release
+from ml_serving.specs.platform import namespace_object
 
 
 def custom_resource(name: str, obj: dict[str, Any], opts: pulumi.ResourceOptions) -> k8s.apiextensions.CustomResource:
@@ -21,18 +23,33 @@ def namespace(name: str, obj: dict[str, Any], opts: pulumi.ResourceOptions) -> k
     return k8s.core.v1.Namespace(name, metadata=obj["metadata"], opts=opts)
 
 
-def helm_release(chart: HelmChart, opts: pulumi.ResourceOptions) -> k8s.helm.v3.Release:
+def helm_release(
+    release: Release, sources: dict[str, ChartSource], wait: bool, opts: pulumi.ResourceOptions
+) -> k8s.helm.v3.Release:
+    """One Helm release from `source` (a repository, a mirror or a folder). Its namespace is declared beside it when
+    the release owns it, so `destroy` removes the namespace too (Helm never does)."""
+    chart, source = release.chart, sources[release.chart.release]
+    first: list[pulumi.Resource] = []
+    if release.owns_namespace:
+        ns = namespace_object(chart.namespace, chart.release)
+        first.append(namespace(f"{chart.release}-namespace", ns, opts))
     return k8s.helm.v3.Release(
         chart.release,
         k8s.helm.v3.ReleaseArgs(
             name=chart.release,
-            chart=chart.chart,
-            version=chart.version,
-            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=chart.repository),
+            chart=source.chart,
+            version=source.version,
+            repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=source.repository) if source.repository else None,
             namespace=chart.namespace,
-            create_namespace=True,
+            create_namespace=not release.owns_namespace,
             values=chart.values,
-            atomic=True,
+            # Waiting (and rolling a failed install back) needs pods that can start; hook Jobs need them too.
+            atomic=wait,
+            skip_await=not wait,
+            disable_webhooks=not wait,
         ),
-        opts=opts,
+        opts=pulumi.ResourceOptions.merge(
+            opts,
+            pulumi.ResourceOptions(depends_on=first, ignore_changes=[] if release.stable_output else ["checksum"]),
+        ),
     )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_kubernetes as k8s
 
 from components import _kubernetes
+from ml_serving.chartsource import ChartSource
 from ml_serving.settings import Settings
 from ml_serving.specs import charts
 from ml_serving.specs import monitoring as specs
@@ -17,6 +18,7 @@ from ml_serving.specs import monitoring as specs
 class MonitoringStackArgs:
     settings: Settings
     grafana_admin_password: pulumi.Input[str] | None = None
+    chart_sources: dict[str, ChartSource] = field(default_factory=dict)  # as ServingPlatformArgs.chart_sources
 
 
 class MonitoringStack(pulumi.ComponentResource):
@@ -37,10 +39,15 @@ class MonitoringStack(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[namespace])),
             )
             first = [secret]
-        chart_opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=first))
-        after = [_kubernetes.helm_release(release.chart, chart_opts) for release in charts.of(settings, "monitoring")]
+        releases: dict[str, pulumi.Resource] = {}
+        for release in charts.of(settings, "monitoring"):
+            before = [*first, *(releases[name] for name in release.after if name in releases)]
+            opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=before))
+            releases[release.chart.release] = _kubernetes.helm_release(
+                release, args.chart_sources, settings.charts.wait, opts
+            )
         # The Prometheus Operator's CRDs come with the chart: monitors and rules wait for it.
-        wait = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=after))
+        wait = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=list(releases.values())))
         self.pod_monitor = _kubernetes.custom_resource("pod-monitor", specs.pod_monitor(settings), wait)
         self.rules = _kubernetes.custom_resource("alert-rules", specs.prometheus_rule(settings), wait)
         self.dashboards = [

@@ -8,6 +8,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components import _kubernetes
+from ml_serving.chartsource import ChartSource
 from ml_serving.settings import Settings
 from ml_serving.specs import charts, seldon
 from ml_serving.specs import platform as specs
@@ -16,6 +17,8 @@ from ml_serving.specs import platform as specs
 @dataclass
 class ServingPlatformArgs:
     settings: Settings
+    # Each release's chart source by release name (ml_serving.chartsource.sources, as the program located them).
+    chart_sources: dict[str, ChartSource]
 
 
 class ServingPlatform(pulumi.ComponentResource):
@@ -28,7 +31,9 @@ class ServingPlatform(pulumi.ComponentResource):
         for release in charts.of(settings, "platform"):
             first = [releases[name] for name in release.after if name in releases]
             opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=first))
-            releases[release.chart.release] = _kubernetes.helm_release(release.chart, opts)
+            releases[release.chart.release] = _kubernetes.helm_release(
+                release, args.chart_sources, settings.charts.wait, opts
+            )
         self.namespace = _kubernetes.namespace(settings.namespace, specs.namespace(settings), child)
         artifacts = seldon.artifact_secret(settings)
         self.artifact_secret = None

@@ -14,6 +14,7 @@ from pulumi.runtime import config as runtime_config
 from pydantic import SecretStr
 
 from ml_serving import PROJECT
+from ml_serving.chartsource import ChartSource, ChartSourceError, sources
 from ml_serving.image import (
     ImageError,
     ModelEnvironment,
@@ -25,7 +26,7 @@ from ml_serving.image import (
 from ml_serving.registry import RegistryError, Resolution, resolve
 from ml_serving.settings import ConfigError, KubernetesTarget, Settings, parse_settings
 from ml_serving.signatures import SignatureError, check_variants, unsigned
-from ml_serving.specs import seldon
+from ml_serving.specs import charts, seldon
 
 
 def stack_config() -> dict[str, Any]:
@@ -48,6 +49,15 @@ def resolve_versions(settings: Settings) -> Resolution:
     except (RegistryError, seldon.StorageAccessError) as exc:
         raise pulumi.RunError(f"Pulumi.{pulumi.get_stack()}.yaml: {exc}") from None
     return versions
+
+
+def chart_sources(settings: Settings) -> dict[str, ChartSource]:
+    """Where each Helm release's chart comes from; a folder missing a chart, or holding another version, is refused
+    here, before any resource is declared. A relative folder is relative to the project (Pulumi's working dir)."""
+    try:
+        return sources(settings, charts.charts(settings), Path.cwd())
+    except ChartSourceError as exc:
+        raise pulumi.RunError(f"Pulumi.{pulumi.get_stack()}.yaml: {exc}") from None
 
 
 def build_contexts(settings: Settings, versions: Resolution, build_dir: Path) -> dict[str, dict[str, PreparedContext]]:

@@ -377,6 +377,25 @@ class Monitoring(_Config):
     alerts: AlertThresholds = AlertThresholds()
 
 
+class Charts(_Config):
+    """Where every Helm release's chart comes from, at the versions the stack pins: the public repositories (the
+    default), a folder of unpacked charts (air-gapped clusters: `<folder>/<chart>-<version>/` or `<folder>/<chart>/`,
+    each `Chart.yaml` at the pinned version), or a mirror the team runs (`oci://host/path` or an `https://` chart
+    repository holding every chart)."""
+
+    folder: str | None = Field(default=None, min_length=1)
+    mirror: str | None = Field(default=None, pattern=r"^(oci|https?)://[^\s]+$")
+    # false: create the charts' objects without waiting for their pods or running their hook Jobs (a cluster that
+    # cannot run pods yet, like the engine tests' API server); true waits, and rolls a failed release back.
+    wait: StrictBool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Charts:
+        if self.folder and self.mirror:
+            raise ValueError("set folder (unpacked charts) or mirror (a chart repository), not both")
+        return self
+
+
 class Variant(_Config):
     """One predictor: a model version picked by registry alias, or pinned, and its share of traffic."""
 
@@ -512,6 +531,7 @@ class Settings(_Config):
     artifact_store: ArtifactStore | None = None
     security: Security = Security()
     gpu: Gpu = Gpu()
+    charts: Charts = Charts()
     node_pools: dict[DnsLabel, NodePool] = {}
     monitoring: Monitoring | None = None
     grafana_admin_password: SecretStr | None = None

@@ -20,7 +20,13 @@ class Release:
     component: Literal["platform", "monitoring"]
     config_path: str  # the stack-config field that makes the stack install it
     instead: str  # how to do without it
-    after: tuple[str, ...] = ()  # releases (by name) that must be installed first
+    after: tuple[str, ...] = ()  # releases (by name) that must be installed first: their CRDs, their webhooks
+    # False when the chart renders something new each time (a certificate from `genCA`): the provider's checksum
+    # of the rendered manifest then changes on every `up`, so it is ignored and only values and version count.
+    stable_output: bool = True
+    # The stack declares the release's namespace, so `destroy` removes it (Helm never deletes a namespace it made);
+    # not the monitoring namespace, which the monitoring stack declares or the cluster already has.
+    owns_namespace: bool = True
 
 
 def charts(settings: Settings) -> list[Release]:
@@ -30,9 +36,17 @@ def charts(settings: Settings) -> list[Release]:
     if settings.platform.keda == "install":
         releases.append(Release(platform.keda(settings), "platform", "platform.keda", existing))
     if settings.platform.seldon == "install":
-        # The operator's webhook reads KEDA's CRDs, so KEDA goes first.
+        # The operator's webhook reads KEDA's CRDs, so KEDA goes first. Its webhook certificate comes from the
+        # chart's genCA: a new one at each render.
         releases.append(
-            Release(platform.seldon_operator(settings), "platform", "platform.seldon", existing, after=("keda",))
+            Release(
+                platform.seldon_operator(settings),
+                "platform",
+                "platform.seldon",
+                existing,
+                after=("keda",),
+                stable_output=False,
+            )
         )
     if any(pool.gpu for pool in settings.node_pools.values()):
         # nvidia.com/gpu is schedulable only once the device plugin (or the GPU Operator) runs on GPU nodes.
@@ -40,10 +54,29 @@ def charts(settings: Settings) -> list[Release]:
             releases.append(Release(gpu.device_plugin(settings), "platform", "gpu.devicePlugin", existing))
         elif settings.gpu.device_plugin == "gpu-operator":
             releases.append(Release(gpu.gpu_operator(settings), "platform", "gpu.devicePlugin", existing))
-        if settings.gpu.dcgm_exporter == "install":
-            releases.append(Release(gpu.dcgm_exporter(settings), "platform", "gpu.dcgmExporter", existing))
     if settings.monitoring is not None and settings.monitoring.stack == "install":
-        releases.append(Release(monitoring.kube_prometheus_stack(settings), "monitoring", "monitoring.stack", existing))
+        releases.append(
+            Release(
+                monitoring.kube_prometheus_stack(settings),
+                "monitoring",
+                "monitoring.stack",
+                existing,
+                owns_namespace=False,
+            )
+        )
+    if any(pool.gpu for pool in settings.node_pools.values()) and settings.gpu.dcgm_exporter == "install":
+        # Its ServiceMonitor is a kind the Prometheus Operator's CRDs define: with a stack that installs them, the
+        # exporter goes after kube-prometheus-stack, in the monitoring component (without monitoring: the platform).
+        installs_stack = settings.monitoring is not None and settings.monitoring.stack == "install"
+        releases.append(
+            Release(
+                gpu.dcgm_exporter(settings),
+                "monitoring" if settings.monitoring is not None else "platform",
+                "gpu.dcgmExporter",
+                existing,
+                after=("kube-prometheus-stack",) if installs_stack else (),
+            )
+        )
     if settings.monitoring is not None and settings.platform.autoscaler == "hpa":
         releases.append(
             Release(
@@ -51,6 +84,7 @@ def charts(settings: Settings) -> list[Release]:
                 "monitoring",
                 "platform.autoscaler",
                 "use platform.autoscaler: keda (its prometheus trigger needs no adapter)",
+                owns_namespace=False,
             )
         )
     return releases

@@ -143,20 +143,30 @@ def time_slicing_config(replicas: int) -> str:
     )
 
 
-def device_plugin(settings: Settings) -> HelmChart:
-    """NVIDIA's device plugin, on GPU nodes only, with one time-slicing config per pool that asks for it."""
+DEVICE_PLUGIN_CONFIG = "device-plugin-config"  # the ConfigMap the GPU Operator's chart creates from `data`
+
+
+def time_slicing_configs(settings: Settings) -> dict[str, str]:
+    """One device-plugin config per pool that time-slices (a GPU pool's nodes carry DEVICE_PLUGIN_CONFIG_LABEL = the
+    pool's name, which picks its entry), plus `default` (no sharing) for every other GPU node; empty without any."""
     configs = {
         name: time_slicing_config(pool.gpu.time_slicing.replicas)
         for name, pool in settings.node_pools.items()
         if pool.gpu is not None and pool.gpu.time_slicing is not None
     }
+    return {"default": "version: v1\n", **configs} if configs else {}
+
+
+def device_plugin(settings: Settings) -> HelmChart:
+    """NVIDIA's device plugin, on GPU nodes only, with one time-slicing config per pool that asks for it."""
+    configs = time_slicing_configs(settings)
     values: dict[str, Any] = {
         "tolerations": _gpu_tolerations(settings),
         "nodeSelector": {},
         "affinity": _gpu_nodes_affinity(),
     }
     if configs:
-        values["config"] = {"map": {"default": "version: v1\n", **configs}, "default": "default"}
+        values["config"] = {"map": configs, "default": "default"}
     return HelmChart(
         release="nvidia-device-plugin",
         chart="nvidia-device-plugin",
@@ -168,19 +178,26 @@ def device_plugin(settings: Settings) -> HelmChart:
 
 
 def gpu_operator(settings: Settings) -> HelmChart:
-    """The NVIDIA GPU Operator instead of the bare device plugin (drivers and toolkit from the AMI)."""
+    """The NVIDIA GPU Operator instead of the bare device plugin (drivers and toolkit from the AMI), with the same
+    time-slicing configs as the bare plugin gets: the settings count a time-sliced pool's GPUs as shared."""
+    values: dict[str, Any] = {
+        "driver": {"enabled": False},
+        "toolkit": {"enabled": False},
+        "dcgmExporter": {"enabled": False},
+        "daemonsets": {"tolerations": _gpu_tolerations(settings)},
+    }
+    configs = time_slicing_configs(settings)
+    if configs:
+        values["devicePlugin"] = {
+            "config": {"create": True, "name": DEVICE_PLUGIN_CONFIG, "default": "default", "data": configs}
+        }
     return HelmChart(
         release="gpu-operator",
         chart="gpu-operator",
         version="v24.9.2",
         repository="https://helm.ngc.nvidia.com/nvidia",
         namespace="gpu-operator",
-        values={
-            "driver": {"enabled": False},
-            "toolkit": {"enabled": False},
-            "dcgmExporter": {"enabled": False},
-            "daemonsets": {"tolerations": _gpu_tolerations(settings)},
-        },
+        values=values,
     )
 
 
@@ -203,14 +220,21 @@ def dcgm_exporter(settings: Settings) -> HelmChart:
 def dcgm_service_monitor(settings: Settings) -> dict[str, Any]:
     """The exporter's ServiceMonitor, labelled so the stack's Prometheus selects it (kube-prometheus-stack selects
     by its release label), with the exporter's `namespace`/`pod` labels kept: they name the pod using each GPU,
-    which is how GPU utilisation joins the serving pods' labels."""
+    which is how GPU utilisation joins the serving pods' labels. Scraped as often as the serving pods."""
     enabled = settings.gpu.dcgm_service_monitor
     if enabled is None:
         enabled = settings.monitoring is not None
     if not enabled:
         return {"enabled": False}
-    selector = settings.monitoring.selector_labels if settings.monitoring else {}
-    return {"enabled": True, "honorLabels": True, "additionalLabels": dict(selector), "interval": "15s"}
+    if settings.monitoring is None:  # an existing Prometheus Operator; its selector labels are not known here
+        return {"enabled": True, "honorLabels": True, "additionalLabels": {}}
+    monitoring = settings.monitoring
+    return {
+        "enabled": True,
+        "honorLabels": True,
+        "additionalLabels": dict(monitoring.selector_labels),
+        "interval": monitoring.scrape_interval,
+    }
 
 
 def _gpu_tolerations(settings: Settings) -> list[dict[str, Any]]:

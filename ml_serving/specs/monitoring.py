@@ -402,9 +402,11 @@ def kube_prometheus_stack(settings: Settings) -> HelmChart:
                             }
                         }
                     },
+                    # Every PodMonitor, ServiceMonitor and PrometheusRule: the chart's own service monitors carry
+                    # `release: <release>`, the DCGM exporter's carry selectorLabels; a label selector cannot
+                    # select both once selectorLabels differ from the release label.
                     "podMonitorSelectorNilUsesHelmValues": False,
-                    # Service monitors (the DCGM exporter's) are selected by the labels the stack puts on them.
-                    "serviceMonitorSelector": {"matchLabels": dict(monitoring.selector_labels)},
+                    "serviceMonitorSelectorNilUsesHelmValues": False,
                     "ruleSelectorNilUsesHelmValues": False,
                 }
             },

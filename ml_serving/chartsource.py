@@ -1,0 +1,94 @@
+"""Where each Helm release's chart is fetched from (`ml-serving:charts`): the one place that reads a chart folder.
+
+An air-gapped cluster installs from a folder of unpacked charts or a mirror the team runs; the versions stay the
+ones the stack pins, and a folder whose `Chart.yaml` says otherwise is refused before anything is declared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ml_serving.settings import Settings
+from ml_serving.specs.charts import Release
+from ml_serving.specs.platform import HelmChart
+
+
+class ChartSourceError(ValueError):
+    """A chart the stack pins is missing from `charts.folder`, or there at another version."""
+
+
+@dataclass(frozen=True)
+class ChartSource:
+    """What a Helm release is given: a chart name (with a repository), an `oci://` reference, or a folder."""
+
+    chart: str
+    version: str | None  # None for a folder: its Chart.yaml was checked against the pin instead
+    repository: str | None = None
+
+
+def candidates(folder: Path, chart: HelmChart) -> list[Path]:
+    """The folders a chart may sit in: `<chart>-<version>` (as `helm pull --untar` into per-version folders) or
+    `<chart>` (as plain `helm pull --untar`)."""
+    return [folder / f"{chart.chart}-{chart.version}", folder / chart.chart]
+
+
+def locate(settings: Settings, chart: HelmChart, base: Path) -> ChartSource:
+    """The source of `chart` under `settings.charts`; a relative folder is relative to `base` (the project)."""
+    charts = settings.charts
+    if charts.folder:
+        return _from_folder((base / charts.folder).resolve(), chart)
+    if charts.mirror and charts.mirror.startswith("oci://"):
+        return ChartSource(f"{charts.mirror.rstrip('/')}/{chart.chart}", chart.version)
+    if charts.mirror:
+        return ChartSource(chart.chart, chart.version, charts.mirror)
+    return public(chart)
+
+
+def public(chart: HelmChart) -> ChartSource:
+    return ChartSource(chart.chart, chart.version, chart.repository)
+
+
+def _from_folder(folder: Path, chart: HelmChart) -> ChartSource:
+    where = "ml-serving:charts.folder"
+    fetch = f"helm pull {chart.repository.rstrip('/')}/{chart.chart} --version {chart.version} --untar"
+    if chart.repository.startswith("https://"):
+        fetch = f"helm pull {chart.chart} --repo {chart.repository} --version {chart.version} --untar"
+    found = next((path for path in candidates(folder, chart) if (path / "Chart.yaml").is_file()), None)
+    if found is None:
+        tried = " or ".join(str(path) for path in candidates(folder, chart))
+        raise ChartSourceError(
+            f"{where}: no chart {chart.chart} at {tried} (no Chart.yaml): unpack it there "
+            f"(`{fetch} --untardir {folder}`), or unset charts.folder to use the public repository"
+        )
+    try:
+        meta = yaml.safe_load((found / "Chart.yaml").read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ChartSourceError(f"{where}: {found / 'Chart.yaml'} is not valid YAML ({exc})") from None
+    name, version = str(meta.get("name", "")), str(meta.get("version", ""))
+    if name != chart.chart:
+        raise ChartSourceError(
+            f"{where}: {found / 'Chart.yaml'} is the chart {name!r}, not {chart.chart!r}: put {chart.chart} "
+            f"{chart.version} there"
+        )
+    if version.removeprefix("v") != chart.version.removeprefix("v"):
+        raise ChartSourceError(
+            f"{where}: the stack pins {chart.chart} {chart.version}, but {found / 'Chart.yaml'} says version "
+            f"{version}: put {chart.chart} {chart.version} there (`{fetch}`), or change the pin in a reviewed diff"
+        )
+    return ChartSource(str(found), None)
+
+
+def sources(settings: Settings, releases: list[Release], base: Path) -> dict[str, ChartSource]:
+    """Every release's source by release name; raises ChartSourceError listing every bad chart at once."""
+    found, problems = {}, []
+    for release in releases:
+        try:
+            found[release.chart.release] = locate(settings, release.chart, base)
+        except ChartSourceError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ChartSourceError("\n".join(problems))
+    return found

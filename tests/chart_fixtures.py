@@ -1,0 +1,62 @@
+"""The pinned Helm charts unpacked from ../shared/charts, and the real `helm` (tools/build.sh helm) to render them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ml_serving.localcluster import TOOLS_SCRIPT
+
+CHARTS_TARBALL = Path(
+    os.environ.get("ML_SERVING_CHARTS") or TOOLS_SCRIPT.parents[2] / "shared" / "charts" / "helm-charts.tar.gz"
+)
+KUBE_VERSION = "1.31.0"  # as tests/schemas.py validates
+
+
+def _missing(why: str) -> None:
+    if os.environ.get("ML_SERVING_REQUIRE_ENGINE"):  # .ci/run: a missing tool or chart folder is a failure there
+        pytest.fail(f"ML_SERVING_REQUIRE_ENGINE is set but {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session", name="chart_folder")
+def chart_folder_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every chart the stacks pin, unpacked as an air-gapped team keeps them: `<chart>-<version>/`."""
+    if not CHARTS_TARBALL.exists():
+        _missing(f"the pinned charts are not at {CHARTS_TARBALL} (set ML_SERVING_CHARTS)")
+    folder = tmp_path_factory.mktemp("charts")
+    with tarfile.open(CHARTS_TARBALL) as archive:
+        archive.extractall(folder, filter="data")
+    return folder
+
+
+@pytest.fixture(scope="session", name="helm")
+def helm_fixture() -> Path:
+    answer = subprocess.run(["bash", str(TOOLS_SCRIPT), "--print-dir"], capture_output=True, text=True, check=False)
+    binary = Path(answer.stdout.strip()) / "bin" / "helm"
+    if answer.returncode != 0 or not binary.exists():
+        _missing("helm is not built: run `tools/build.sh helm` (or `./run tools`)")
+    return binary
+
+
+def render(
+    helm: Path, chart_dir: Path, release: str, namespace: str, values: dict[str, Any], work: Path
+) -> list[dict[str, Any]]:
+    """`helm template` of one chart with the stack's values, CRDs included, as the provider's Helm installs it."""
+    work.mkdir(parents=True, exist_ok=True)
+    values_file = work / f"{release}-values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    done = subprocess.run(
+        [str(helm), "template", release, str(chart_dir), "--namespace", namespace, "--values", str(values_file),
+         "--include-crds", "--kube-version", KUBE_VERSION, "--api-versions", "monitoring.coreos.com/v1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HELM_CACHE_HOME": str(work / "helm-cache"),
+        "HELM_CONFIG_HOME": str(work / "helm-config"), "HELM_DATA_HOME": str(work / "helm-data")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [obj for obj in yaml.safe_load_all(done.stdout) if obj]

@@ -1,0 +1,257 @@
+"""Charts from a folder or a mirror (air-gapped clusters), the charts' real output validated and scanned, and the
+defects found by reading the charts against the values (GPU time-slicing, the DCGM scrape interval, which
+ServiceMonitors Prometheus selects).
+
+The fast tests run the program under the mock engine; those marked `charts` render the pinned charts from
+../shared/charts with the real `helm` (tools/build.sh helm).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pulumi
+import pytest
+import yaml
+
+from ml_serving.chartsource import candidates
+from ml_serving.plan import run_program
+from ml_serving.settings import ConfigError, parse_settings
+from ml_serving.specs import charts, gpu, monitoring
+from tests import schemas
+from tests.chart_fixtures import KUBE_VERSION, chart_folder_fixture, helm_fixture, render  # noqa: F401  (fixtures)
+from tests.conftest import PROJECT_DIR, stack_config
+
+
+def prod_config(**changes: Any) -> dict[str, Any]:
+    config = copy.deepcopy(stack_config("prod"))
+    for key, value in changes.items():
+        config[f"ml-serving:{key}"] = value
+    return config
+
+
+def settings_of(config: dict[str, Any]):
+    return parse_settings(config, "Pulumi.prod.yaml")
+
+
+def plan(config: dict[str, Any]):
+    return run_program(PROJECT_DIR, "prod", config=config)
+
+
+# 1. Charts from a folder or a mirror -----------------------------------------------------------------------------
+
+
+def test_by_default_every_release_comes_from_its_public_repository():
+    releases = plan(prod_config()).releases
+    assert releases and all(r["repositoryOpts"]["repo"].startswith("https://") for r in releases)
+    assert all(r["version"] and "/" not in r["chart"] for r in releases)
+
+
+def test_with_a_folder_every_release_installs_the_pinned_version_from_it(chart_folder):
+    config = prod_config(charts={"folder": str(chart_folder)})
+    releases = {r["name"]: r for r in plan(config).releases}
+    pinned = {r.chart.release: r.chart for r in charts.charts(settings_of(config))}
+    assert set(releases) == set(pinned) and len(pinned) >= 4
+    for name, chart in pinned.items():
+        path = Path(releases[name]["chart"])
+        assert path == candidates(chart_folder, chart)[0], name
+        assert yaml.safe_load((path / "Chart.yaml").read_text())["version"] == chart.version
+        assert "repositoryOpts" not in releases[name], "nothing is fetched from a repository"
+
+
+def test_a_relative_folder_is_relative_to_the_project(chart_folder):
+    relative = os.path.relpath(chart_folder, PROJECT_DIR)
+    releases = plan(prod_config(charts={"folder": relative})).releases
+    assert releases and all(Path(r["chart"]).parent == chart_folder for r in releases)
+
+
+def _refused(config: dict) -> str:
+    declared: list = []
+    with pytest.raises(pulumi.RunError) as raised:
+        run_program(PROJECT_DIR, "prod", config=config, declared=declared)
+    assert not [d for d in declared if d.custom], "nothing may be declared"
+    return str(raised.value)
+
+
+def test_a_folder_chart_at_another_version_is_a_config_error_naming_both(tmp_path, chart_folder):
+    folder = tmp_path / "charts"
+    folder.mkdir()
+    for release in charts.charts(settings_of(prod_config())):
+        (folder / release.chart.chart).symlink_to(candidates(chart_folder, release.chart)[0])
+    (folder / "keda").unlink()
+    (folder / "keda").mkdir()
+    (folder / "keda" / "Chart.yaml").write_text("apiVersion: v2\nname: keda\nversion: 2.15.0\n")
+    message = _refused(prod_config(charts={"folder": str(folder)}))
+    assert message.startswith("Pulumi.prod.yaml: ml-serving:charts.folder: the stack pins keda 2.16.1, but ")
+    assert f"{folder / 'keda' / 'Chart.yaml'} says version 2.15.0" in message
+    assert "helm pull keda --repo https://kedacore.github.io/charts --version 2.16.1 --untar" in message
+    assert message.count("\n") == 0, "only keda is wrong"
+
+
+def test_a_chart_missing_from_the_folder_is_a_config_error_naming_where_it_was_looked_for(tmp_path):
+    message = _refused(prod_config(charts={"folder": str(tmp_path)}))
+    assert f"no chart seldon-core-operator at {tmp_path / 'seldon-core-operator-1.18.2'} or " in message
+    assert len(message.splitlines()) == len(charts.charts(settings_of(prod_config()))), "every chart is listed"
+
+
+@pytest.mark.parametrize(
+    ("mirror", "chart", "repo"),
+    [
+        ("oci://registry.internal/helm-charts", "oci://registry.internal/helm-charts/keda", None),
+        ("https://charts.internal/stable", "keda", "https://charts.internal/stable"),
+    ],
+)
+def test_a_mirror_serves_every_chart_at_the_pinned_version(mirror, chart, repo):
+    releases = {r["name"]: r for r in plan(prod_config(charts={"mirror": mirror})).releases}
+    assert releases["keda"]["chart"] == chart and releases["keda"]["version"] == "2.16.1"
+    assert releases["keda"].get("repositoryOpts", {}).get("repo") == repo
+    assert all(r.get("repositoryOpts", {}).get("repo") == repo for r in releases.values())
+
+
+def test_a_folder_and_a_mirror_together_are_refused():
+    with pytest.raises(ConfigError) as raised:
+        settings_of(prod_config(charts={"folder": "charts", "mirror": "oci://registry.internal/charts"}))
+    assert "ml-serving:charts: set folder (unpacked charts) or mirror (a chart repository), not both" in str(
+        raised.value
+    )
+
+
+def test_releases_wait_for_their_pods_unless_told_not_to():
+    waiting = plan(prod_config()).releases
+    assert all(r["atomic"] and not r.get("skipAwait") and not r.get("disableWebhooks") for r in waiting)
+    eager = plan(prod_config(charts={"wait": False})).releases
+    assert all(r["skipAwait"] and r["disableWebhooks"] and not r.get("atomic") for r in eager)
+
+
+# 2. What the first `up` creates, in order ------------------------------------------------------------------------
+
+
+def test_each_release_namespace_is_declared_so_destroy_removes_it():
+    """Helm's createNamespace makes a namespace Helm never deletes; the monitoring namespace is the stack's own."""
+    prod = plan(prod_config())
+    declared = {o["metadata"]["name"] for o in prod.find("Namespace")}
+    releases = {r["name"]: r for r in prod.releases}
+    for name, release in releases.items():
+        assert release["namespace"] in declared, name
+        assert not release.get("createNamespace") or release["namespace"] == "monitoring", name
+    assert {"keda", "seldon-system", "nvidia-device-plugin", "nvidia-dcgm-exporter", "monitoring"} <= declared
+
+
+def test_the_dcgm_exporter_waits_for_the_prometheus_operator_crds():
+    """Its chart holds a ServiceMonitor: Helm refuses a kind the API server does not know yet."""
+    listed = {r.chart.release: r for r in charts.charts(settings_of(prod_config()))}
+    assert listed["dcgm-exporter"].after == ("kube-prometheus-stack",)
+    assert listed["dcgm-exporter"].component == listed["kube-prometheus-stack"].component == "monitoring"
+    assert listed["seldon-core"].after == ("keda",)
+
+
+# 4. Defects found by reading the charts against the values -------------------------------------------------------
+
+
+def gpu_operator_config() -> dict[str, Any]:
+    return prod_config(gpu={"devicePlugin": "gpu-operator", "dcgmExporter": "install"})
+
+
+def test_the_gpu_operator_gets_the_time_slicing_config_the_settings_count_on():
+    values = gpu.gpu_operator(settings_of(gpu_operator_config())).values
+    config = values["devicePlugin"]["config"]
+    assert config["create"] and config["default"] == "default"
+    assert "replicas: 2" in config["data"]["gpu-inference"], "prod's pool shares each GPU between two pods"
+
+
+def test_the_dcgm_service_monitor_scrapes_at_the_stack_interval():
+    config = prod_config()
+    config["ml-serving:monitoring"]["scrapeInterval"] = "45s"
+    assert gpu.dcgm_exporter(settings_of(config)).values["serviceMonitor"]["interval"] == "45s"
+
+
+def test_prometheus_selects_every_service_monitor_whatever_the_selector_labels():
+    config = prod_config()
+    config["ml-serving:monitoring"]["selectorLabels"] = {"team": "ml"}
+    spec = monitoring.kube_prometheus_stack(settings_of(config)).values["prometheus"]["prometheusSpec"]
+    assert spec["serviceMonitorSelectorNilUsesHelmValues"] is False and "serviceMonitorSelector" not in spec
+
+
+# 3. The charts' real output --------------------------------------------------------------------------------------
+
+
+def releases_of(config: dict[str, Any]) -> list[charts.Release]:
+    return charts.charts(settings_of(config))
+
+
+def rendered(helm, chart_folder, release: charts.Release, work: Path) -> list[dict[str, Any]]:
+    chart = release.chart
+    # gpu-operator's Chart.yaml at its tag says v1.0.0-devel (../shared/charts/SOURCES.md): found by folder name.
+    folder = candidates(chart_folder, chart)[0]
+    return render(helm, folder, chart.release, chart.namespace, json.loads(json.dumps(chart.values)), work)
+
+
+def case_configs() -> dict[str, dict[str, Any]]:
+    """Every chart a stack may install: prod's, the GPU Operator instead of the plugin, the adapter of `hpa`."""
+    hpa = prod_config()
+    hpa["ml-serving:platform"]["autoscaler"] = "hpa"
+    for model in hpa["ml-serving:models"].values():
+        model["autoscaling"].pop("scaleUp", None)
+        model["autoscaling"].pop("scaleDown", None)
+    return {"prod": prod_config(), "gpu-operator": gpu_operator_config(), "hpa": hpa}
+
+
+def chart_releases() -> list[tuple[str, str]]:
+    """(case, release) once per release name, from the first case that installs it."""
+    seen: dict[str, str] = {}
+    for case, config in case_configs().items():
+        for release in releases_of(config):
+            seen.setdefault(release.chart.release, case)
+    return [(case, name) for name, case in seen.items()]
+
+
+def release_named(case: str, name: str) -> charts.Release:
+    return next(r for r in releases_of(case_configs()[case]) if r.chart.release == name)
+
+
+def chart_crd_schemas(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    found = {}
+    for crd in objects:
+        if crd["kind"] == "CustomResourceDefinition":
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                found[(f"{group}/{version['name']}", kind)] = schemas.strict(version["schema"]["openAPIV3Schema"])
+    return found
+
+
+def validate_all(objects: list[dict[str, Any]], extra: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    problems = []
+    known = {**schemas.crd_schemas(), **extra}
+    for obj in objects:
+        where = f"{obj['kind']} {obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}"
+        try:
+            if schemas.is_custom(obj):
+                schema = known.get((obj["apiVersion"], obj["kind"]))
+                if schema is None:
+                    problems.append(f"{where}: no CRD for {obj['apiVersion']}")
+                    continue
+                jsonschema.Draft7Validator(schema).validate(obj)
+            else:
+                kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as exc:
+            problems.append(f"{where}: {getattr(exc, 'message', exc)}"[:400])
+    return problems
+
+
+@pytest.mark.charts
+@pytest.mark.parametrize(("case", "name"), chart_releases())
+def test_each_chart_renders_with_the_stack_values_into_valid_objects(case, name, helm, chart_folder, tmp_path):
+    objects = rendered(helm, chart_folder, release_named(case, name), tmp_path)
+    assert objects, "the chart renders something"
+    extra = {}
+    for release in releases_of(prod_config()):  # CRDs of the other charts (dcgm's ServiceMonitor: kube-prometheus)
+        if release.chart.release == "kube-prometheus-stack" and name != release.chart.release:
+            extra.update(chart_crd_schemas(rendered(helm, chart_folder, release, tmp_path / "kps")))
+    extra.update(chart_crd_schemas(objects))
+    assert not validate_all(objects, extra)
