@@ -91,6 +91,7 @@ class LocalCluster:
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ml-serving-cluster-")))
     processes: list[subprocess.Popen] = field(default_factory=list)
     kubeconfig: Path | None = None
+    apiserver_flags: tuple[str, ...] = ()  # extra kube-apiserver flags (e.g. admission plugins to switch off)
 
     def start(
         self,
@@ -166,6 +167,7 @@ class LocalCluster:
                 "--disable-admission-plugins", "ServiceAccount", "--enable-priority-and-fairness=false",
                 # a node (localnode.py) is reached by its IP: never a DNS lookup of its name
                 "--kubelet-preferred-address-types", "InternalIP",
+                *self.apiserver_flags,
             ],
         )  # fmt: skip
         self.kubeconfig = self.root / "kubeconfig"
