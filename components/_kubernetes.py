@@ -43,10 +43,11 @@ def helm_release(
             namespace=chart.namespace,
             create_namespace=not release.owns_namespace,
             values=chart.values,
-            # Waiting (and rolling a failed install back) needs pods that can start; hook Jobs need them too.
+            # Waiting (and rolling a failed install back) needs pods that can start; hook Jobs need them too. Unset
+            # when waiting, so a stack that always waited sees no diff.
             atomic=wait,
-            skip_await=not wait,
-            disable_webhooks=not wait,
+            skip_await=None if wait else True,
+            disable_webhooks=None if wait else True,
         ),
         opts=pulumi.ResourceOptions.merge(
             opts,
