@@ -25,7 +25,7 @@ class ChartSource:
     """What a Helm release is given: a chart name (with a repository), an `oci://` reference, or a folder."""
 
     chart: str
-    version: str | None  # None for a folder: its Chart.yaml was checked against the pin instead
+    version: str
     repository: str | None = None
 
 
@@ -78,7 +78,7 @@ def _from_folder(folder: Path, chart: HelmChart) -> ChartSource:
             f"{where}: the stack pins {chart.chart} {chart.version}, but {found / 'Chart.yaml'} says version "
             f"{version}: put {chart.chart} {chart.version} there (`{fetch}`), or change the pin in a reviewed diff"
         )
-    return ChartSource(str(found), None)
+    return ChartSource(str(found), chart.version)  # Helm ignores a local chart's version; the plan shows it
 
 
 def sources(settings: Settings, releases: list[Release], base: Path) -> dict[str, ChartSource]:
