@@ -65,7 +65,7 @@ for model in settings.models:
 if settings.monitoring is not None:
     MonitoringStack(
         "monitoring",
-        MonitoringStackArgs(settings, secret(settings.grafana_admin_password), sources),
+        MonitoringStackArgs(settings, secret(settings.grafana_admin_password), sources, platform=platform),
         pulumi.ResourceOptions(providers=[provider], depends_on=[platform.namespace]),
     )
 

@@ -19,6 +19,8 @@ class MonitoringStackArgs:
     settings: Settings
     grafana_admin_password: pulumi.Input[str] | None = None
     chart_sources: dict[str, ChartSource] = field(default_factory=dict)  # as ServingPlatformArgs.chart_sources
+    # The ServingPlatform, which declared the DCGM exporter's release before it moved here: its alias's parent.
+    platform: pulumi.Resource | None = None
 
 
 class MonitoringStack(pulumi.ComponentResource):
@@ -42,7 +44,8 @@ class MonitoringStack(pulumi.ComponentResource):
         releases: dict[str, pulumi.Resource] = {}
         for release in charts.of(settings, "monitoring"):
             before = [*first, *(releases[name] for name in release.after if name in releases)]
-            opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=before))
+            moved = [pulumi.Alias(parent=args.platform)] if release.moved_from and args.platform else None
+            opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=before, aliases=moved))
             releases[release.chart.release] = _kubernetes.helm_release(
                 release, args.chart_sources, settings.charts.wait, opts
             )

@@ -27,6 +27,8 @@ class Release:
     # The stack declares the release's namespace, so `destroy` removes it (Helm never deletes a namespace it made);
     # not the monitoring namespace, which the monitoring stack declares or the cluster already has.
     owns_namespace: bool = True
+    # The component that declared it before (its URN then had that parent): an alias keeps the installed release.
+    moved_from: Literal["platform"] | None = None
 
 
 def charts(settings: Settings) -> list[Release]:
@@ -75,6 +77,7 @@ def charts(settings: Settings) -> list[Release]:
                 "gpu.dcgmExporter",
                 existing,
                 after=("kube-prometheus-stack",) if installs_stack else (),
+                moved_from="platform" if settings.monitoring is not None else None,
             )
         )
     if settings.monitoring is not None and settings.platform.autoscaler == "hpa":
