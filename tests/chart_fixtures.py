@@ -54,9 +54,20 @@ def render(
     values_file.write_text(yaml.safe_dump(values))
     done = subprocess.run(
         [str(helm), "template", release, str(chart_dir), "--namespace", namespace, "--values", str(values_file),
-         "--include-crds", "--kube-version", KUBE_VERSION, "--api-versions", "monitoring.coreos.com/v1"],
+         "--include-crds", "--kube-version", KUBE_VERSION, "--api-versions", "monitoring.coreos.com/v1",
+         "--api-versions", "apiregistration.k8s.io/v1"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "HELM_CACHE_HOME": str(work / "helm-cache"),
         "HELM_CONFIG_HOME": str(work / "helm-config"), "HELM_DATA_HOME": str(work / "helm-data")},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return [obj for obj in yaml.safe_load_all(done.stdout) if obj]
+    return [obj for obj in yaml.load_all(done.stdout, Loader=_Loader) if obj]
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads a bare `=` (an enum value in the Prometheus Operator's CRDs) as YAML 1.1's value tag."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:value"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}

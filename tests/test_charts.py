@@ -226,6 +226,16 @@ def chart_crd_schemas(objects: list[dict[str, Any]]) -> dict[tuple[str, str], di
     return found
 
 
+def without_nulls(value: Any) -> Any:
+    """The API server drops a custom resource's null fields (non-nullable, structural schema) before validating:
+    the GPU Operator's ClusterPolicy renders `migManager.config.name` empty by default."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
 def validate_all(objects: list[dict[str, Any]], extra: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     problems = []
     known = {**schemas.crd_schemas(), **extra}
@@ -237,7 +247,7 @@ def validate_all(objects: list[dict[str, Any]], extra: dict[tuple[str, str], dic
                 if schema is None:
                     problems.append(f"{where}: no CRD for {obj['apiVersion']}")
                     continue
-                jsonschema.Draft7Validator(schema).validate(obj)
+                jsonschema.Draft7Validator(schema).validate(without_nulls(obj))
             else:
                 kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as exc:
