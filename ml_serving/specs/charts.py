@@ -29,7 +29,7 @@ def charts(settings: Settings) -> list[Release]:
     existing = "set it to 'existing' (the cluster runs it already)"
     if settings.platform.keda == "install":
         releases.append(Release(platform.keda(settings), "platform", "platform.keda", existing))
-    if settings.platform.seldon == "install":
+    if settings.platform.seldon == "install" and settings.platform.backend == "seldon":
         # The operator's webhook reads KEDA's CRDs, so KEDA goes first.
         releases.append(
             Release(platform.seldon_operator(settings), "platform", "platform.seldon", existing, after=("keda",))
