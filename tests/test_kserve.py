@@ -255,3 +255,20 @@ def test_a_name_kserve_would_make_too_long_is_refused_naming_the_variant():
     settings = settings.model_copy(update={"models": models})
     with pytest.raises(kserve.KServeConfigError, match=rf"models\.{long_model}\.variants\.champion: .*shorten"):
         kserve.check(settings, lambda m, v: None)
+
+
+def test_plan_lists_each_variant_with_its_share_under_kserve(tmp_path):
+    import yaml
+
+    from tests.conftest import copy_project
+    from tests.test_cli import ml_serving
+
+    project = copy_project(tmp_path / "project")
+    path = project / "Pulumi.prod.yaml"
+    path.write_text(path.read_text().replace("    seldon: install\n", "    backend: kserve\n"))
+    run = ml_serving("plan", "prod", cwd=project, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert run.returncode == 0, run.stderr
+    rows = {line.split("│")[2].strip(): line for line in run.stdout.splitlines() if "│ churn " in line and "pinned" in line}
+    assert "90%" in rows["champion"] and "10%" in rows["challenger"] and "shadow" in rows["mirror"]
+    vs = yaml.safe_load((project / "rendered" / "prod" / "virtualservice_models_churn.yaml").read_text())
+    assert kserve.traffic(vs) == {"champion": 90, "challenger": 10}
