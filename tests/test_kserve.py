@@ -268,7 +268,9 @@ def test_plan_lists_each_variant_with_its_share_under_kserve(tmp_path):
     path.write_text(path.read_text().replace("    seldon: install\n", "    backend: kserve\n"))
     run = ml_serving("plan", "prod", cwd=project, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     assert run.returncode == 0, run.stderr
-    rows = {line.split("│")[2].strip(): line for line in run.stdout.splitlines() if "│ churn " in line and "pinned" in line}
+    rows = {
+        line.split("│")[2].strip(): line for line in run.stdout.splitlines() if "│ churn " in line and "pinned" in line
+    }
     assert "90%" in rows["champion"] and "10%" in rows["challenger"] and "shadow" in rows["mirror"]
     vs = yaml.safe_load((project / "rendered" / "prod" / "virtualservice_models_churn.yaml").read_text())
     assert kserve.traffic(vs) == {"champion": 90, "challenger": 10}

@@ -57,9 +57,15 @@ def vs_traffic(cluster, namespace: str, model: str) -> dict[str, int]:
     return kserve.traffic(live(cluster, obj))
 
 
-def test_prod_shaped_kserve_stack_previews_and_goes_up(kengine, cluster):
+def test_prod_shaped_kserve_stack_previews_and_goes_up(kengine, cluster, registry):
+    from mlflow.tracking import MlflowClient
+
     path = kengine.project / "Pulumi.prod.yaml"
     text = to_kserve(path.read_text())
+    # `up` writes the baked model into fraud's image context: a local model instead of prod's unreachable s3://.
+    client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
+    local = Path(client.get_model_version_download_uri("churn-classifier", "1").removeprefix("file://")).as_uri()
+    text = text.replace("s3://mlflow-artifacts/5/models/m-1e2d3c4b5a6f47e8d9c0b1a2f3e4d5c6/artifacts", local)
     text = text.replace("    keda: install\n", "    keda: existing\n").replace(
         "    stack: install ", "    stack: existing "
     )
