@@ -68,12 +68,12 @@ def test_one_standard_mode_inference_service_per_variant_serving_its_own_image(k
         (container,) = predictor["containers"]
         assert container["name"] == "kserve-container"
         assert container["image"] == seldon_images[variant], "the same per-version image as under Seldon"
-        assert container["ports"][0] == {"name": "http", "containerPort": 9000, "protocol": "TCP"}
-        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
-            "http": 9000,
-            "grpc": 9500,
-            "metrics": 8082,
-        }
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert container["ports"][0]["name"] == "http", "KServe's Service maps port 80 to the first port"
+        if predictor["labels"][labels.RUNTIME] == "bentoml":
+            assert ports == {"http": 3000}
+        else:
+            assert ports == {"http": 9000, "grpc": 9500, "metrics": 8082}
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["STORAGE_URI"] == kprod_uri(variant)
         assert env["MLSERVER_MODEL_URI"] == "/mnt/models" and env["MLSERVER_MODEL_NAME"] == "churn"
@@ -191,8 +191,9 @@ def test_kserve_installs_no_seldon_operator(kprod):
 
 def test_the_pod_monitor_keeps_kserves_container(kprod):
     (monitor,) = kprod.find("PodMonitor")
-    keep = monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]
-    assert re.fullmatch(keep["regex"], "kserve-container") and not re.fullmatch(keep["regex"], "churn")
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        (keep,) = [r for r in endpoint["relabelings"] if r["sourceLabels"] == [monitoring.CONTAINER_NAME]]
+        assert re.fullmatch(keep["regex"], "kserve-container") and not re.fullmatch(keep["regex"], "churn")
 
 
 def test_backend_is_validated_like_every_field():
