@@ -122,8 +122,8 @@ def test_the_virtual_service_owns_the_weights_and_mirrors_the_shadow(kprod):
     (route,) = vs["spec"]["http"]
     assert route["match"] == [{"uri": {"prefix": "/seldon/models/churn/"}}]
     assert route["route"] == [
-        {"destination": {"host": "churn-champion-predictor.models.svc.cluster.local", "port": {"number": 80}}, "weight": 90},
         {"destination": {"host": "churn-challenger-predictor.models.svc.cluster.local", "port": {"number": 80}}, "weight": 10},
+        {"destination": {"host": "churn-champion-predictor.models.svc.cluster.local", "port": {"number": 80}}, "weight": 90},
     ]  # fmt: skip
     assert route["mirrors"] == [
         {"destination": {"host": "churn-mirror-predictor.models.svc.cluster.local", "port": {"number": 80}},

@@ -290,11 +290,11 @@ def virtual_service(settings: Settings, model_key: str) -> dict[str, Any]:
         "rewrite": {"uri": "/"},
         "route": [
             {"destination": _destination(settings, model_key, name), "weight": variant.weight or 0}
-            for name, variant in model.variants.items()
+            for name, variant in sorted(model.variants.items())  # by name: the engine hands config maps sorted
             if not variant.shadow
         ],
     }
-    shadows = [name for name, variant in model.variants.items() if variant.shadow]
+    shadows = sorted(name for name, variant in model.variants.items() if variant.shadow)
     if shadows:
         route["mirrors"] = [
             {"destination": _destination(settings, model_key, name), "percentage": {"value": 100.0}} for name in shadows
