@@ -54,3 +54,18 @@ def helm_release(
             pulumi.ResourceOptions(depends_on=first, ignore_changes=[] if release.stable_output else ["checksum"]),
         ),
     )
+
+
+def resource(name: str, obj: dict[str, Any], opts: pulumi.ResourceOptions) -> pulumi.CustomResource:
+    """A built-in kind by its own class (so the provider knows its schema), anything else as a custom resource."""
+    if obj["kind"] == "PodDisruptionBudget":
+        return k8s.policy.v1.PodDisruptionBudget(name, metadata=obj["metadata"], spec=obj["spec"], opts=opts)
+    if obj["kind"] == "ServiceAccount":
+        return k8s.core.v1.ServiceAccount(
+            name,
+            metadata=obj["metadata"],
+            secrets=obj.get("secrets"),
+            automount_service_account_token=obj.get("automountServiceAccountToken"),
+            opts=opts,
+        )
+    return custom_resource(name, obj, opts)

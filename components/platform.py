@@ -10,7 +10,7 @@ import pulumi_kubernetes as k8s
 from components import _kubernetes
 from ml_serving.chartsource import ChartSource
 from ml_serving.settings import Settings
-from ml_serving.specs import charts, seldon
+from ml_serving.specs import charts, kserve, seldon
 from ml_serving.specs import platform as specs
 
 
@@ -22,7 +22,8 @@ class ServingPlatformArgs:
 
 
 class ServingPlatform(pulumi.ComponentResource):
-    """Namespace, Seldon Core v1 operator, KEDA, the Istio gateway, GPU support and the artifact store's Secret."""
+    """Namespace, Seldon Core v1 operator, KEDA, the Istio gateway, GPU support and the artifact store's Secret
+    (under KServe, its Secret and service account)."""
 
     def __init__(self, name: str, args: ServingPlatformArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ml-serving:platform:ServingPlatform", name, None, opts)
@@ -35,7 +36,8 @@ class ServingPlatform(pulumi.ComponentResource):
                 release, args.chart_sources, settings.charts.wait, opts
             )
         self.namespace = _kubernetes.namespace(settings.namespace, specs.namespace(settings), child)
-        artifacts = seldon.artifact_secret(settings)
+        kserve_backend = settings.platform.backend == "kserve"
+        artifacts = kserve.s3_secret(settings) if kserve_backend else seldon.artifact_secret(settings)
         self.artifact_secret = None
         if artifacts is not None:
             # rclone's variables may hold keys (`pulumi config set --secret --path ...`): a secret in the state.
@@ -46,9 +48,18 @@ class ServingPlatform(pulumi.ComponentResource):
                 string_data=pulumi.Output.secret(artifacts["stringData"]),
                 opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=[self.namespace])),
             )
+        account = kserve.service_account(settings) if kserve_backend else None
+        self.service_account = None
+        if account is not None:
+            after = [r for r in (self.namespace, self.artifact_secret) if r is not None]
+            self.service_account = _kubernetes.resource(
+                "artifact-store-account",
+                account,
+                pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=after)),
+            )
         self.gateway = None
         if settings.platform.istio_gateway == "install":
             self.gateway = _kubernetes.custom_resource("istio-gateway", specs.istio_gateway(settings), child)
-        extras = [r for r in (self.gateway, self.artifact_secret) if r is not None]
+        extras = [r for r in (self.gateway, self.artifact_secret, self.service_account) if r is not None]
         self.ready = [self.namespace, *releases.values(), *extras]
         self.register_outputs({"namespace": self.namespace.metadata["name"]})

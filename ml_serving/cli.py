@@ -119,8 +119,32 @@ def _print_summary(plan, out_dir: Path, files: int) -> None:  # type: ignore[no-
                 image.rsplit(":", 1)[-1],
                 uri if "modelUri" in predictor["graph"] else f"{uri} (baked into the image)",
             )
+    _kserve_rows(plan, models)
     console.print(models)
     console.print(f"wrote {files} files to {out_dir}")
+
+
+def _kserve_rows(plan, models: Table) -> None:  # type: ignore[no-untyped-def]
+    """The models table's rows under the kserve backend: a variant per InferenceService, its share from the
+    model's VirtualService (a variant it only mirrors to is a shadow)."""
+    from ml_serving.specs import kserve
+
+    for isvc in plan.find("InferenceService"):
+        meta = isvc["metadata"]
+        model, variant = meta["labels"][labels.MODEL], meta["labels"][labels.VARIANT]
+        split = {name: w for vs in plan.find("VirtualService", model) for name, w in kserve.traffic(vs).items()}
+        (container,) = isvc["spec"]["predictor"]["containers"]
+        baked = not any(e["name"] == kserve.STORAGE_URI_ENV for e in container["env"])
+        uri = meta["annotations"][labels.MODEL_URI]
+        models.add_row(
+            model,
+            variant,
+            meta["labels"][labels.MODEL_VERSION],
+            meta["annotations"][labels.RESOLVED_FROM],
+            f"{split[variant]}%" if variant in split else "shadow",
+            container["image"].rsplit(":", 1)[-1],
+            f"{uri} (baked into the image)" if baked else uri,
+        )
 
 
 def _print_pools(settings) -> None:  # type: ignore[no-untyped-def]

@@ -26,7 +26,7 @@ from ml_serving.image import (
 from ml_serving.registry import RegistryError, Resolution, resolve
 from ml_serving.settings import ConfigError, KubernetesTarget, Settings, parse_settings
 from ml_serving.signatures import SignatureError, check_variants, unsigned
-from ml_serving.specs import charts, seldon
+from ml_serving.specs import charts, kserve, seldon
 
 
 def stack_config() -> dict[str, Any]:
@@ -45,8 +45,11 @@ def resolve_versions(settings: Settings) -> Resolution:
     """Every variant's version, and whether the cluster can download it: both refused before anything applies."""
     try:
         versions = resolve(settings)
-        seldon.check_storage_access(settings, versions.of)
-    except (RegistryError, seldon.StorageAccessError) as exc:
+        if settings.platform.backend == "kserve":
+            kserve.check(settings, versions.of)
+        else:
+            seldon.check_storage_access(settings, versions.of)
+    except (RegistryError, seldon.StorageAccessError, kserve.KServeConfigError) as exc:
         raise pulumi.RunError(f"Pulumi.{pulumi.get_stack()}.yaml: {exc}") from None
     return versions
 

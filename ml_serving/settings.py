@@ -96,8 +96,10 @@ class Registry(_Config):
 
 
 class Platform(_Config):
-    """What the stack installs (`install`) and what the cluster already has (`existing`)."""
+    """What the stack installs (`install`) and what the cluster already has (`existing`); `backend` is the
+    operator that runs the model pods (README, 'Choosing a backend')."""
 
+    backend: Literal["seldon", "kserve"] = "seldon"
     seldon: Literal["install", "existing"] = "install"
     keda: Literal["install", "existing"] = "install"
     istio_gateway: Literal["install", "existing"] = "install"
@@ -577,14 +579,29 @@ class Settings(_Config):
                 "pushing to servingImage.registryServer needs registryUsername and the secret "
                 "ml-serving:registryPassword (pulumi config set --secret ml-serving:registryPassword ...)",
             )
+        if self.platform.backend == "kserve":
+            self._check_kserve()
         if self.platform.autoscaler == "hpa":
+            hpa = "Seldon's hpaSpec" if self.platform.backend == "seldon" else "KServe's HPA (v0.20)"
             for name, model in self.models.items():
                 for key in sorted({"scale_up", "scale_down"} & model.autoscaling.model_fields_set):
                     raise PathError(
                         f"models.{name}.autoscaling.{to_camel(key)}",
-                        "Seldon's hpaSpec has no scaling behaviour: remove it, or use platform.autoscaler: keda",
+                        f"{hpa} has no scaling behaviour: remove it, or use platform.autoscaler: keda",
                     )
         return self
+
+    def _check_kserve(self) -> None:
+        """What the kserve backend cannot do with this stack file, refused before anything is planned."""
+        if "seldon" in self.platform.model_fields_set:
+            raise PathError("platform.seldon", "the kserve backend runs no Seldon operator: remove platform.seldon")
+        if self.platform.autoscaler == "hpa":
+            for name, model in self.models.items():
+                if model.autoscaling.requests_per_second_per_replica is not None:
+                    raise PathError(
+                        f"models.{name}.autoscaling.requestsPerSecondPerReplica",
+                        "KServe's HPA scales on cpu and memory only: remove it, or use platform.autoscaler: keda",
+                    )
 
     def pool_for(self, variant: Variant) -> str | None:
         """The pool a GPU variant lands on: the one it names, else the first GPU pool offering its GPU type."""

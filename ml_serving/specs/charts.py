@@ -37,7 +37,7 @@ def charts(settings: Settings) -> list[Release]:
     existing = "set it to 'existing' (the cluster runs it already)"
     if settings.platform.keda == "install":
         releases.append(Release(platform.keda(settings), "platform", "platform.keda", existing))
-    if settings.platform.seldon == "install":
+    if settings.platform.seldon == "install" and settings.platform.backend == "seldon":
         # The operator's webhook reads KEDA's CRDs, so KEDA goes first. Its webhook certificate comes from the
         # chart's genCA: a new one at each render.
         releases.append(

@@ -13,11 +13,12 @@ from urllib.parse import urlsplit
 from ml_serving import labels, metrics
 from ml_serving.metrics import Scope
 from ml_serving.settings import Model, Settings
+from ml_serving.specs.kserve import CONTAINER as KSERVE_CONTAINER
+from ml_serving.specs.kserve import METRICS_PATH
 from ml_serving.specs.platform import HelmChart, namespace_object
 
 MONITORING_API = "monitoring.coreos.com/v1"
 DASHBOARD_LABEL = "grafana_dashboard"
-METRICS_PATH = "/prometheus"  # what Seldon sets MLSERVER_METRICS_ENDPOINT to for a port named `metrics`
 BENTOML_METRICS_PATH = "/metrics"
 CONTAINER_NAME = "__meta_kubernetes_pod_container_name"  # Prometheus' service discovery label
 GRAFANA_ADMIN_SECRET = "grafana-admin"
@@ -33,10 +34,11 @@ def _meta_label(key: str) -> str:
 def pod_monitor(settings: Settings) -> dict[str, Any]:
     """Scrape every serving pod's MLServer metrics; carry model, variant and version over from pod labels."""
     # Seldon's executor sidecar names a port `metrics` too: only the model's container (named like the graph node,
-    # i.e. the model key) is scraped, so each pod is one target.
+    # i.e. the model key; under KServe, `kserve-container`) is scraped, so each pod is one target.
+    containers = [KSERVE_CONTAINER] if settings.platform.backend == "kserve" else list(settings.models)
     keep_model_container = {
         "sourceLabels": [CONTAINER_NAME],
-        "regex": "|".join(re.escape(key) for key in settings.models),
+        "regex": "|".join(re.escape(name) for name in containers),
         "action": "keep",
     }
     relabel = [keep_model_container] + [
