@@ -512,12 +512,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             outcome = runner.run()
     except RolloutError as exc:
         raise UsageError(str(exc)) from None
-    if mode == Mode.DRY_RUN or not log_path.exists():
-        console.print(f"{outcome.result}: {outcome.message}")
-        return outcome.exit_code
     from ml_serving.report import read_log, stage_table, write_picture
 
-    records = [r for r in read_log(log_path) if r["time"] >= started]
+    records = [r for r in read_log(log_path) if r["time"] >= started] if log_path.exists() else []
+    if mode == Mode.DRY_RUN or not records:  # nothing this run wrote: no table, the last picture stands
+        console.print(f"{outcome.result}: {outcome.message}")
+        return outcome.exit_code
     console.print(stage_table(records))
     picture = write_picture(records, log_path.with_suffix(".png"))
     console.print(f"{outcome.result}: {outcome.message} (log: {log_path}, picture: {picture})")

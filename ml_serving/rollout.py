@@ -30,8 +30,8 @@ import requests
 
 from ml_serving import metrics
 from ml_serving.metrics import Scope
-from ml_serving.settings import Model, Rollout, Settings
-from ml_serving.stackfile import edit, load_settings, stack_file
+from ml_serving.settings import ConfigError, Model, Rollout, Settings
+from ml_serving.stackfile import edit, load_settings, revert, stack_file
 
 
 class Verdict(StrEnum):
@@ -201,9 +201,16 @@ class Prometheus:
 
     def per_variant(self, promql: str) -> dict[str, float]:
         try:
-            answer = requests.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=self.timeout).json()
-        except (requests.RequestException, ValueError) as exc:
+            response = requests.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=self.timeout)
+        except requests.RequestException as exc:
             raise MeasurementError(f"Prometheus at {self.url} is unreachable ({type(exc).__name__})") from None
+        try:
+            answer = response.json()
+        except ValueError:
+            body = " ".join(response.text.split())[:120] or "an empty body"
+            raise MeasurementError(
+                f"Prometheus at {self.url} answered HTTP {response.status_code} with a body that is not JSON: {body}"
+            ) from None
         if not isinstance(answer, dict):
             raise MeasurementError(f"Prometheus answered {type(answer).__name__}, not an object")
         if answer.get("status") != "success":
@@ -326,13 +333,13 @@ def current_weights(model: Model, plan: Rollout) -> dict[str, int]:
     return {name: model.variants[name].weight or 0 for name in (plan.challenger, plan.champion)}
 
 
-def write_weights(path: Path, model_key: str, weights: dict[str, int]) -> None:
+def write_weights(path: Path, model_key: str, weights: dict[str, int]) -> str:
     def change(document: Any) -> None:
         variants = document["config"]["ml-serving:models"][model_key]["variants"]
         for name, weight in weights.items():
             variants[name]["weight"] = weight
 
-    edit(path, change)
+    return edit(path, change)
 
 
 # What a variant serves: its version (by alias, or pinned) and the runtime that serves it; promotion moves all.
@@ -361,7 +368,7 @@ def restore_fields(path: Path, model_key: str, saved: dict[str, dict[str, Any]])
     edit(path, change)
 
 
-def promote_in_config(path: Path, model_key: str, plan: Rollout) -> None:
+def promote_in_config(path: Path, model_key: str, plan: Rollout) -> str:
     """The challenger's version becomes the champion's; the champion serves 100 % again."""
 
     def change(document: Any) -> None:
@@ -374,7 +381,7 @@ def promote_in_config(path: Path, model_key: str, plan: Rollout) -> None:
                 champion[key] = challenger[key]
         champion["weight"], challenger["weight"] = 100, 0
 
-    edit(path, change)
+    return edit(path, change)
 
 
 @dataclass(frozen=True)
@@ -526,11 +533,21 @@ def deferred_interrupts(then_raise: bool = True) -> Iterator[None]:
 
     `then_raise=False` drops them: a rollback under way is finished, not interrupted a second time.
     """
-    pending: list[str] = []
-    with _signals(lambda signum, frame: pending.append(signal.Signals(signum).name)):
+    if _deferring:  # an enclosing block holds the signals already and decides what becomes of them
         yield
+        return
+    pending: list[str] = []
+    _deferring.append(pending)
+    try:
+        with _signals(lambda signum, frame: pending.append(signal.Signals(signum).name)):
+            yield
+    finally:
+        _deferring.remove(pending)
     if pending and then_raise:
         raise Interrupted(pending[0])
+
+
+_deferring: list[list[str]] = []  # the signals held by the outermost `deferred_interrupts` block now running
 
 
 @dataclass
@@ -542,6 +559,15 @@ class Outcome:
     @property
     def exit_code(self) -> int:
         return int(EXIT_CODES[self.result])
+
+
+@dataclass(frozen=True)
+class Restore:
+    """How to undo one edit if its `pulumi up` fails: its fields through the YAML, or its lines as text."""
+
+    fields: Callable[[], None]
+    text_before: str
+    text_after: str
 
 
 class Drift(Exception):
@@ -575,6 +601,7 @@ class RolloutRun:
         self._check_variants(model)
         self.expected = current_weights(model, self.plan)  # what the file must say until this run writes again
         self.deployed_at: float | None = None
+        self.step_deployed: Deployed | None = None  # --step: the stack's update that deployed the stage to judge
         self.started = False  # True once this run may have written something
 
     # -- reading the stack -------------------------------------------------------------------------------------
@@ -660,12 +687,23 @@ class RolloutRun:
     # -- the guards around every write and every judgement ------------------------------------------------------
 
     def check_file(self) -> None:
-        found = current_weights(self.model(), self.plan)
+        try:
+            found = current_weights(self.model(), self.plan)
+        except ConfigError as exc:
+            raise self.unreadable(exc) from None
         if found != self.expected:
             raise Drift(
                 f"{self.path.name} now says {_fmt_weights(found)} for {self.model_key}, not "
                 f"{_fmt_weights(self.expected)} as this rollout left it: someone else changed the weights"
             )
+
+    def unreadable(self, exc: ConfigError) -> Drift:
+        """Someone left the file unparseable or invalid mid-rollout: stop, saying what the stack runs."""
+        return Drift(
+            f"{self.path.name} no longer parses as a stack file ({' '.join(str(exc).split())}); the stack runs "
+            f"{_fmt_weights(self.expected)} as this rollout last wrote it: fix the file, then continue with --resume "
+            "or roll back with --abort"
+        )
 
     def check_state(self, deployed: Deployed | None) -> None:
         if deployed is None or self.model_key not in deployed.traffic:
@@ -690,25 +728,39 @@ class RolloutRun:
         """Write the stage's weights and `pulumi up`; if `up` fails, only these weights go back as they were."""
         self.check_file()
         weights = stage_weights(self.model(), self.plan, challenger_weight)
-        before = dict(self.expected)
-        write_weights(self.path, self.model_key, weights)
+        before, text_before = dict(self.expected), self.path.read_text()
+        text_after = write_weights(self.path, self.model_key, weights)
         self.expected = weights
         self.log(Event.APPLY, weights=weights, proposed=self.mode == Mode.STEP)
         if self.mode == Mode.STEP:
             return weights
-        self._up(lambda: write_weights(self.path, self.model_key, before), weights, before)
+        restore = Restore(lambda: write_weights(self.path, self.model_key, before), text_before, text_after)
+        self._up(restore, weights, before)
         return weights
 
-    def _up(self, restore: Callable[[], None], asked: dict[str, int], before: dict[str, int]) -> None:
+    def _up(self, restore: Restore | None, asked: dict[str, int], before: dict[str, int]) -> None:
         try:
             with deferred_interrupts():
                 self.pulumi.up()
-        except RolloutError:
-            restore()
+        except RolloutError as exc:
             self.expected = before
-            self.log(Event.APPLY_FAILED, weights=asked, restored=before)
-            raise
+            if restore is None or self._put_back(restore):
+                self.log(Event.APPLY_FAILED, weights=asked, restored=before)
+                raise
+            self.log(Event.APPLY_FAILED, weights=asked, restored=None)
+            raise RolloutError(
+                f"{exc}; and {self.path.name} was changed meanwhile on the very lines this rollout wrote, so they "
+                f"were not put back: the stack runs {_fmt_weights(before)}, set the file to that by hand"
+            ) from None
         self.deployed_at = self.clock()
+
+    def _put_back(self, restore: Restore) -> bool:
+        """The rollout's own fields as they were, through the YAML when the file parses, else line by line."""
+        try:
+            restore.fields()
+        except ConfigError:
+            return revert(self.path, restore.text_before, restore.text_after)
+        return True
 
     def judge(self, stage: int, weights: dict[str, int], window_seconds: float) -> Judgement:
         self.plan = self.model().rollout or self.plan  # gates edited during a run apply from the next judgement
@@ -734,15 +786,17 @@ class RolloutRun:
         names = (self.plan.champion, self.plan.challenger)
         saved = variant_fields(self.path, self.model_key, names)
         final = {self.plan.champion: 100, self.plan.challenger: 0}
+        text_before = self.path.read_text()
         if self.plan.promote == "alias":
             version = self._move_alias(settings)
-            write_weights(self.path, self.model_key, final)
+            text_after = write_weights(self.path, self.model_key, final)
         else:
             version = challenger.version or f"@{challenger.alias}"
-            promote_in_config(self.path, self.model_key, self.plan)
+            text_after = promote_in_config(self.path, self.model_key, self.plan)
         before, self.expected = dict(self.expected), final
         if self.mode != Mode.STEP:
-            self._up(lambda: restore_fields(self.path, self.model_key, saved), final, before)
+            restore = Restore(lambda: restore_fields(self.path, self.model_key, saved), text_before, text_after)
+            self._up(restore, final, before)
         self.log(Event.PROMOTE, version=version, how=self.plan.promote, proposed=self.mode == Mode.STEP)
         message = f"promoted {self.plan.challenger} (version {version}) to champion"
         if self.mode == Mode.STEP:
@@ -792,17 +846,24 @@ class RolloutRun:
             if not self.started:
                 raise
             return Outcome(Result.FAILED, [], f"stopped by an error: {exc}")
+        except ConfigError as exc:
+            if not self.started:
+                raise
+            return self.stop(self.unreadable(exc))
         except Drift as exc:
-            self.log(Event.STOPPED, reason=str(exc))
-            return Outcome(Result.STOPPED, [], f"stopped, nothing touched: {exc}")
+            return self.stop(exc)
         except Interrupted as exc:
             self.report(f"interrupted ({exc}): rolling back once")
             try:
                 self.check_file()
             except Drift as drift:
-                self.log(Event.STOPPED, reason=str(drift))
+                self.log(Event.STOPPED, reason=str(drift), weights=self.expected)
                 return Outcome(Result.STOPPED, [], f"interrupted, and not rolled back: {drift}")
             return self.rollback(f"interrupted by {exc}", [])
+
+    def stop(self, drift: Drift) -> Outcome:
+        self.log(Event.STOPPED, reason=str(drift), weights=self.expected)
+        return Outcome(Result.STOPPED, [], f"stopped, nothing touched: {drift}")
 
     def _run(self) -> Outcome:
         plan, stages = self.plan, list(self.plan.stages)
@@ -832,6 +893,11 @@ class RolloutRun:
             )
         if self.mode != Mode.STEP:
             self.pulumi.ensure_cli()
+        elif current:
+            found = self._step_deployed(stages.index(current))
+            if isinstance(found, Outcome):
+                return found  # before the start record: a --step that finds nothing to judge writes nothing
+            self.step_deployed = found
         self.report(self.gates_in_force())
         self.log(Event.START, mode=str(self.mode), gates=plan.model_dump(mode="json"))
         self.started = True
@@ -845,7 +911,7 @@ class RolloutRun:
             index = stages.index(current)
             if self.mode == Mode.RESUME:
                 self.report(f"resuming at {current} %: applying the stack file as it is")
-                self._up(lambda: None, self.expected, self.expected)
+                self._up(None, self.expected, self.expected)
         counters, judgements = Counters(), []
         while True:
             window = self._wait_for_window(index, judgements)
@@ -873,6 +939,16 @@ class RolloutRun:
                     wrote = f"wrote stage {index + 1} ({stages[index]} %) to {self.path.name}; {next_step}"
                     return Outcome(Result.STEPPED, judgements, wrote)
 
+    def _step_deployed(self, index: int) -> Deployed | Outcome:
+        """--step judges only a stage the stack's last successful update deployed; else it says so."""
+        self.check_file()
+        deployed = self.pulumi.deployed()
+        if deployed is None or deployed.traffic.get(self.model_key) != self.fingerprint(self.expected):
+            stage = f"stage {index + 1} ({self.plan.challenger} at {self.expected[self.plan.challenger]} %)"
+            return Outcome(Result.NOT_DEPLOYED, [], f"{stage} is not deployed yet: the stack's last successful update "
+                           "carries other weights. Merge and deploy it, then run --step again")  # fmt: skip
+        return deployed
+
     def _wait_for_window(self, index: int, judgements: list[Judgement]) -> float | Outcome:
         """Seconds of metrics to judge the stage on, all taken after its deployment ended.
 
@@ -888,12 +964,8 @@ class RolloutRun:
             since = self.clock() - (self.deployed_at or self.clock() - interval)
             return min(interval, since) if since > 0 else interval
         self.check_file()
-        deployed = self.pulumi.deployed()
-        wanted = self.fingerprint(self.expected)
-        if deployed is None or deployed.traffic.get(self.model_key) != wanted:
-            stage = f"stage {index + 1} ({self.plan.challenger} at {self.expected[self.plan.challenger]} %)"
-            return Outcome(Result.NOT_DEPLOYED, [], f"{stage} is not deployed yet: the stack's last successful update "
-                           "carries other weights. Merge and deploy it, then run --step again")  # fmt: skip
+        deployed = self.step_deployed
+        assert deployed is not None, "_run found the stage deployed"
         since = self.clock() - deployed.ended
         if since < interval:  # metrics from before the deploy ended say nothing about this stage
             self.report(f"stage {index + 1} was deployed {since:.0f} s ago: judging in {interval - since:.0f} s")

@@ -716,9 +716,10 @@ def format_errors(exc: ValidationError, source: str) -> str:
             message = f"{error['input']!r} is not allowed: {error['msg'].removeprefix('Input should be ')}"
         elif error["type"] == "bool_type":
             message = f"{error['input']!r} is not a boolean: write true or false"
-        elif error["type"] in ("greater_than_equal", "greater_than"):
-            bound = error["ctx"].get("ge", error["ctx"].get("gt"))
-            message = f"{error['input']!r} is too small: use a value of at least {bound}"
+        elif error["type"] == "greater_than_equal":
+            message = f"{error['input']!r} is too small: use a value of at least {error['ctx']['ge']}"
+        elif error["type"] == "greater_than":
+            message = f"{error['input']!r} is too small: use a value greater than {error['ctx']['gt']}"
         elif error["type"] in ("less_than_equal", "less_than"):
             bound = error["ctx"].get("le", error["ctx"].get("lt"))
             message = f"{error['input']!r} is too large: use a value of at most {bound}"

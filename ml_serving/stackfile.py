@@ -6,6 +6,7 @@ comments and layout, and replace the file atomically, so a crash leaves either t
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import tempfile
@@ -17,6 +18,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import YAMLError
 
+from ml_serving import PROJECT
 from ml_serving.settings import ConfigError, Settings, parse_settings
 
 SECRET_PLACEHOLDER = "[secret]"
@@ -51,6 +53,11 @@ def load_document(path: Path) -> Any:
     if not isinstance(document, dict) or not isinstance(document.get("config", {}), dict):
         raise ConfigError(f"{path.name}: expected a mapping with a 'config:' mapping at the top")
     return document
+
+
+def variants_of(document: Any, model_key: str) -> Any:
+    """A model's `variants` mapping in a loaded stack document: the one place that knows the path to it."""
+    return document["config"][f"{PROJECT}:models"][model_key]["variants"]
 
 
 def _first_line(exc: Exception) -> str:
@@ -109,6 +116,37 @@ def edit(path: Path, change: Callable[[Any], None], validate: bool = True) -> st
         parse_settings(config, path.name)
     write_atomically(path, text)
     return text
+
+
+def revert(path: Path, before: str, after: str) -> bool:
+    """Undo the edit `before` -> `after` in the file as it is now, even in a file that no longer parses: only the
+    lines that edit changed are put back, found where they are now, so lines others added or changed stay.
+
+    False, and nothing written, when one of those lines is no longer as the edit left it.
+    """
+    written, wanted, current = after.splitlines(True), before.splitlines(True), path.read_text().splitlines(True)
+    now = {}  # line of the written text -> the same line in the current text
+    for tag, i1, i2, j1, _ in difflib.SequenceMatcher(None, written, current, autojunk=False).get_opcodes():
+        if tag == "equal":
+            now.update({i1 + k: j1 + k for k in range(i2 - i1)})
+    changes = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, written, wanted, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        if i2 > i1:
+            where = [now.get(i) for i in range(i1, i2)]
+            if None in where or where != list(range(where[0], where[0] + len(where))):
+                return False
+            changes.append((where[0], where[-1] + 1, wanted[j1:j2]))
+        else:
+            anchor = now.get(i1 - 1, -1) + 1 if i1 else 0
+            if i1 and (i1 - 1) not in now:
+                return False
+            changes.append((anchor, anchor, wanted[j1:j2]))
+    for start, end, lines in sorted(changes, reverse=True):
+        current[start:end] = lines
+    write_atomically(path, "".join(current))
+    return True
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -429,3 +429,114 @@ def test_10_ctrl_c_rolls_back_cleanly(tmp_path, prometheus):
 def test_12_no_rollout_lock_is_tracked_by_git():
     tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True).stdout
     assert not [line for line in tracked.splitlines() if line.startswith(".rollout-")]
+
+
+# -- issue 24: a stack file that stops parsing, a second signal during the rollback, the small ones --------------
+
+
+def log_of(project: Path) -> list[dict]:
+    return [json.loads(line) for line in (project / "rollouts" / "canary-churn.jsonl").read_text().splitlines()]
+
+
+BROKEN = "  ml-serving:broken: [unclosed\n"  # a person's half-typed edit: the file no longer parses
+
+
+def test_24_a_file_that_stops_parsing_while_a_stage_waits_is_a_drift_stop_that_records_what_runs(project, prometheus):
+    clock = Clock()
+    path = project / "Pulumi.canary.yaml"
+    clock.during_sleep.append(lambda: path.write_text(path.read_text() + BROKEN))
+    outcome = runner(project, prometheus, clock).run()
+    assert outcome.result == Result.STOPPED and EXIT_CODES[outcome.result] == 4, outcome.message
+    assert "no longer parses" in outcome.message and "challenger 25 %" in outcome.message
+    stopped = log_of(project)[-1]
+    assert stopped["event"] == "stopped" and stopped["weights"] == {"challenger": 25, "champion": 75}
+    assert path.read_text().endswith(BROKEN), "the person's edit stands" and ups(project) == 1
+
+
+class BreakingStack(PulumiStack):
+    """`pulumi up` during which a person leaves the stack file unparseable (and, told so, the up fails)."""
+
+    def up(self) -> None:
+        path = self.project_dir / "Pulumi.canary.yaml"
+        if ups(self.project_dir) == 1:
+            path.write_text(path.read_text() + BROKEN)
+        super().up()
+
+
+def test_24_a_failed_up_restores_its_own_fields_however_the_file_looks(project, prometheus, monkeypatch):
+    monkeypatch.setenv("STANDIN_FAIL_UP_AT", "2")
+    path = project / "Pulumi.canary.yaml"
+    run = RolloutRun(project, "canary", "churn", Prometheus(prometheus.url), BreakingStack(project, "canary"),
+                     project / "rollouts" / "canary-churn.jsonl", report=lambda _: None, sleep=Clock().sleep,
+                     clock=Clock().time)  # fmt: skip
+    outcome = run.run()
+    assert outcome.result == Result.FAILED and EXIT_CODES[outcome.result] == 6, outcome.message
+    failed = log_of(project)[-1]
+    assert failed["event"] == "apply-failed" and failed["restored"] == {"challenger": 25, "champion": 75}
+    assert path.read_text().endswith(BROKEN), "the person's edit stays"
+    path.write_text(path.read_text().removesuffix(BROKEN))  # the person fixes the syntax
+    assert weights(project) == {"champion": 75, "challenger": 25}, "the file says what the stack runs"
+
+
+def test_24_a_second_signal_during_the_rollbacks_up_is_ignored(tmp_path, prometheus):
+    project = copy_project(tmp_path / "project")
+    canary(project, prometheus=prometheus.url, interval=600)
+    running = rollout(project, env={"STANDIN_SLEEP_UP_AT": "2"}, wait=False)
+    deadline = time.monotonic() + 120
+    while ups(project) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    running.send_signal(15)
+    while ups(project) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    running.send_signal(15)  # the rollback's `pulumi up` (60 s in the stand-in) is under way
+    out, err = running.communicate(timeout=180)
+    assert "Traceback" not in err, err
+    assert running.returncode == 1 and "rolled back (interrupted by SIGTERM)" in out
+    assert [r["event"] for r in log_of(project)][-1] == "rollback"
+    assert "rollout checks" in out, "the table is printed"
+    assert weights(project) == {"champion": 100, "challenger": 0}
+
+
+def test_24_an_http_error_page_is_reported_as_what_it_is(prometheus):
+    class HtmlError(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(500)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html><body>Internal Server Error</body></html>")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HtmlError)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judgement = judge(Prometheus(f"http://127.0.0.1:{server.server_address[1]}"), "churn", PLAN, 0,
+                          {"challenger": 25, "champion": 75}, "60s")  # fmt: skip
+    finally:
+        server.shutdown()
+    note = check(judgement, Gate.REQUESTS).note
+    assert judgement.verdict == Verdict.ERROR
+    assert "HTTP 500" in note and "unreachable" not in note and "JSONDecodeError" not in note, note
+
+
+def test_24_a_zero_interval_says_it_must_be_greater_than_zero():
+    from ml_serving.settings import ConfigError, parse_settings
+
+    with pytest.raises(ConfigError) as raised:
+        parse_settings({"ml-serving:models": {"churn": {"registeredModel": "churn", "rollout": {"intervalSeconds": 0},
+                        "variants": {"a": {"version": "1", "modelUri": "file:///m", "weight": 100}}}}}, "x")  # fmt: skip
+    message = str(raised.value)
+    assert "rollout.intervalSeconds" in message and "greater than 0" in message and "at least" not in message
+
+
+def test_24_a_step_that_is_not_deployed_writes_no_record_and_no_picture(tmp_path, prometheus):
+    project = copy_project(tmp_path / "project")
+    canary(project, prometheus=prometheus.url)
+    assert rollout(project, "--step").returncode == 0
+    log, picture = project / "rollouts" / "canary-churn.jsonl", project / "rollouts" / "canary-churn.png"
+    before, drawn = log.read_text(), picture.stat().st_mtime_ns
+    again = rollout(project, "--step")
+    assert again.returncode == 5, again.stdout + again.stderr
+    assert log.read_text() == before, "nothing written: not even a start record"
+    assert picture.stat().st_mtime_ns == drawn, "the picture is not redrawn"
