@@ -512,7 +512,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             outcome = runner.run()
     except RolloutError as exc:
         raise UsageError(str(exc)) from None
-    from ml_serving.report import read_log, stage_table, write_picture
+    from ml_serving.rollout.report import read_log, stage_table, write_picture
 
     records = [r for r in read_log(log_path) if r["time"] >= started] if log_path.exists() else []
     if mode == Mode.DRY_RUN or not records:  # nothing this run wrote: no table, the last picture stands

@@ -15,35 +15,45 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
+from ml_serving.modelenv import (  # re-exported: what a model's image is built from, read without building
+    DEFAULT_PYTHON as DEFAULT_PYTHON,
+)
+from ml_serving.modelenv import (
+    LOCK_DIR as LOCK_DIR,
+)
+from ml_serving.modelenv import (
+    ImageError as ImageError,
+)
+from ml_serving.modelenv import (
+    ModelEnvironment as ModelEnvironment,
+)
+from ml_serving.modelenv import (
+    download_environment as download_environment,
+)
+from ml_serving.modelenv import (
+    download_optional as download_optional,
+)
+from ml_serving.modelenv import (
+    lock_path as lock_path,
+)
+from ml_serving.modelenv import (
+    model_environment as model_environment,
+)
+from ml_serving.modelenv import (
+    read_environment as read_environment,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
 SERVING_IMAGE_DIR = PROJECT_DIR / "serving_image"
 BENTOML_IMAGE_DIR = SERVING_IMAGE_DIR / "bentoml"
 BENTOML_PORT = 3000  # where the BentoML image listens (its Dockerfile's ENTRYPOINT)
-LOCK_DIR = PROJECT_DIR / "model-lock"
 SETTINGS_FILES = ("settings.json", "model-settings.json", "limits.json")
 BAKED_MODEL_PATH = "/app/model"
 METRICS_PORT: int = json.loads((SERVING_IMAGE_DIR / "settings.json").read_text())["metrics_port"]
 # The image's user, owned by its Dockerfile; high, so it maps to no user of the node.
 SERVING_UID: int = int(re.search(r"^USER (\d+):", (SERVING_IMAGE_DIR / "Dockerfile").read_text(), re.M).group(1))
-DEFAULT_PYTHON = "3.11.14"
-
-
-class ImageError(RuntimeError):
-    """The model's environment could not be read: the message names the model and what to do."""
-
-
-@dataclass(frozen=True)
-class ModelEnvironment:
-    """What the image must carry for one model version."""
-
-    requirements: str
-    python_version: str
-    signature_inputs: tuple[dict[str, Any], ...] | None = None  # from the MLmodel file, when there is one
 
 
 @dataclass(frozen=True)
@@ -62,70 +72,6 @@ class BuildContext:
             digest.update(path.encode() + b"\0" + self.files[path] + b"\0")
         digest.update(f"python={self.python_version}\0bake={self.bake_from or ''}".encode())
         return digest.hexdigest()[:16]
-
-
-def lock_path(registered_model: str, version: str, lock_dir: Path = LOCK_DIR) -> Path:
-    return lock_dir / registered_model / f"v{version}"
-
-
-def read_environment(folder: Path) -> ModelEnvironment:
-    requirements = folder / "requirements.txt"
-    if not requirements.exists():
-        raise ImageError(f"{folder} has no requirements.txt: log the model with MLflow >= 2, which writes one")
-    python = DEFAULT_PYTHON
-    python_env = folder / "python_env.yaml"
-    if python_env.exists():
-        python = str((yaml.safe_load(python_env.read_text()) or {}).get("python") or DEFAULT_PYTHON)
-    inputs = None
-    if (folder / "MLmodel").exists():
-        from ml_serving.signatures import inputs_of
-
-        found = inputs_of(yaml.safe_load((folder / "MLmodel").read_text()))
-        inputs = tuple(found) if found is not None else None
-    return ModelEnvironment(requirements.read_text(), python, inputs)
-
-
-def model_environment(
-    registered_model: str, version: str, model_uri: str, lock_dir: Path = LOCK_DIR
-) -> ModelEnvironment:
-    """From the lock folder if `ml-serving pin` wrote one, else downloaded from the model's artifacts."""
-    locked = lock_path(registered_model, version, lock_dir)
-    if (locked / "requirements.txt").exists():
-        return read_environment(locked)
-    if model_uri.startswith("file://") or Path(model_uri).is_dir():
-        return read_environment(Path(model_uri.removeprefix("file://")))
-    return read_environment(download_environment(model_uri, locked))
-
-
-def download_environment(model_uri: str, target: Path) -> Path:
-    """Fetch only `requirements.txt`, `python_env.yaml` and `MLmodel` (its signature): small, enough to build from."""
-    import mlflow
-
-    target.mkdir(parents=True, exist_ok=True)
-    try:
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{model_uri.rstrip('/')}/requirements.txt", dst_path=str(target)
-        )
-    except Exception as exc:
-        shutil.rmtree(target, ignore_errors=True)
-        raise ImageError(
-            f"cannot read requirements.txt of {model_uri} ({type(exc).__name__}): make the artifact store reachable, "
-            "or run `ml-serving pin STACK` where it is, which keeps a copy under model-lock/"
-        ) from None
-    for name in ("python_env.yaml", "MLmodel"):
-        download_optional(model_uri, name, target)
-    return target
-
-
-def download_optional(model_uri: str, name: str, target: Path) -> bool:
-    """One more file of the model if it has it (older models lack python_env.yaml; MLmodel may be unreadable)."""
-    import mlflow
-
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/{name}", dst_path=str(target))
-    except Exception:
-        return False
-    return True
 
 
 def server_files(gpu: bool = False, runtime: str = "mlserver") -> dict[str, bytes]:

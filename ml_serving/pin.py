@@ -15,7 +15,7 @@ from ml_serving.image import download_environment, download_optional, lock_path
 from ml_serving.registry import RegistryResolver, ResolvedVersion, resolve_model
 from ml_serving.settings import ConfigError, Settings
 from ml_serving.signatures import SignatureError, check_model
-from ml_serving.stackfile import edit, load_settings, stack_file
+from ml_serving.stackfile import edit, load_settings, stack_file, variants_of
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,8 @@ def plan_pins(settings: Settings, resolver: RegistryResolver) -> list[Pin]:
 
 def apply_pins(document: Any, pins: list[Pin]) -> None:
     """Rewrite each variant in place: alias → version, modelUri, runId, pinnedFrom; other keys untouched."""
-    models = document["config"]["ml-serving:models"]
     for pin in pins:
-        variant = models[pin.model]["variants"][pin.variant]
+        variant = variants_of(document, pin.model)[pin.variant]
         position = list(variant).index("alias") if "alias" in variant else 0
         variant.pop("alias", None)
         values = {"version": pin.after.version, "modelUri": pin.after.model_uri}

@@ -35,8 +35,11 @@ def stack_config() -> dict[str, Any]:
 
 
 def load_settings() -> Settings:
+    source = f"Pulumi.{pulumi.get_stack()}.yaml"
     try:
-        return parse_settings(stack_config(), f"Pulumi.{pulumi.get_stack()}.yaml")
+        settings = parse_settings(stack_config(), source)
+        charts.check_renderable(settings, source)
+        return settings
     except ConfigError as exc:
         raise pulumi.RunError(str(exc)) from None
 

@@ -7,9 +7,12 @@ model whose signatures differ that way, unless the model's `allowBreakingSignatu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ml_serving.modelenv import ImageError, inputs_of, model_environment
+
+__all__ = ["SignatureError", "breaking_changes", "check_model", "check_variants", "inputs_of", "unsigned"]
 
 if TYPE_CHECKING:
     from ml_serving.registry import ResolvedVersion
@@ -18,15 +21,6 @@ if TYPE_CHECKING:
 
 class SignatureError(ValueError):
     """Two variants of a model are not interchangeable for its clients; the message names the inputs."""
-
-
-def inputs_of(mlmodel: dict[str, Any] | None) -> list[dict[str, Any]] | None:
-    """The input specs of an MLmodel file's signature (None when the model was logged without one)."""
-    signature = (mlmodel or {}).get("signature") or {}
-    raw = signature.get("inputs")
-    if not raw:
-        return None
-    return json.loads(raw) if isinstance(raw, str) else list(raw)
 
 
 def _key(spec: dict[str, Any], index: int) -> str:
@@ -95,8 +89,6 @@ def check_model(
 
     A version whose files cannot be read is left out (`plan` reports those itself).
     """
-    from ml_serving.image import ImageError, model_environment
-
     signatures: dict[str, list[dict[str, Any]] | None] = {}
     for variant, found in versions.items():
         try:

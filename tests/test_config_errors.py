@@ -33,6 +33,9 @@ def render_yaml_with_hpa(config):
     config["ml-serving:platform"].update(seldon="existing", keda="existing", autoscaler="hpa")
     config["ml-serving:gpu"].update(devicePlugin="existing", dcgmExporter="existing")
     config["ml-serving:monitoring"]["stack"] = "existing"
+    for model in config["ml-serving:models"].values():  # hpa refuses a scaling behaviour: a refusal of its own
+        for key in ("scaleUp", "scaleDown"):
+            model.get("autoscaling", {}).pop(key, None)
 
 
 # (id, edit of the prod config, config path expected in the message, words of the fix expected in the message)

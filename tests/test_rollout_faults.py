@@ -385,7 +385,7 @@ def test_11_gate_edits_during_a_run_apply_from_the_next_judgement(project, prome
 
 
 def test_11_the_picture_draws_each_gates_limit_beside_its_values(project, prometheus):
-    from ml_serving.report import limit_series, read_log, write_picture
+    from ml_serving.rollout.report import limit_series, read_log, write_picture
 
     clock = Clock()
     path = project / "Pulumi.canary.yaml"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ml_serving.configbase import ConfigError, one_problem
 from ml_serving.settings import Settings
 from ml_serving.specs import gpu, monitoring, platform
 from ml_serving.specs.platform import HelmChart
@@ -95,3 +96,21 @@ def charts(settings: Settings) -> list[Release]:
 
 def of(settings: Settings, component: str) -> list[Release]:
     return [release for release in charts(settings) if release.component == component]
+
+
+def check_renderable(settings: Settings, source: str) -> None:
+    """A provider that renders YAML cannot apply a Helm release: refuse each one the stack asks for.
+
+    Checked here, where the chart list is built, not in `settings` (which knows nothing of the specs).
+    """
+    if not settings.kubernetes.render_yaml_to_directory:
+        return
+    for release in charts(settings):
+        raise ConfigError(
+            one_problem(
+                source,
+                release.config_path,
+                f"installs the Helm chart {release.chart.chart}, which a provider that renders YAML cannot "
+                f"apply: {release.instead}, or remove kubernetes.renderYamlToDirectory",
+            )
+        )
