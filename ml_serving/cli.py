@@ -21,6 +21,7 @@ from rich.table import Table
 
 from ml_serving import PROJECT, labels
 from ml_serving.localcluster import CRD_DIR
+from ml_serving.runtimes import Runtime
 from ml_serving.settings import ConfigError
 
 console = Console(highlight=False)
@@ -389,7 +390,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uri = _stack_tracking_uri(cwd, args.stack)
     if uri:
         env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = uri
-    if args.runtime == "bentoml":
+    if args.runtime == Runtime.BENTOML:
         return _serve_bentoml(args, env, cwd)
     defaults = server_settings(settings_dir())
     env["MLSERVER_HOST"] = args.host
@@ -534,6 +535,7 @@ def _countdown(seconds: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ml_serving import image
     from ml_serving.rollout import EXIT_MEANINGS
 
     parser = argparse.ArgumentParser(prog="ml-serving", description=__doc__.splitlines()[0])
@@ -611,15 +613,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; the image listens on 0.0.0.0)"
     )
-    serve.add_argument("--http-port", type=int, help="REST port (default 8080)")
-    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8081)")
-    serve.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8082)")
+    serve.add_argument("--http-port", type=int, help=f"REST port (default {image.HTTP_PORT})")
+    serve.add_argument("--grpc-port", type=int, help=f"gRPC port (default {image.GRPC_PORT})")
+    serve.add_argument("--metrics-port", type=int, help=f"Prometheus metrics port (default {image.METRICS_PORT})")
     serve.add_argument(
         "--runtime",
-        choices=("mlserver", "bentoml"),
-        default="mlserver",
+        choices=[str(runtime) for runtime in Runtime],
+        default=str(Runtime.MLSERVER),
         help="the server: MLServer (default) or BentoML (the BentoML image's entrypoint, REST and metrics on one "
-        "port, default 3000; BentoML from ML_SERVING_BENTOML_PYTHON or ~/.cache/ml-serving/bentoml)",
+        f"port, default {image.BENTOML_PORT}; BentoML from ML_SERVING_BENTOML_PYTHON or ~/.cache/ml-serving/bentoml)",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -91,7 +91,7 @@ def format_errors(exc: ValidationError, source: str, root: type[BaseModel]) -> s
             message = "required: add this key"
         elif error["type"] in ("int_type", "int_from_float", "int_parsing"):
             message = f"{error['input']!r} is not a whole number: write an integer, e.g. 10"
-        elif error["type"] in ("literal_error",):
+        elif error["type"] in ("literal_error", "enum"):
             message = f"{error['input']!r} is not allowed: {error['msg'].removeprefix('Input should be ')}"
         elif error["type"] == "bool_type":
             message = f"{error['input']!r} is not a boolean: write true or false"

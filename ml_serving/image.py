@@ -43,6 +43,7 @@ from ml_serving.modelenv import (
 from ml_serving.modelenv import (
     read_environment as read_environment,
 )
+from ml_serving.runtimes import Runtime
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
@@ -51,7 +52,11 @@ BENTOML_IMAGE_DIR = SERVING_IMAGE_DIR / "bentoml"
 BENTOML_PORT = 3000  # where the BentoML image listens (its Dockerfile's ENTRYPOINT)
 SETTINGS_FILES = ("settings.json", "model-settings.json", "limits.json")
 BAKED_MODEL_PATH = "/app/model"
-METRICS_PORT: int = json.loads((SERVING_IMAGE_DIR / "settings.json").read_text())["metrics_port"]
+# The image's ports, owned by its MLServer settings file (`ml-serving serve` defaults to them too).
+IMAGE_SETTINGS = json.loads((SERVING_IMAGE_DIR / "settings.json").read_text())
+HTTP_PORT: int = IMAGE_SETTINGS["http_port"]
+GRPC_PORT: int = IMAGE_SETTINGS["grpc_port"]
+METRICS_PORT: int = IMAGE_SETTINGS["metrics_port"]
 # The image's user, owned by its Dockerfile; high, so it maps to no user of the node.
 SERVING_UID: int = int(re.search(r"^USER (\d+):", (SERVING_IMAGE_DIR / "Dockerfile").read_text(), re.M).group(1))
 
@@ -74,10 +79,10 @@ class BuildContext:
         return digest.hexdigest()[:16]
 
 
-def server_files(gpu: bool = False, runtime: str = "mlserver") -> dict[str, bytes]:
+def server_files(gpu: bool = False, runtime: str = Runtime.MLSERVER) -> dict[str, bytes]:
     """The server code and the settings, as the image lays them out under /app; GPU builds use Dockerfile.gpu,
     the BentoML runtime its own Dockerfile and requirements (serving_image/bentoml/)."""
-    if runtime == "bentoml":
+    if runtime == Runtime.BENTOML:
         files = {"Dockerfile": (BENTOML_IMAGE_DIR / "Dockerfile").read_bytes()}
         files["requirements-server.txt"] = (BENTOML_IMAGE_DIR / "requirements.txt").read_bytes()
     else:
@@ -92,7 +97,7 @@ def server_files(gpu: bool = False, runtime: str = "mlserver") -> dict[str, byte
 
 
 def build_context(
-    environment: ModelEnvironment, bake_from: str | None = None, gpu: bool = False, runtime: str = "mlserver"
+    environment: ModelEnvironment, bake_from: str | None = None, gpu: bool = False, runtime: str = Runtime.MLSERVER
 ) -> BuildContext:
     files = {**server_files(gpu, runtime), "requirements-model.txt": environment.requirements.encode()}
     build_args = {"PYTHON_VERSION": environment.python_version}

@@ -30,6 +30,7 @@ from pydantic.alias_generators import to_camel
 
 from ml_serving import PROJECT
 from ml_serving.configbase import ConfigError, DnsLabel, ModelVersion, PathError, Quantity, decode, format_errors
+from ml_serving.runtimes import Runtime
 
 Weight = Annotated[StrictInt, Field(ge=0, le=100)]
 
@@ -361,7 +362,7 @@ class Variant(_Config):
     gpu_type: GpuType | None = None
     pool: str | None = None
     # The server: MLServer (the default) or BentoML; canary a runtime change like a model change.
-    runtime: Literal["mlserver", "bentoml"] = "mlserver"
+    runtime: Runtime = Runtime.MLSERVER
 
     @model_validator(mode="after")
     def _choice(self) -> Variant:
@@ -378,7 +379,7 @@ class Variant(_Config):
             raise ValueError("a shadow variant gets a mirror of all traffic: remove 'weight' or set shadow: false")
         if self.gpu_type and not self.gpu:
             raise ValueError(f"gpuType {self.gpu_type!r} needs 'gpu' (the number of GPUs, e.g. gpu: 1)")
-        if self.runtime == "bentoml" and self.gpu:
+        if self.runtime == Runtime.BENTOML and self.gpu:
             raise ValueError("the BentoML runtime has no CUDA image yet: use runtime: mlserver for GPU variants")
         if not self.shadow and self.weight is None:
             raise ValueError("set 'weight' (0-100; weights of non-shadow variants add up to 100) or shadow: true")

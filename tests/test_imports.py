@@ -157,3 +157,37 @@ def test_no_module_is_over_600_lines(path):
     if lines > 600 and path.relative_to(PACKAGE).as_posix() == "server/validation.py":
         pytest.skip("split into three layers by its own change (issue 24 item 3); checked once that lands")
     assert lines <= 600
+
+
+def _runtime_choices(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines where a runtime is chosen by a literal: compared, a default, an argument's choices, a Literal type."""
+
+    def literal(node: ast.AST | None) -> bool:
+        return any(isinstance(n, ast.Constant) and n.value in names for n in ast.walk(node)) if node else False
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            chosen: list[ast.AST | None] = [node.left, *node.comparators]
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            chosen = [*node.args.defaults, *node.args.kw_defaults]
+        elif isinstance(node, ast.keyword) and node.arg in ("default", "choices"):
+            chosen = [node.value]
+        elif isinstance(node, ast.AnnAssign | ast.arg):
+            chosen = [node.annotation]
+        else:
+            continue
+        if any(literal(n) for n in chosen):
+            found.append(getattr(node, "lineno", 0) or getattr(node, "value", node).lineno)
+    return found
+
+
+def test_runtime_names_are_spelled_only_by_the_runtime_enum():
+    """`Runtime` owns "mlserver"/"bentoml"; the image's own code (server/) cannot import it and is left out."""
+    from ml_serving.runtimes import Runtime
+
+    names = {str(runtime) for runtime in Runtime}
+    spelled = [f"{name}:{line}" for name, path in sorted(modules().items())
+               if not name.startswith("ml_serving.server") and name != "ml_serving.runtimes"
+               for line in _runtime_choices(ast.parse(path.read_text()), names)]  # fmt: skip
+    assert spelled == []

@@ -73,7 +73,7 @@ EXIT_MEANINGS = {
     ExitCode.ROLLED_BACK: "rolled back",
     ExitCode.USAGE: "bad input or config; nothing written",
     ExitCode.PAUSED: "paused on inconclusive checks (onInconclusive: pause)",
-    ExitCode.STOPPED: "stopped: someone else changed the weights; nothing touched",
+    ExitCode.STOPPED: "stopped: someone else changed the weights, or left the stack file unparseable; nothing touched",
     ExitCode.NOT_DEPLOYED: "--step: the stage in the file is not deployed yet; nothing written",
     ExitCode.FAILED: "stopped by an error (e.g. pulumi up failed); the file says what is applied",
 }

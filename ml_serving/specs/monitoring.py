@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ml_serving import labels, metrics
 from ml_serving.metrics import Scope
-from ml_serving.settings import Model, Settings
+from ml_serving.runtimes import Runtime
+from ml_serving.settings import AlertThresholds, Model, Settings
 from ml_serving.specs.kserve import CONTAINER as KSERVE_CONTAINER
 from ml_serving.specs.kserve import METRICS_PATH
 from ml_serving.specs.platform import HelmChart, namespace_object
@@ -75,7 +78,11 @@ def pod_monitor(settings: Settings) -> dict[str, Any]:
                     "path": BENTOML_METRICS_PATH,
                     "interval": _monitoring(settings).scrape_interval,
                     "relabelings": [
-                        {"sourceLabels": [_meta_label(labels.RUNTIME)], "regex": "bentoml", "action": "keep"},
+                        {
+                            "sourceLabels": [_meta_label(labels.RUNTIME)],
+                            "regex": str(Runtime.BENTOML),
+                            "action": "keep",
+                        },
                         *relabel,
                     ],
                 },
@@ -93,100 +100,129 @@ def served(model: Model) -> list[str]:
     return [name for name, variant in model.variants.items() if not variant.shadow]
 
 
+@dataclass(frozen=True)
+class Target:
+    """What one alert rule is about: a model, one of its variants (or a challenger and its champion)."""
+
+    key: str
+    model: Model
+    limits: AlertThresholds
+    namespace: str
+    variant: str = ""
+
+    @property
+    def scope(self) -> Scope:
+        return Scope(model=self.key, variant=self.variant or None, namespace=self.namespace)
+
+    @property
+    def window(self) -> str:
+        return self.limits.window
+
+    def relative(self, query: Callable[..., str]) -> str:
+        return metrics.relative_to(query, self.key, self.variant, self.model.champion, self.window)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {metrics.MODEL: self.key, **({metrics.VARIANT: self.variant} if self.variant else {})}
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    """One alert, declared once: `per` says what it is repeated for (a model, each variant, each weighted
+    variant, each challenger); the other fields build its parts from the `Target`."""
+
+    alert: str
+    per: Literal["model", "variant", "weighted variant", "challenger"]
+    severity: Literal["critical", "warning"]
+    expr: Callable[[Target], str]
+    summary: Callable[[Target], str]
+    description: Callable[[Target], str]
+    waits: bool = True  # fires once the condition held for alerts.for; False: at once
+
+
+ALERTS = (
+    AlertRule(
+        alert="ModelHighErrorRatio", per="model", severity="critical",
+        expr=lambda t: f"{metrics.error_ratio(t.scope, t.window)} > {t.limits.error_ratio}",
+        summary=lambda t: f"{WHO}: {{{{ $value | humanizePercentage }}}} of requests fail",
+        description=lambda t: (
+            f"More than {t.limits.error_ratio:.0%} of inference requests end in a server error (5xx)."
+        ),
+    ),
+    AlertRule(
+        alert="ModelHighLatencyP95", per="model", severity="warning",
+        expr=lambda t: f"{metrics.latency_p95(t.scope, t.window)} > {t.limits.latency_p95_seconds}",
+        summary=lambda t: f"{WHO}: p95 latency {{{{ $value | humanizeDuration }}}}",
+        description=lambda t: f"95th percentile request latency is over {t.limits.latency_p95_seconds} s.",
+    ),
+    AlertRule(
+        alert="ModelServingRestarts", per="model", severity="warning", waits=False,
+        expr=lambda t: f"{metrics.restarts(t.scope)} > 0",
+        summary=lambda t: f"{WHO}: serving process restarted",
+        description=lambda t: "A serving process restarted in the last 15 minutes (its request counters reset).",
+    ),
+    AlertRule(
+        alert="ModelVariantNoTraffic", per="weighted variant", severity="warning",
+        expr=lambda t: metrics.no_traffic(t.scope, t.window),
+        summary=lambda t: f"{t.key}/{t.variant} gets no requests at weight {t.model.variants[t.variant].weight}",
+        description=lambda t: (
+            f"Variant {t.variant} of {t.key} is configured for {t.model.variants[t.variant].weight}% of traffic "
+            "but received none."
+        ),
+    ),
+    AlertRule(
+        alert="ModelReplicasBelowMinimum", per="variant", severity="warning",
+        expr=lambda t: metrics.replicas_below(t.scope, t.model.autoscaling.min_replicas),
+        summary=lambda t: (
+            f"{t.key}/{t.variant} runs {{{{ $value }}}} pods, fewer than its minimum "
+            f"{t.model.autoscaling.min_replicas}"
+        ),
+        description=lambda t: "Fewer serving pods are up (scraped) than autoscaling.minReplicas.",
+    ),
+    AlertRule(
+        alert="ModelChallengerWorseThanChampion", per="challenger", severity="warning",
+        expr=lambda t: (
+            f"({t.relative(metrics.error_ratio)} > {t.limits.challenger_error_factor}) or "
+            f"({t.relative(metrics.latency_p95)} > {t.limits.challenger_latency_factor})"
+        ),
+        summary=lambda t: f"{t.key}: {t.variant} is worse than {t.model.champion}",
+        description=lambda t: (
+            f"The challenger's error ratio is over {t.limits.challenger_error_factor}x, or its p95 latency over "
+            f"{t.limits.challenger_latency_factor}x, the champion's."
+        ),
+    ),
+)  # fmt: skip
+
+
 def alert_rules(settings: Settings) -> list[dict[str, Any]]:
-    """A rule group per model: errors, p95 latency, silent variants, replicas, challenger vs champion, restarts."""
-    monitoring = _monitoring(settings)
-    limits, window = monitoring.alerts, monitoring.alerts.window
+    """A rule group per model, from ALERTS: each model's rules, then each variant's, then each challenger's."""
+    limits = _monitoring(settings).alerts
     groups = []
     for key, model in settings.models.items():
-        scope = Scope(model=key, namespace=settings.namespace)
-        rules: list[dict[str, Any]] = [
-            _alert(
-                "ModelHighErrorRatio",
-                f"{metrics.error_ratio(scope, window)} > {limits.error_ratio}",
-                limits.for_,
-                "critical",
-                f"{WHO}: {{{{ $value | humanizePercentage }}}} of requests fail",
-                f"More than {limits.error_ratio:.0%} of inference requests end in a server error (5xx).",
-                {metrics.MODEL: key},
-            ),
-            _alert(
-                "ModelHighLatencyP95",
-                f"{metrics.latency_p95(scope, window)} > {limits.latency_p95_seconds}",
-                limits.for_,
-                "warning",
-                f"{WHO}: p95 latency {{{{ $value | humanizeDuration }}}}",
-                f"95th percentile request latency is over {limits.latency_p95_seconds} s.",
-                {metrics.MODEL: key},
-            ),
-            _alert(
-                "ModelServingRestarts",
-                f"{metrics.restarts(scope)} > 0",
-                "0m",
-                "warning",
-                f"{WHO}: serving process restarted",
-                "A serving process restarted in the last 15 minutes (its request counters reset).",
-                {metrics.MODEL: key},
-            ),
-        ]
+        targets = [("model", Target(key, model, limits, settings.namespace))]
         for name, variant in model.variants.items():
-            one = Scope(model=key, variant=name, namespace=settings.namespace)
-            if not variant.shadow and variant.weight:
-                rules.append(
-                    _alert(
-                        "ModelVariantNoTraffic",
-                        metrics.no_traffic(one, window),
-                        limits.for_,
-                        "warning",
-                        f"{key}/{name} gets no requests at weight {variant.weight}",
-                        f"Variant {name} of {key} is configured for {variant.weight}% of traffic but received none.",
-                        {metrics.MODEL: key, metrics.VARIANT: name},
-                    )
-                )
-            rules.append(
-                _alert(
-                    "ModelReplicasBelowMinimum",
-                    metrics.replicas_below(one, model.autoscaling.min_replicas),
-                    limits.for_,
-                    "warning",
-                    f"{key}/{name} runs {{{{ $value }}}} pods, fewer than its minimum {model.autoscaling.min_replicas}",
-                    "Fewer serving pods are up (scraped) than autoscaling.minReplicas.",
-                    {metrics.MODEL: key, metrics.VARIANT: name},
-                )
-            )
-        champion = model.champion
-        for challenger in (n for n in served(model) if n != champion):
-            rules.append(
-                _alert(
-                    "ModelChallengerWorseThanChampion",
-                    f"({metrics.relative_to(metrics.error_ratio, key, challenger, champion, window)} "
-                    f"> {limits.challenger_error_factor}) or "
-                    f"({metrics.relative_to(metrics.latency_p95, key, challenger, champion, window)} "
-                    f"> {limits.challenger_latency_factor})",
-                    limits.for_,
-                    "warning",
-                    f"{key}: {challenger} is worse than {champion}",
-                    f"The challenger's error ratio is over {limits.challenger_error_factor}x, or its p95 latency over "
-                    f"{limits.challenger_latency_factor}x, the champion's.",
-                    {metrics.MODEL: key, metrics.VARIANT: challenger},
-                )
-            )
+            target = Target(key, model, limits, settings.namespace, name)
+            targets += [("weighted variant", target)] if not variant.shadow and variant.weight else []
+            targets.append(("variant", target))
+        targets += [("challenger", Target(key, model, limits, settings.namespace, name))
+                    for name in served(model) if name != model.champion]  # fmt: skip
+        rules = []
+        for per, target in targets:
+            rules += [_alert(rule, target) for rule in ALERTS if rule.per == per]
         groups.append({"name": f"ml-serving-{key}", "rules": rules})
     return groups
 
 
-def _alert(
-    name: str, expr: str, for_: str, severity: str, summary: str, description: str, extra: dict | None = None
-) -> dict[str, Any]:
-    rule: dict[str, Any] = {
-        "alert": name,
-        "expr": expr,
-        "labels": {"severity": severity, **(extra or {})},
-        "annotations": {"summary": summary, "description": description},
+def _alert(rule: AlertRule, target: Target) -> dict[str, Any]:
+    built: dict[str, Any] = {
+        "alert": rule.alert,
+        "expr": rule.expr(target),
+        "labels": {"severity": rule.severity, **target.labels},
+        "annotations": {"summary": rule.summary(target), "description": rule.description(target)},
     }
-    if for_ != "0m":
-        rule["for"] = for_
-    return rule
+    if rule.waits and target.limits.for_ != "0m":  # "0m": at once, as Prometheus has it without `for`
+        built["for"] = target.limits.for_
+    return built
 
 
 def prometheus_rule(settings: Settings) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from ml_serving import labels, metrics
 from ml_serving.image import BAKED_MODEL_PATH, BENTOML_PORT, METRICS_PORT, SERVING_UID
 from ml_serving.registry import ResolvedVersion
+from ml_serving.runtimes import Runtime
 from ml_serving.server import MAX_LATENCY_ENV, VERSION_ENV
 from ml_serving.settings import Autoscaling, Model, Settings, Variant
 from ml_serving.specs import gpu
@@ -162,7 +163,7 @@ def predictor_labels(model_key: str, model: Model, variant_name: str, resolved: 
         labels.VARIANT: variant_name,
         labels.MODEL_VERSION: labels.label_value(resolved.version),
         labels.REGISTERED_MODEL: labels.label_value(model.registered_model),
-        labels.RUNTIME: model.variants[variant_name].runtime,
+        labels.RUNTIME: str(model.variants[variant_name].runtime),
     }
 
 
@@ -178,12 +179,12 @@ def predictor_annotations(resolved: ResolvedVersion, variant: Variant) -> dict[s
 
 def serving_ports(runtime: str) -> tuple[int, ...]:
     """The container ports the operator's Services route to under no-engine: MLServer's http/grpc, BentoML's one."""
-    return (BENTOML_PORT,) if runtime == "bentoml" else MODEL_PORTS
+    return (BENTOML_PORT,) if runtime == Runtime.BENTOML else MODEL_PORTS
 
 
 def scrape_port(runtime: str) -> int:
     """Where Prometheus scrapes a runtime's pods: MLServer's metrics port, BentoML's one port."""
-    return BENTOML_PORT if runtime == "bentoml" else METRICS_PORT
+    return BENTOML_PORT if runtime == Runtime.BENTOML else METRICS_PORT
 
 
 def resources(model: Model, variant: Variant | None = None) -> dict[str, Any]:
@@ -222,7 +223,7 @@ def serving_container(model_key: str, model: Model, variant: Variant, image: str
     `http` on BentoML's (requests and /metrics), and httpGet probes on BentoML's /readyz and /livez (Seldon's
     defaults for a custom server are TCP probes, which pass before the model is loaded).
     """
-    if variant.runtime == "bentoml":
+    if variant.runtime == Runtime.BENTOML:
         ports = [{"name": "http", "containerPort": BENTOML_PORT, "protocol": "TCP"}]
         ready, live = "/readyz", "/livez"
     else:
