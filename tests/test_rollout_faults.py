@@ -540,3 +540,20 @@ def test_24_a_step_that_is_not_deployed_writes_no_record_and_no_picture(tmp_path
     assert again.returncode == 5, again.stdout + again.stderr
     assert log.read_text() == before, "nothing written: not even a start record"
     assert picture.stat().st_mtime_ns == drawn, "the picture is not redrawn"
+
+
+def test_24_a_rollback_after_a_signal_whose_up_fails_ends_as_failed_not_as_a_usage_error(project, prometheus,
+                                                                                          monkeypatch):  # fmt: skip
+    from ml_serving.rollout import Interrupted
+
+    def signal_arrives() -> None:
+        raise Interrupted("SIGTERM")
+
+    clock = Clock()
+    clock.during_sleep.append(signal_arrives)
+    monkeypatch.setenv("STANDIN_FAIL_UP_AT", "2")
+    outcome = runner(project, prometheus, clock).run()
+    assert outcome.result == Result.FAILED and EXIT_CODES[outcome.result] == 6, outcome.message
+    assert "rollback failed" in outcome.message
+    assert log_of(project)[-1]["event"] == "apply-failed"
+    assert weights(project) == {"champion": 75, "challenger": 25}, "the file says what the stack runs"

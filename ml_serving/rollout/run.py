@@ -324,7 +324,10 @@ class RolloutRun:
             except Drift as drift:
                 self.log(Event.STOPPED, reason=str(drift), weights=self.expected)
                 return Outcome(Result.STOPPED, [], f"interrupted, and not rolled back: {drift}")
-            return self.rollback(f"interrupted by {exc}", [])
+            try:
+                return self.rollback(f"interrupted by {exc}", [])
+            except RolloutError as failed:  # logged as apply-failed; the file says what the stack runs
+                return Outcome(Result.FAILED, [], f"interrupted, and the rollback failed: {failed}")
 
     def current(self) -> int:
         """The challenger's weight in the file now: 0 or one of the stages."""
