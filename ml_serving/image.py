@@ -16,32 +16,16 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ml_serving.modelenv import (  # re-exported: what a model's image is built from, read without building
-    DEFAULT_PYTHON as DEFAULT_PYTHON,
-)
-from ml_serving.modelenv import (
-    LOCK_DIR as LOCK_DIR,
-)
-from ml_serving.modelenv import (
-    ImageError as ImageError,
-)
-from ml_serving.modelenv import (
-    ModelEnvironment as ModelEnvironment,
-)
-from ml_serving.modelenv import (
-    download_environment as download_environment,
-)
-from ml_serving.modelenv import (
-    download_optional as download_optional,
-)
-from ml_serving.modelenv import (
-    lock_path as lock_path,
-)
-from ml_serving.modelenv import (
-    model_environment as model_environment,
-)
-from ml_serving.modelenv import (
-    read_environment as read_environment,
+from ml_serving.modelenv import (  # noqa: F401 (re-exported: what a model's image is built from, read apart)
+    DEFAULT_PYTHON,
+    LOCK_DIR,
+    ImageError,
+    ModelEnvironment,
+    download_environment,
+    download_optional,
+    lock_path,
+    model_environment,
+    read_environment,
 )
 from ml_serving.runtimes import Runtime
 
