@@ -480,16 +480,7 @@ def _model_name(model: str) -> str:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from ml_serving.rollout import (
-        Mode,
-        Prometheus,
-        PulumiStack,
-        RolloutError,
-        RolloutRun,
-        interruptible,
-        locked,
-        stop_running,
-    )
+    from ml_serving import rollout
     from ml_serving.stackfile import load_settings
 
     project_dir = args.project_dir or find_project_dir()
@@ -498,40 +489,23 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if url is None and not args.abort:
         raise UsageError("no Prometheus to judge with: pass --prometheus URL or set ml-serving:monitoring")
     log_path = args.log or project_dir / "rollouts" / f"{args.stack}-{args.model}.jsonl"
-    mode = next((m for m in Mode if getattr(args, m.value.replace("-", "_"), False)), Mode.RUN)
+    mode = next((m for m in rollout.Mode if getattr(args, m.value.replace("-", "_"), False)), rollout.Mode.RUN)
     started = time.time()
     try:
-        if mode == Mode.ABORT and (pid := stop_running(project_dir, args.stack)) is not None:
+        if mode == rollout.Mode.ABORT and (pid := rollout.stop_running(project_dir, args.stack)) is not None:
             console.print(f"asked the running rollout (PID {pid}) to stop: it rolled back (see {log_path})")
             return 0
-        with locked(project_dir, args.stack), interruptible():
-            runner = RolloutRun(
-                project_dir, args.stack, args.model, Prometheus(url or "http://unused"),
-                PulumiStack(project_dir, args.stack, on_output=None), log_path,
-                mode=mode, report=console.print, sleep=_countdown,
+        with rollout.locked(project_dir, args.stack), rollout.interruptible():
+            runner = rollout.RolloutRun(
+                project_dir, args.stack, args.model, rollout.Prometheus(url or "http://unused"),
+                rollout.PulumiStack(project_dir, args.stack, on_output=None), log_path,
+                mode=mode, report=console.print, sleep=rollout.countdown(console),
             )  # fmt: skip
             outcome = runner.run()
-    except RolloutError as exc:
+    except rollout.RolloutError as exc:
         raise UsageError(str(exc)) from None
-    from ml_serving.rollout.report import read_log, stage_table, write_picture
-
-    records = [r for r in read_log(log_path) if r["time"] >= started] if log_path.exists() else []
-    if mode == Mode.DRY_RUN or not records:  # nothing this run wrote: no table, the last picture stands
-        console.print(f"{outcome.result}: {outcome.message}")
-        return outcome.exit_code
-    console.print(stage_table(records))
-    picture = write_picture(records, log_path.with_suffix(".png"))
-    console.print(f"{outcome.result}: {outcome.message} (log: {log_path}, picture: {picture})")
+    rollout.print_ending(console, outcome, log_path, started, dry_run=mode == rollout.Mode.DRY_RUN)
     return outcome.exit_code
-
-
-def _countdown(seconds: float) -> None:
-    """Wait out an analysis interval, showing the time to the next judgement."""
-    end = time.monotonic() + seconds
-    with console.status("") as status:
-        while (left := end - time.monotonic()) > 0:
-            status.update(f"next judgement in {left:.0f} s")
-            time.sleep(min(1.0, left))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ from ml_serving.rollout.events import (
     Verdict,
 )
 from ml_serving.rollout.prometheus import MeasurementError, Prometheus
+from ml_serving.rollout.report import countdown, print_ending
 from ml_serving.rollout.run import RolloutRun
 from ml_serving.rollout.signals import deferred_interrupts, interruptible, locked, running_rollout, stop_running
 from ml_serving.rollout.stack import Deployed, PulumiStack
@@ -43,7 +44,7 @@ from ml_serving.rollout.stack import Deployed, PulumiStack
 __all__ = [
     "ENDINGS", "EXIT_CODES", "EXIT_MEANINGS", "SEVERITY", "Action", "Check", "Counters", "Deployed", "Drift", "Event",
     "ExitCode", "Gate", "Interrupted", "Judgement", "MeasurementError", "Mode", "Outcome", "Prometheus",
-    "PulumiStack", "Result", "RolloutError", "RolloutRun", "Verdict", "current_weights", "decide",
-    "deferred_interrupts", "interruptible", "judge", "locked", "promote_in_config", "restore_fields",
+    "PulumiStack", "Result", "RolloutError", "RolloutRun", "Verdict", "countdown", "current_weights", "decide",
+    "deferred_interrupts", "interruptible", "judge", "locked", "print_ending", "promote_in_config", "restore_fields",
     "running_rollout", "stage_weights", "stop_running", "variant_fields", "write_weights",
 ]  # fmt: skip

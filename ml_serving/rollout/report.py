@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from ml_serving.rollout.events import ENDINGS, Event, Gate
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from ml_serving.rollout.events import Outcome
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -92,3 +99,28 @@ def write_picture(records: list[dict[str, Any]], path: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def print_ending(console: Console, outcome: Outcome, log_path: Path, started: float, dry_run: bool) -> None:
+    """How the run ended, after the table and picture of what it logged (a run that logged nothing draws none:
+    the last picture stands)."""
+    records = [r for r in read_log(log_path) if r["time"] >= started] if log_path.exists() else []
+    if dry_run or not records:
+        console.print(f"{outcome.result}: {outcome.message}")
+        return
+    console.print(stage_table(records))
+    picture = write_picture(records, log_path.with_suffix(".png"))
+    console.print(f"{outcome.result}: {outcome.message} (log: {log_path}, picture: {picture})")
+
+
+def countdown(console: Console) -> Callable[[float], None]:
+    """A sleep that waits out an analysis interval showing the time to the next judgement."""
+
+    def sleep(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        with console.status("") as status:
+            while (left := end - time.monotonic()) > 0:
+                status.update(f"next judgement in {left:.0f} s")
+                time.sleep(min(1.0, left))
+
+    return sleep

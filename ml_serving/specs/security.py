@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ml_serving import labels
+from ml_serving.runtimes import Runtime
 from ml_serving.settings import Settings
 from ml_serving.specs.monitoring import BENTOML_METRICS_PATH
 from ml_serving.specs.seldon import scrape_port, serving_ports
@@ -25,7 +26,7 @@ NETWORKING_API = "networking.k8s.io/v1"
 SECURITY_API = "security.istio.io/v1"
 NAMESPACE_NAME = "kubernetes.io/metadata.name"  # the label Kubernetes puts on every namespace
 ISTIO_PROBE_PORT = 15020  # Istio rewrites HTTP probes to the sidecar's agent on this port
-RUNTIMES = ("mlserver", "bentoml")
+RUNTIMES = tuple(str(runtime) for runtime in Runtime)
 
 
 def runtimes(settings: Settings) -> list[str]:
@@ -83,7 +84,7 @@ def _allow(settings: Settings, runtime: str) -> dict[str, Any]:
         "apiVersion": NETWORKING_API,
         "kind": "NetworkPolicy",
         "metadata": _metadata(
-            settings, "ml-serving-allow-serving" if runtime == "mlserver" else f"ml-serving-allow-{runtime}"
+            settings, "ml-serving-allow-serving" if runtime == Runtime.MLSERVER else f"ml-serving-allow-{runtime}"
         ),
         "spec": {"podSelector": _runtime_pods(runtime), "policyTypes": ["Ingress"], "ingress": ingress},
     }
@@ -106,7 +107,7 @@ def peer_authentications(settings: Settings) -> list[dict[str, Any]]:
             "apiVersion": SECURITY_API,
             "kind": "PeerAuthentication",
             "metadata": _metadata(
-                settings, f"ml-serving-metrics-{key}" + ("" if runtime == "mlserver" else f"-{runtime}")
+                settings, f"ml-serving-metrics-{key}" + ("" if runtime == Runtime.MLSERVER else f"-{runtime}")
             ),
             "spec": {
                 "selector": {"matchLabels": {labels.MODEL: key, labels.RUNTIME: runtime}},
@@ -169,7 +170,7 @@ def authorization_policy(settings: Settings) -> dict[str, Any] | None:
 
 def _scrape_rule(runtime: str) -> dict[str, Any]:
     operation: dict[str, Any] = {"ports": [str(scrape_port(runtime))]}
-    if runtime == "bentoml":  # its scrape port is its serving port: plain requests reach only the metrics
+    if runtime == Runtime.BENTOML:  # its scrape port is its serving port: plain requests reach only the metrics
         operation.update(paths=[BENTOML_METRICS_PATH], methods=["GET"])
     return {"to": [{"operation": operation}]}
 
