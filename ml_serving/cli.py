@@ -9,42 +9,20 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ml_serving import PROJECT, labels
+from ml_serving import labels
+from ml_serving.cliutil import UsageError, console, errors, find_project_dir
+from ml_serving.clustercli import cmd_cluster
 from ml_serving.localcluster import CRD_DIR
 from ml_serving.runtimes import Runtime
 from ml_serving.settings import ConfigError
-
-console = Console(highlight=False)
-if not console.is_terminal and "COLUMNS" not in os.environ:
-    console.width = 160  # piped or in CI: rich's default of 80 columns would fold the model URIs into ribbons
-errors = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-class UsageError(RuntimeError):
-    """A mistake the user can fix; printed without a traceback."""
-
-
-def find_project_dir(start: Path | None = None) -> Path:
-    """The nearest folder upwards with this project's Pulumi.yaml, else the checkout this package runs from."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        candidate = folder / "Pulumi.yaml"
-        if candidate.exists() and f"name: {PROJECT}" in candidate.read_text():
-            return folder
-    fallback = Path(__file__).resolve().parent.parent
-    if (fallback / "Pulumi.yaml").exists():
-        return fallback
-    raise UsageError("no ml-serving Pulumi.yaml here or above: run from the project, or pass --project-dir")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -246,89 +224,6 @@ def cmd_engine(args: argparse.Namespace) -> int:
         summary.add_row(step["op"], step["type"], step["urn"].rsplit("::", 1)[-1])
     console.print(summary)
     return 0
-
-
-def cmd_cluster(args: argparse.Namespace) -> int:
-    """A local API server (etcd + kube-apiserver, the upstream CRDs applied) until Ctrl-C."""
-    from ml_serving.localcluster import ClusterError, LocalCluster, tools_dir
-
-    folder = tools_dir()
-    if folder is None:
-        raise UsageError("etcd and kube-apiserver are not built: run `./run tools` first (a cold build takes a while)")
-    cluster = LocalCluster(folder / "bin")
-    try:
-        cluster.start(crd_dir=args.crds, namespaces=tuple(args.namespace))
-    except ClusterError as exc:
-        raise UsageError(str(exc)) from None
-    operator = None
-    if args.operator:
-        operator = _start_operator(args, folder, cluster)
-    node = engine = registry = None
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop etcd and kube-apiserver on SIGTERM too
-    try:
-        if args.node:
-            from ml_serving.localnode import LocalNode
-
-            node = LocalNode(cluster, folder / "bin").start()
-            console.print(f"node {node.name} is Ready (pods on {node.subnet}, logs in {node.root})")
-        if args.images:
-            engine, registry = start_image_services(args.registry_port)
-        console.print(f"API server {cluster.server} is up; in another shell:\n  export KUBECONFIG={cluster.kubeconfig}")
-        processes = [*cluster.processes, *(node.processes.values() if node else ())]
-        while all(p.poll() is None for p in processes) and (operator is None or operator.running()):
-            time.sleep(1)
-        console.print("[red]a cluster process or the Seldon operator exited[/]; logs in " + str(cluster.root))
-        return 1
-    except ClusterError as exc:  # the node's NodeError too
-        raise UsageError(str(exc)) from None
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for started in (registry, engine, node):
-            if started is not None:
-                started.stop()
-        if operator is not None:
-            operator.stop()
-        cluster.stop()
-
-
-def start_image_services(port: int):  # type: ignore[no-untyped-def]
-    """A Docker engine (dockerd, unless one answers) and the local OCI registry, for `servingImage.build: true`."""
-    from ml_serving.containers import ContainerError, LocalRegistry, registry_binary, start_engine
-
-    binary = registry_binary()
-    if binary is None:
-        raise UsageError("the OCI registry is not built: run `tools/build.sh registry`, or pass --no-images")
-    try:
-        engine = start_engine()
-        registry = LocalRegistry(binary, port=port).start()
-    except ContainerError as exc:
-        raise UsageError(f"{exc} (or pass --no-images)") from None
-    where = "started here" if engine.started_here else "already running"
-    console.print(
-        f"Docker engine {where}; OCI registry on {registry.address}. To build, push and deploy by digest, set in "
-        f"the stack file:\n  ml-serving:servingImage: {{repository: {registry.address}/ml-serving-dev, build: true, "
-        "builder: dynamic, push: true}"
-    )
-    return engine, registry
-
-
-def _start_operator(args: argparse.Namespace, folder: Path, cluster):  # type: ignore[no-untyped-def]
-    """The Seldon operator, set up by its chart with `--stack`'s values; stops the cluster if it cannot start."""
-    from ml_serving.localcluster import ClusterError
-    from ml_serving.localoperator import LocalOperator
-    from ml_serving.specs.platform import seldon_operator
-    from ml_serving.stackfile import load_settings
-
-    settings = load_settings(args.project_dir or find_project_dir(), args.stack)
-    operator = LocalOperator(folder / "bin", cluster.kubeconfig, seldon_operator(settings), root=cluster.root)
-    try:
-        operator.start(cluster.api_client())
-    except ClusterError as exc:
-        cluster.stop()
-        raise UsageError(f"{exc} (or run without it: --no-operator)") from None
-    console.print(f"Seldon operator {operator.chart.version} reconciles SeldonDeployments (log: {operator.log})")
-    return operator
 
 
 def cmd_pin(args: argparse.Namespace) -> int:

@@ -11,7 +11,8 @@ import types
 import typing
 from typing import Annotated, Any, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic.alias_generators import to_camel
 
 from ml_serving import PROJECT
 
@@ -158,3 +159,9 @@ def _unwrap(annotation: Any) -> Any:
             annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
         else:
             return annotation
+
+
+class ConfigModel(BaseModel):
+    """camelCase keys as in the stack file; unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, frozen=True, validate_default=True)

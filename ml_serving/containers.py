@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ml_serving.tools import tool_binary
+
 CACHE_DIR = Path(os.environ.get("ML_SERVING_CACHE_DIR") or Path.home() / ".cache" / "ml-serving")
 BASE_ROOTFS = CACHE_DIR / "prebase" / "rootfs"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -226,14 +228,7 @@ def ensure_base_image(name: str, pull_seconds: float = 60) -> str:
 
 def registry_binary() -> Path | None:
     """`registry` (distribution v3) as `tools/build.sh registry` built it, or one on PATH."""
-    from ml_serving.localcluster import TOOLS_SCRIPT
-
-    answer = subprocess.run(["bash", str(TOOLS_SCRIPT), "--print-dir"], capture_output=True, text=True, check=False)
-    built = Path(answer.stdout.strip()) / "bin" / "registry" if answer.returncode == 0 else None
-    if built is not None and built.exists():
-        return built
-    found = shutil.which("registry")
-    return Path(found) if found else None
+    return tool_binary("registry")
 
 
 @dataclass

@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-TOOLS_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "build.sh"
+from ml_serving.tools import TOOLS_SCRIPT, tools_folder  # noqa: F401  (TOOLS_SCRIPT: its old home)
+
 # The upstream CRDs the team keeps beside the checkout (../shared/crds), or where ML_SERVING_CRD_DIR says.
 CRD_DIR = Path(os.environ.get("ML_SERVING_CRD_DIR") or Path(__file__).resolve().parents[2] / "shared" / "crds")
 # Upstream CRDs the project keeps itself, for kinds the shared folder lacks (crds/SOURCES.md says whence).
@@ -44,10 +45,7 @@ class ClusterError(RuntimeError):
 
 def tools_dir() -> Path | None:
     """The folder `./run tools` built into (its `bin/` holds pulumi, etcd, kube-apiserver), or None if not built."""
-    if not TOOLS_SCRIPT.exists():
-        return None
-    answer = subprocess.run(["bash", str(TOOLS_SCRIPT), "--print-dir"], capture_output=True, text=True, check=False)
-    folder = Path(answer.stdout.strip()) if answer.returncode == 0 and answer.stdout.strip() else None
+    folder = tools_folder()
     needed = ("pulumi", "pulumi-resource-kubernetes", "etcd", "kube-apiserver", "kube-controller-manager")
     if folder is None or not all((folder / "bin" / name).exists() for name in needed):
         return None

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ml_serving.localcluster import TOOLS_SCRIPT
+from ml_serving.tools import TOOLS_SCRIPT, tools_folder
 
 CHARTS_TARBALL = Path(
     os.environ.get("ML_SERVING_CHARTS") or TOOLS_SCRIPT.parents[2] / "shared" / "charts" / "helm-charts.tar.gz"
@@ -38,9 +38,9 @@ def chart_folder_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", name="helm")
 def helm_fixture() -> Path:
-    answer = subprocess.run(["bash", str(TOOLS_SCRIPT), "--print-dir"], capture_output=True, text=True, check=False)
-    binary = Path(answer.stdout.strip()) / "bin" / "helm"
-    if answer.returncode != 0 or not binary.exists():
+    folder = tools_folder()
+    binary = folder / "bin" / "helm" if folder is not None else None
+    if binary is None or not binary.exists():
         _missing("helm is not built: run `tools/build.sh helm` (or `./run tools`)")
     return binary
 

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ml_serving.localcluster import TOOLS_SCRIPT, LocalCluster
+from ml_serving.localcluster import LocalCluster
 from ml_serving.localnode import LocalNode, missing_prerequisites
+from ml_serving.tools import tools_folder
 
 
 def node_bin_dir() -> Path:
     """The tools' `bin/`; fails (under ML_SERVING_REQUIRE_ENGINE) or skips, naming what is missing."""
-    folder = Path(
-        subprocess.run(["bash", str(TOOLS_SCRIPT), "--print-dir"], capture_output=True, text=True).stdout.strip()
-    )
-    bin_dir = folder / "bin"
+    bin_dir = (tools_folder() or Path("tools-not-built")) / "bin"
     missing = [f"{bin_dir / n}: run `./run tools`" for n in ("etcd", "kube-apiserver") if not (bin_dir / n).exists()]
     missing += missing_prerequisites(bin_dir)
     if missing:

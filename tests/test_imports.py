@@ -15,21 +15,24 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ml_serving"
 
 # Lowest first; a module may import its own layer or lower ones. The first matching prefix wins.
 LAYERS: list[tuple[str, ...]] = [
-    ("ml_serving", "ml_serving.labels", "ml_serving.runtimes", "ml_serving.configbase", "ml_serving.server"),
-    ("ml_serving.settings",),  # the one model of the stack config
+    ("ml_serving", "ml_serving.labels", "ml_serving.runtimes", "ml_serving.configbase", "ml_serving.server",
+     "ml_serving.tools"),
+    ("ml_serving.settings", "ml_serving.poolsettings"),  # the one model of the stack config
     ("ml_serving.stackfile", "ml_serving.registry", "ml_serving.metrics", "ml_serving.modelenv",
      "ml_serving.signatures", "ml_serving.image", "ml_serving.localcluster", "ml_serving.seed",
-     "ml_serving.localnode", "ml_serving.nodehost", "ml_serving.nodeimages", "ml_serving.ociimage"),
+     "ml_serving.localnode", "ml_serving.nodehost", "ml_serving.nodeimages", "ml_serving.ociimage",
+     "ml_serving.containers", "ml_serving.image_provider"),
     ("ml_serving.specs",),  # pure spec builders
     ("ml_serving.program", "ml_serving.plan", "ml_serving.diff", "ml_serving.engine", "ml_serving.pin",
-     "ml_serving.rollout", "ml_serving.report", "ml_serving.localoperator"),
-    ("ml_serving.cli",),
+     "ml_serving.rollout", "ml_serving.report", "ml_serving.localoperator", "ml_serving.chartsource"),
+    ("ml_serving.cli", "ml_serving.cliutil", "ml_serving.clustercli"),
 ]  # fmt: skip
 SETTINGS_MAY_IMPORT = {
     "ml_serving",
     "ml_serving.labels",
     "ml_serving.runtimes",
     "ml_serving.configbase",
+    "ml_serving.poolsettings",  # part of the settings model
 }  # leaves, nothing downstream
 
 

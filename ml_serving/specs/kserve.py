@@ -24,6 +24,7 @@ from typing import Any
 from ml_serving import labels
 from ml_serving.image import BAKED_MODEL_PATH, METRICS_PORT
 from ml_serving.registry import ResolvedVersion
+from ml_serving.runtimes import Runtime
 from ml_serving.settings import Settings
 from ml_serving.specs import seldon
 from ml_serving.specs.platform import ISTIO_GATEWAY_API
@@ -179,7 +180,7 @@ def serving_container(
     if not model.serving.bake:
         env[STORAGE_URI_ENV] = resolved.model_uri
     own = [item for item in container["env"] if item["name"] not in env]
-    if variant.runtime == "bentoml":
+    if variant.runtime == Runtime.BENTOML:
         ports = container["ports"]
     else:
         ports = [
