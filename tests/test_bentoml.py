@@ -4,7 +4,9 @@ client's mistake. BentoML lives in a virtualenv of its own (`.ci/run` makes ~/.c
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from tests.test_serving import BAD, BAD_V2, ROWS, _send, v2_body
 
 pytestmark = pytest.mark.serving
 
+SERVER = Path(__file__).parents[1] / "ml_serving" / "server"
 CLI = shutil.which("ml-serving") or str(Path(sys.executable).parent / "ml-serving")
 
 
@@ -248,3 +251,20 @@ def test_a_runtime_canary_walks_every_stage_then_rolls_back_a_faulty_bentoml_cha
         else:
             failed = {c["name"] for c in judged[-1]["checks"] if c["verdict"] == "failed"}
             assert judged[-1]["verdict"] == "failed" and "error_ratio" in failed, "the BentoML 5xx series decided"
+
+
+def test_the_private_batcher_contract_holds_on_the_pinned_bentoml():
+    """`bento_batching` is the one module on BentoML's private API: its contract, run with BentoML's own Python."""
+    from ml_serving.image import PROJECT_DIR
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_DIR), "HOME": str(Path.home())}
+    run = subprocess.run([bentoml_python(), str(Path(__file__).parent / "bento_contract.py")], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.count("\n") == 4, run.stdout
+
+
+def test_the_private_module_pins_the_bentoml_the_image_installs():
+    pinned = re.search(r'^PINNED = "(.+)"$', (SERVER / "bento_batching.py").read_text(), re.M)
+    requirements = (Path(__file__).parents[1] / "serving_image" / "bentoml" / "requirements.txt").read_text()
+    assert pinned and f"bentoml=={pinned[1]}\n" in requirements, "bento_batching.PINNED and the image's pin differ"
