@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ml_serving.server import INFERENCE_ROUTES, REFUSALS_METRIC
+from ml_serving.server import BENTOML_BATCH_SIZE, INFERENCE_ROUTES, REFUSALS_METRIC
 
 # Prometheus labels carrying the stack file's names (from the pods' ml-serving.io/* labels).
 MODEL = "ml_model"
@@ -92,7 +92,6 @@ BENTOML = Server(
     "http_response_code",
     "/v2/models/[^/]+/infer|/v2/models/[^/]+/versions/[^/]+/infer|/invocations",
 )
-BENTOML_BATCH_SIZE = "bentoml_service_adaptive_batch_size"  # histogram of the batches BentoML formed
 SERVERS = (MLSERVER, BENTOML)
 
 

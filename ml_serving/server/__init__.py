@@ -13,6 +13,8 @@ MAX_LATENCY_ENV = "ML_SERVING_MAX_LATENCY_MS"  # the BentoML runtime's latency b
 # Requests refused as the client's mistake, by `reason` (validation.Refusal: a bounded set, never request data).
 # metrics.py reads the name from here for the dashboard.
 REFUSALS_METRIC = "ml_serving_request_refusals_total"
+# The BentoML runtime's histogram of batch sizes (the name BentoML gives its own), read by ml_serving.metrics.
+BENTOML_BATCH_SIZE = "bentoml_service_adaptive_batch_size"
 
 # The inference routes, as MLServer's REST app names them in its request metrics' `path` label (route templates):
 # the validation layer records requests under them, and metrics.py's queries select them.

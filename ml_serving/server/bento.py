@@ -30,8 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ml_serving.metrics import BENTOML_BATCH_SIZE
-from ml_serving.server import MAX_LATENCY_ENV, REFUSALS_METRIC, VERSION_ENV, freeze_heap
+from ml_serving.server import BENTOML_BATCH_SIZE, MAX_LATENCY_ENV, REFUSALS_METRIC, VERSION_ENV, freeze_heap
 from ml_serving.server import validation as v
 from ml_serving.server.__main__ import load_limits, settings_dir
 from ml_serving.server.bento_batching import RowBatcher, Shed
