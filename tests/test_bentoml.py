@@ -234,7 +234,7 @@ def test_a_runtime_canary_walks_every_stage_then_rolls_back_a_faulty_bentoml_cha
         path = project / "Pulumi.canary.yaml"
         # The same version, only the runtime differs, judged by every default gate but one: on a loaded 2-core
         # machine a window holds ~20 challenger requests and BentoML's p95 came out at 1.0-1.6x MLServer's
-        # in four runs on 2026-12-03), so the p95 ratio the default (1.5) allows is 3 here. Known gap (issue 27).
+        # in four runs on 2026-12-03, so the p95 ratio the default (1.5) allows is 3 here. Known gap (issue 27).
         path.write_text(path.read_text().replace(
             '{version: "2", modelUri: "file:///models/churn/2", weight: 0}',
             '{version: "1", modelUri: "file:///models/churn/1", weight: 0, runtime: bentoml}',
