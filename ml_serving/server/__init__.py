@@ -30,15 +30,10 @@ GC_THRESHOLDS = (50_000, 20, 100)
 def freeze_heap() -> None:
     """Take everything alive now (the imports, the loaded model) out of the garbage collector's reach.
 
-    A full collection otherwise walks the whole MLflow/pandas/scikit-learn heap, 120 to 290 ms on the churn model,
-    stalls every request in flight and frees nothing: it was the p99 tail at 32 connections (bench/README).
-    Called once the model is loaded, in every process that serves it.
-
-    Then the collector runs less often: what it can still see are the objects of the requests in flight, which
-    reference counting frees anyway. At Python's default thresholds it ran a young collection every two or
-    three requests and a full one every few seconds (40-50 ms each), every one walking all requests in flight:
-    5 % of a replica's CPU. With GC_THRESHOLDS, 4 alternating A/B pairs at 32 connections gave 12-15 % more
-    requests per second, and a replica's memory stayed flat (301 MB) over 50,000 requests.
+    A full collection otherwise walks the whole MLflow/pandas/scikit-learn heap, stalls every request in flight
+    and frees nothing: it was the p99 tail at 32 connections (figures: README, "Benchmarks"). Called once the
+    model is loaded, in every process that serves it. Then the collector runs less often (GC_THRESHOLDS): what it
+    can still see are the objects of the requests in flight, which reference counting frees anyway.
     """
     gc.collect()
     gc.freeze()

@@ -35,10 +35,10 @@ def _shed() -> Any:
 
 class _NoWait(Optimizer):
     """BentoML's optimizer without its wait. It holds a lone request back for the mean of past waits, so the waits
-    feed themselves: on a busy machine, where a 1 ms tick takes several, it stayed near 20 ms a request for a ~1 ms
-    model. Without it a batch leaves as soon as the previous one is done; what arrived meanwhile forms the next
-    batch (over HTTP/1.1 a connection's next request waits for its answer: waiting longer gathers nothing). The
-    fitted per-row and per-batch costs still decide what to shed."""
+    feed themselves: on a busy machine, where a tick of the loop takes longer than asked, the wait grew far
+    past the model's own time. Without it a batch leaves as soon as the previous one is done; what arrived
+    meanwhile forms the next batch (over HTTP/1.1 a connection's next request waits for its answer: waiting
+    longer gathers nothing). The fitted per-row and per-batch costs still decide what to shed."""
 
     def trigger_refresh(self) -> None:
         super().trigger_refresh()

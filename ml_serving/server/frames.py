@@ -1,9 +1,8 @@
 """The request's columns as the DataFrame MLServer's PandasCodec makes, built without a Series per column.
 
-PandasCodec builds one `pd.Series` per input and then a DataFrame aligning them by index: about 1 ms per batch
-of the churn model's five columns, a sixth of the model's own `predict` (issue #15's profile). The frame here is
-the same (dtypes included, tests/test_frames.py compares them); any input it does not cover is left to
-PandasCodec.
+PandasCodec builds one `pd.Series` per input and then a DataFrame aligning them by index, a large share of a
+small model's time (bench/profile-front.txt). The frame here is the same (dtypes included, tests/test_frames.py
+compares them); any input it does not cover is left to PandasCodec.
 """
 
 from __future__ import annotations
