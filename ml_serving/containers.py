@@ -215,7 +215,9 @@ def ensure_base_image(name: str, pull_seconds: float = 60) -> str:
             f"the base image {name} is not here and cannot be pulled, and only Python images have a stand-in: "
             "pull it where a registry is reachable and `docker save`/`docker load` it here"
         )
-    made = _docker("images", "--quiet", "--filter", f"label={STAND_IN_LABEL}", timeout=30).stdout.split()
+    listed = _docker("images", "--filter", f"label={STAND_IN_LABEL}", "--format", "{{.Repository}}:{{.Tag}}",
+                     timeout=30).stdout.split()  # fmt: skip
+    made = [ref for ref in listed if STAND_IN_NAME.match(ref)]  # images built on it inherit the label: not those
     if made:  # one Debian root serves every python:3.11.x name: tag it rather than import it again
         _docker("tag", made[0], name)
     else:
@@ -343,13 +345,15 @@ def build_image(
     return BuiltImage(name, image_id, ref, seconds, bases)
 
 
-def push_image(name: str, timeout: float = 1800) -> str:
-    """Push `name` (repo:tag) and return `repo@sha256:…`, the digest the registry answered with."""
-    pushed = _docker("push", name, timeout=timeout, check=False)
-    if pushed.returncode != 0:
-        raise ContainerError(f"`docker push {name}` failed: {(pushed.stderr or pushed.stdout).strip()[-2000:]}")
-    found = re.search(r"digest: (sha256:[0-9a-f]{64})", pushed.stdout)
-    if found is None:
-        raise ContainerError(f"`docker push {name}` printed no digest:\n{pushed.stdout[-1000:]}")
-    repository = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
-    return f"{repository}@{found[1]}"
+def push_image(name: str) -> str:
+    """Push `name` (HOST:PORT/repo:tag) and return `repo@sha256:…`, the digest the registry answered with.
+
+    Layers go uncompressed (ml_serving/ocipush.py): `docker push` gzips each on one core, minutes per serving
+    image on a busy machine, for a registry on loopback.
+    """
+    from ml_serving.ocipush import PushError, push_uncompressed
+
+    try:
+        return push_uncompressed(name).ref
+    except PushError as error:
+        raise ContainerError(f"push of {name} failed: {error}") from None

@@ -260,15 +260,33 @@ def test_bentoml_image_serves_as_a_pod_runs_it(built, model_dir):
 # --- the build inside the stack's graph ----------------------------------------------------------------------
 
 
+def sdep_images(cluster, namespace: str) -> dict[str, str]:
+    """Each predictor's model image in the namespace's one SeldonDeployment, as the API server holds it."""
+    from kubernetes.dynamic import DynamicClient
+
+    api = DynamicClient(cluster.api_client()).resources.get(
+        api_version="machinelearning.seldon.io/v1", kind="SeldonDeployment"
+    )
+    (sdep,) = api.get(namespace=namespace).to_dict()["items"]
+    return {p["name"]: p["componentSpecs"][0]["spec"]["containers"][0]["image"] for p in sdep["spec"]["predictors"]}
+
+
+def image_steps(steps: list[dict[str, str]]) -> dict[str, str]:
+    """The dynamic provider's images in a preview: resource name (it ends with the context's tag) -> op."""
+    return {s["urn"].rsplit("::", 1)[1]: s["op"] for s in steps if s["type"] == "pulumi-python:dynamic:Resource"}
+
+
 @pytest.mark.image
 @pytest.mark.engine
 def test_up_builds_pushes_and_deploys_the_image_by_digest(tools, cluster, docker_engine, oci_registry, tmp_path):
     """`ml-serving up dev` with `build: true` on the real engine: the dynamic provider builds and pushes, and the
-    SeldonDeployment names what the registry holds; a second `up` with the same context builds nothing."""
+    SeldonDeployment names what the registry holds; a second `up` with the same context builds nothing; a model
+    version whose context differs (here its Python) rebuilds exactly its own image, the other stays as it is."""
     import os
+    import shutil
     import sys
 
-    from kubernetes.dynamic import DynamicClient
+    import yaml
 
     from ml_serving.localcluster import tools_env
     from tests.conftest import copy_project
@@ -278,8 +296,12 @@ def test_up_builds_pushes_and_deploys_the_image_by_digest(tools, cluster, docker
     text = stack.read_text().replace("ml-serving:namespace: models-dev", "ml-serving:namespace: models-image")
     old = text[text.index("  ml-serving:servingImage:\n") : text.index("  ml-serving:monitoring:")]
     repository = f"{oci_registry.address}/ml-serving-dev"
-    new = f"  ml-serving:servingImage:\n    {{repository: {repository}, build: true, builder: dynamic, push: true}}\n"
-    stack.write_text(text.replace(old, new.replace("\n    {", " {")))
+    new = f"  ml-serving:servingImage: {{repository: {repository}, build: true, builder: dynamic, push: true}}\n"
+    text = text.replace(old, new).replace(
+        "champion: {alias: champion, weight: 100}",
+        "champion: {alias: champion, weight: 90}\n        challenger: {alias: challenger, weight: 10}",
+    )
+    stack.write_text(text)
     (tmp_path / "state").mkdir()
     env = {**os.environ, **tools_env(tools), "KUBECONFIG": str(cluster.kubeconfig),
            "PULUMI_CONFIG_PASSPHRASE": "ml-serving-example", "PULUMI_BACKEND_URL": (tmp_path / "state").as_uri()}  # fmt: skip
@@ -290,20 +312,42 @@ def test_up_builds_pushes_and_deploys_the_image_by_digest(tools, cluster, docker
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
+    def registry_digest(tag: str) -> str:
+        return oci_registry.digest("ml-serving-dev/churn", tag)
+
     cli("seed", "--stack", "dev")
+    uri = f"sqlite:///{project / '.mlflow' / 'registry.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.set_registered_model_alias("churn-classifier", "challenger", "1")
     cli("up", "dev", "--json")
-    api = DynamicClient(cluster.api_client()).resources.get(
-        api_version="machinelearning.seldon.io/v1", kind="SeldonDeployment"
-    )
-    (sdep,) = api.get(namespace="models-image").to_dict()["items"]
-    ref = sdep["spec"]["predictors"][0]["componentSpecs"][0]["spec"]["containers"][0]["image"]
-    assert ref.startswith(f"{repository}/churn@sha256:"), ref
-    tags = requests.get(f"http://{oci_registry.address}/v2/ml-serving-dev/churn/tags/list", timeout=10).json()
-    (tag,) = tags["tags"]
-    assert ref.split("@")[1] == oci_registry.digest("ml-serving-dev/churn", tag), "the digest the registry holds"
-    steps = json.loads(cli("preview", "dev", "--json").strip().splitlines()[-1])
-    dynamic = [s for s in steps if s["type"] == "pulumi-python:dynamic:Resource"]
-    assert dynamic and {s["op"] for s in dynamic} == {"same"}, f"an unchanged context builds nothing: {dynamic}"
+    first = sdep_images(cluster, "models-image")
+    assert first["champion"] == first["challenger"], "one context, one image"
+    assert first["champion"].startswith(f"{repository}/churn@sha256:"), first
+    (first_tag,) = requests.get(f"http://{oci_registry.address}/v2/ml-serving-dev/churn/tags/list", timeout=10).json()[
+        "tags"
+    ]
+    assert first["champion"].split("@")[1] == registry_digest(first_tag), "the digest the registry holds"
+    steps = image_steps(json.loads(cli("preview", "dev", "--json").strip().splitlines()[-1]))
+    assert steps and set(steps.values()) == {"same"}, f"an unchanged context builds nothing: {steps}"
+
+    # Version 2: the same model logged under another Python patch release, so its context (and tag) differ.
+    source = Path(client.get_model_version_download_uri("churn-classifier", "1").removeprefix("file://"))
+    moved = shutil.copytree(source, tmp_path / "churn-v2")
+    python_env = yaml.safe_load((moved / "python_env.yaml").read_text())
+    python_env["python"] = "3.11.9" if python_env["python"] != "3.11.9" else "3.11.8"
+    (moved / "python_env.yaml").write_text(yaml.safe_dump(python_env))
+    version = client.create_model_version("churn-classifier", str(moved)).version
+    client.set_registered_model_alias("churn-classifier", "challenger", version)
+    steps = image_steps(json.loads(cli("preview", "dev", "--json").strip().splitlines()[-1]))
+    (kept,) = [name for name, op in steps.items() if name.endswith(first_tag)]
+    assert steps.pop(kept) == "same", f"the champion's image is not rebuilt: {steps}"
+    assert list(steps.values()) == ["create"], f"exactly one image is built: {steps}"
+    cli("up", "dev", "--json")
+    second = sdep_images(cluster, "models-image")
+    assert second["champion"] == first["champion"]
+    assert second["challenger"].startswith(f"{repository}/churn@sha256:")
+    new_tag = next(iter(steps)).rsplit("-", 1)[1]
+    assert second["challenger"].split("@")[1] == registry_digest(new_tag), "the new tag's digest, as pushed"
 
 
 @pytest.mark.image
