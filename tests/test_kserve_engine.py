@@ -191,7 +191,10 @@ def test_kserve_rollout_rolls_a_faulty_challenger_back(world, engine_env, cluste
         control.write_text("0")
     assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-4000:]
     judged = [r for r in records(project, "kcanary-faulty") if r["event"] == "judgement"]
-    assert len(judged) <= 2 and judged[-1]["verdict"] == "failed", "judged and undone within two analysis intervals"
+    assert len(judged) <= 2 and judged[-1]["verdict"] == "failed", (
+        "judged and undone within two analysis intervals",
+        judged,
+    )
     assert seen == [{"champion": 75, "challenger": 25}, {"champion": 100, "challenger": 0}]
     assert weights(project, "kcanary-faulty") == {"champion": 100, "challenger": 0}
     assert INTERVAL > 0
