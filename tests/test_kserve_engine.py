@@ -31,6 +31,17 @@ def to_kserve(text: str) -> str:
     return text
 
 
+def own_gateway(text: str, name: str) -> str:
+    """The stack's Istio Gateway under its own name: the one object a stack keeps outside its namespace, so two
+    stacks in the one test cluster (this module's dev and prod, test_engine's dev) would both own
+    `istio-system/seldon-gateway` and the second `up` would fail on a server-side apply field conflict."""
+    gateway = f"    gateway: istio-system/{name}\n"
+    if "    gateway: istio-system/seldon-gateway\n" in text:
+        return text.replace("    gateway: istio-system/seldon-gateway\n", gateway)
+    assert "    istioGateway: install\n" in text, "the stack file installs no gateway of its own"
+    return text.replace("    istioGateway: install\n", "    istioGateway: install\n" + gateway)
+
+
 @pytest.fixture(scope="module")
 def kengine(tools, cluster, tmp_path_factory) -> Engine:
     root = tmp_path_factory.mktemp("kserve-engine")
@@ -39,7 +50,8 @@ def kengine(tools, cluster, tmp_path_factory) -> Engine:
     env = {**os.environ, **engine_env_for(tools, cluster), "PULUMI_BACKEND_URL": (root / "state").as_uri()}
     engine = Engine(project, env)
     dev = project / "Pulumi.dev.yaml"
-    dev.write_text(to_kserve(dev.read_text()).replace("namespace: models-dev", "namespace: models-kserve"))
+    text = to_kserve(dev.read_text()).replace("namespace: models-dev", "namespace: models-kserve")
+    dev.write_text(own_gateway(text, "kserve-dev-gateway"))
     engine.run("seed", "--stack", "dev")
     return engine
 
@@ -61,7 +73,7 @@ def test_prod_shaped_kserve_stack_previews_and_goes_up(kengine, cluster, registr
     from mlflow.tracking import MlflowClient
 
     path = kengine.project / "Pulumi.prod.yaml"
-    text = to_kserve(path.read_text())
+    text = own_gateway(to_kserve(path.read_text()), "kserve-prod-gateway")
     # `up` writes the baked model into fraud's image context: a local model instead of prod's unreachable s3://.
     client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
     local = Path(client.get_model_version_download_uri("churn-classifier", "1").removeprefix("file://")).as_uri()
@@ -161,9 +173,10 @@ def test_kserve_rollout_walks_every_stage_into_the_virtual_service(world, engine
     assert {r["stage"] for r in judged if r["verdict"] == "passed"} == {0, 1, 2}, "every stage passed before the next"
     applied = [r["weights"] for r in logged if r["event"] == "apply"] + [{"champion": 100, "challenger": 0}]
     assert seen == applied, "every stage, then the promotion, reached the VirtualService in order"
-    updates = [u for u in history(project, "kcanary-real", engine_env) if u["kind"] == "update"]
+    updates = [u for u in history(project, "kcanary-real", engine_env) if u["kind"] == "update"][::-1]  # oldest first
     assert len(updates) == 4 and all(u["result"] == "succeeded" for u in updates), "one update per step"
-    for update in updates[1:]:
+    assert [u["startTime"] for u in updates] == sorted(u["startTime"] for u in updates), "newest first"
+    for update in updates[1:]:  # the first stage's `up` created the stack; every later step only updates it
         changes = update.get("resourceChanges", {})
         assert not changes.get("create") and not changes.get("replace") and not changes.get("delete"), update
 
@@ -178,7 +191,10 @@ def test_kserve_rollout_rolls_a_faulty_challenger_back(world, engine_env, cluste
         control.write_text("0")
     assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-4000:]
     judged = [r for r in records(project, "kcanary-faulty") if r["event"] == "judgement"]
-    assert len(judged) <= 2 and judged[-1]["verdict"] == "failed", "judged and undone within two analysis intervals"
+    assert len(judged) <= 2 and judged[-1]["verdict"] == "failed", (
+        "judged and undone within two analysis intervals",
+        judged,
+    )
     assert seen == [{"champion": 75, "challenger": 25}, {"champion": 100, "challenger": 0}]
     assert weights(project, "kcanary-faulty") == {"champion": 100, "challenger": 0}
     assert INTERVAL > 0
