@@ -33,9 +33,27 @@ sources = chart_sources(settings)
 contexts = build_contexts(settings, versions, Path("build") / pulumi.get_stack())
 provider = kubernetes_provider(settings.kubernetes)
 
+# The monitoring stack's namespaces come first: KEDA's release waits for every namespace the stack owns, so that
+# `destroy` uninstalls it (and its aggregated API) before deleting any namespace (Release.serves_api).
+monitoring = None
+if settings.monitoring is not None:
+    monitoring = MonitoringStack(
+        "monitoring",
+        MonitoringStackArgs(
+            settings,
+            secret(settings.grafana_admin_password),
+            sources,
+            platform=pulumi.create_urn("platform", "ml-serving:platform:ServingPlatform"),
+        ),
+        pulumi.ResourceOptions(providers=[provider]),
+    )
 platform = ServingPlatform(
-    "platform", ServingPlatformArgs(settings, sources), pulumi.ResourceOptions(providers=[provider])
+    "platform",
+    ServingPlatformArgs(settings, sources, namespaces=monitoring.namespaces if monitoring else []),
+    pulumi.ResourceOptions(providers=[provider]),
 )
+if monitoring is not None:
+    monitoring.install(platform.namespace, platform.namespaces)
 security = ModelsSecurity(
     "security",
     ModelsSecurityArgs(settings),
@@ -60,13 +78,6 @@ for model in settings.models:
             images=image.images,
         ),
         pulumi.ResourceOptions(providers=[provider], depends_on=[*platform.ready, *pools]),
-    )
-
-if settings.monitoring is not None:
-    MonitoringStack(
-        "monitoring",
-        MonitoringStackArgs(settings, secret(settings.grafana_admin_password), sources, platform=platform),
-        pulumi.ResourceOptions(providers=[provider], depends_on=[platform.namespace]),
     )
 
 pulumi.export("namespace", settings.namespace)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pulumi
@@ -23,16 +24,24 @@ def namespace(name: str, obj: dict[str, Any], opts: pulumi.ResourceOptions) -> k
     return k8s.core.v1.Namespace(name, metadata=obj["metadata"], opts=opts)
 
 
+def owned_namespace(release: Release, opts: pulumi.ResourceOptions) -> k8s.core.v1.Namespace | None:
+    """The namespace a release owns, declared beside it so `destroy` removes it too (Helm never does)."""
+    if not release.owns_namespace:
+        return None
+    chart = release.chart
+    return namespace(f"{chart.release}-namespace", namespace_object(chart.namespace, chart.release), opts)
+
+
 def helm_release(
-    release: Release, sources: dict[str, ChartSource], wait: bool, opts: pulumi.ResourceOptions
+    release: Release,
+    sources: dict[str, ChartSource],
+    wait: bool,
+    opts: pulumi.ResourceOptions,
+    namespaces: Sequence[pulumi.Resource] = (),
 ) -> k8s.helm.v3.Release:
-    """One Helm release from `source` (a repository, a mirror or a folder). Its namespace is declared beside it when
-    the release owns it, so `destroy` removes the namespace too (Helm never does)."""
+    """One Helm release from `source` (a repository, a mirror or a folder), after `namespaces` (its own; for a
+    release that serves an aggregated API, every namespace the stack owns: see `Release.serves_api`)."""
     chart, source = release.chart, sources[release.chart.release]
-    first: list[pulumi.Resource] = []
-    if release.owns_namespace:
-        ns = namespace_object(chart.namespace, chart.release)
-        first.append(namespace(f"{chart.release}-namespace", ns, opts))
     return k8s.helm.v3.Release(
         chart.release,
         k8s.helm.v3.ReleaseArgs(
@@ -51,7 +60,9 @@ def helm_release(
         ),
         opts=pulumi.ResourceOptions.merge(
             opts,
-            pulumi.ResourceOptions(depends_on=first, ignore_changes=[] if release.stable_output else ["checksum"]),
+            pulumi.ResourceOptions(
+                depends_on=list(namespaces), ignore_changes=[] if release.stable_output else ["checksum"]
+            ),
         ),
     )
 

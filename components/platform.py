@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -19,6 +19,9 @@ class ServingPlatformArgs:
     settings: Settings
     # Each release's chart source by release name (ml_serving.chartsource.sources, as the program located them).
     chart_sources: dict[str, ChartSource]
+    # Namespaces declared before the platform (the monitoring stack's): a release that serves an aggregated API
+    # waits for them too, so `destroy` uninstalls it before deleting them.
+    namespaces: list[pulumi.Resource] = field(default_factory=list)
 
 
 class ServingPlatform(pulumi.ComponentResource):
@@ -28,14 +31,23 @@ class ServingPlatform(pulumi.ComponentResource):
     def __init__(self, name: str, args: ServingPlatformArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("ml-serving:platform:ServingPlatform", name, None, opts)
         settings, child = args.settings, pulumi.ResourceOptions(parent=self)
+        self.namespace = _kubernetes.namespace(settings.namespace, specs.namespace(settings), child)
+        platform_releases = charts.of(settings, "platform")
+        owned = {r.chart.release: _kubernetes.owned_namespace(r, child) for r in platform_releases}
+        # Every namespace the stack owns, for a release that must be uninstalled before any of them is deleted.
+        self.namespaces = [self.namespace, *(ns for ns in owned.values() if ns is not None), *args.namespaces]
         releases: dict[str, pulumi.Resource] = {}
-        for release in charts.of(settings, "platform"):
+        for release in platform_releases:
             first = [releases[name] for name in release.after if name in releases]
             opts = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(depends_on=first))
+            own = owned[release.chart.release]
             releases[release.chart.release] = _kubernetes.helm_release(
-                release, args.chart_sources, settings.charts.wait, opts
+                release,
+                args.chart_sources,
+                settings.charts.wait,
+                opts,
+                self.namespaces if release.serves_api else [own] if own is not None else [],
             )
-        self.namespace = _kubernetes.namespace(settings.namespace, specs.namespace(settings), child)
         kserve_backend = settings.platform.backend == "kserve"
         artifacts = kserve.s3_secret(settings) if kserve_backend else seldon.artifact_secret(settings)
         self.artifact_secret = None

@@ -10,8 +10,11 @@ server runs without admission webhooks (their servers are those pods). The objec
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,13 @@ import pytest
 import yaml
 
 from ml_serving.localcluster import CRD_DIR, LocalCluster, tools_env
+from ml_serving.localoperator import LocalOperator, operator_ready, wait_for
+from ml_serving.specs import platform
+from ml_serving.stackfile import parse_settings
+from tests.chart_fixtures import _Loader as YamlLoader
 from tests.chart_fixtures import chart_folder_fixture  # noqa: F401  (fixture)
-from tests.conftest import copy_project
+from tests.conftest import copy_project, stack_config
+from tests.operator_fixtures import SELDON_ID
 from tests.test_engine import PASSPHRASE, Engine
 
 pytestmark = pytest.mark.engine
@@ -83,6 +91,38 @@ def snapshot(cluster: LocalCluster) -> dict[str, set[str]]:
     }
 
 
+def every_object(cluster: LocalCluster) -> set[tuple[str, str, str]]:
+    """(kind.group, namespace, name) of every object the API server lists, events aside: what `destroy` restores.
+
+    Read through discovery each time, so kinds that a chart added (and removed) count too.
+    """
+    import requests
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {cluster.token}"
+
+    def get(path: str) -> dict[str, Any]:  # verify per request: REQUESTS_CA_BUNDLE overrides a session's
+        deadline = time.monotonic() + 60
+        # 429: a kind whose watch cache is still filling (a CRD just established) says "retry after 1 s".
+        while (answer := session.get(f"{cluster.server}{path}", verify=False, timeout=30)).status_code == 429:
+            assert time.monotonic() < deadline, f"{path}: still 429 after 60 s"
+            time.sleep(float(answer.headers.get("Retry-After", "1")))
+        answer.raise_for_status()
+        return answer.json()
+
+    versions = ["/api/v1", *(f"/apis/{g['preferredVersion']['groupVersion']}" for g in get("/apis")["groups"])]
+    found = set()
+    for version in versions:
+        group = version.removeprefix("/api/v1").removeprefix("/apis/").rpartition("/")[0]
+        for kind in get(version)["resources"]:
+            if "/" in kind["name"] or "list" not in kind.get("verbs", []) or kind["kind"] == "Event":
+                continue
+            for item in get(f"{version}/{kind['name']}")["items"]:
+                meta = item["metadata"]
+                found.add((f"{kind['kind']}.{group}".rstrip("."), meta.get("namespace", ""), meta["name"]))
+    return found
+
+
 def live(cluster: LocalCluster, api_version: str, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
     from kubernetes.dynamic import DynamicClient
 
@@ -96,16 +136,63 @@ def kept_crds(chart_folder: Path) -> set[str]:
     for path in chart_folder.glob("**/crds/*.yaml"):
         if not (path.parent.parent / "Chart.yaml").exists() or "gpu-operator" in str(path):  # templates/crds: not
             continue  # kept; the GPU Operator: prod runs the bare device plugin
-        for doc in yaml.safe_load_all(path.read_text()):
+        for doc in yaml.load_all(path.read_text(), Loader=YamlLoader):
             if doc and doc.get("kind") == "CustomResourceDefinition":
                 found.add(doc["metadata"]["name"])
     return found
 
 
+@contextlib.contextmanager
+def seldon_operator_beside(tools: Path, cluster: LocalCluster) -> Iterator[LocalOperator]:
+    """The operator built by `./run tools`, set up by prod's chart values, against `cluster`; stopped by its PID."""
+    problem = operator_ready(tools / "bin")
+    if problem:
+        if os.environ.get("ML_SERVING_REQUIRE_ENGINE"):
+            pytest.fail(f"ML_SERVING_REQUIRE_ENGINE is set but {problem}")
+        pytest.skip(problem)
+    settings = parse_settings(stack_config("prod"), "Pulumi.prod.yaml")
+    operator = LocalOperator(tools / "bin", cluster.kubeconfig, platform.seldon_operator(settings))
+    operator.start(cluster.api_client())
+    try:
+        yield operator
+    finally:
+        operator.stop()
+
+
+def reconciled(cluster: LocalCluster, operator: LocalOperator, sdeps: set[str]) -> list[dict[str, Any]]:
+    """What the operator made for `sdeps` in `models`, once each has its Deployments marked available (there is no
+    kubelet; as envtest-style tests do) and its VirtualService."""
+    from kubernetes import client
+
+    def made(api_version: str, kind: str) -> list[dict[str, Any]]:
+        return [
+            o for o in live(cluster, api_version, kind, "models") if SELDON_ID in (o["metadata"].get("labels") or {})
+        ]
+
+    def every_sdep(api_version: str, kind: str) -> list[dict[str, Any]]:
+        found = made(api_version, kind)
+        return found if {o["metadata"]["labels"][SELDON_ID] for o in found} >= sdeps else []
+
+    apps = client.AppsV1Api(cluster.api_client())
+    for deployment in wait_for(lambda: every_sdep("apps/v1", "Deployment"), "Deployments", log=operator.log):
+        replicas = deployment["spec"].get("replicas") or 1
+        status = {"observedGeneration": deployment["metadata"]["generation"], "replicas": replicas,
+                  "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
+                  "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}]}  # fmt: skip
+        apps.patch_namespaced_deployment_status(deployment["metadata"]["name"], "models", {"status": status})
+
+    def named_routes() -> list[dict[str, Any]]:  # named after their SeldonDeployment; no seldon-deployment-id
+        found = [o for o in live(cluster, "networking.istio.io/v1beta1", "VirtualService", "models")]
+        return found if {o["metadata"]["name"] for o in found} >= sdeps else []
+
+    routes = wait_for(named_routes, "VirtualServices", log=operator.log)
+    return [*made("apps/v1", "Deployment"), *made("v1", "Service"), *made("keda.sh/v1alpha1", "ScaledObject"), *routes]
+
+
 def test_prod_comes_up_from_empty_in_one_go_then_changes_nothing_then_destroys_cleanly(
-    prod, empty_cluster, chart_folder
+    prod, empty_cluster, chart_folder, tools
 ):
-    before = snapshot(empty_cluster)
+    before, objects_before = snapshot(empty_cluster), every_object(empty_cluster)
     assert not {"seldondeployments.machinelearning.seldon.io", "podmonitors.monitoring.coreos.com"} & before["crds"]
 
     steps = prod.steps("up", stack="prod")
@@ -139,12 +226,25 @@ def test_prod_comes_up_from_empty_in_one_go_then_changes_nothing_then_destroys_c
     daemonsets = {o["metadata"]["name"] for o in live(empty_cluster, "apps/v1", "DaemonSet")}
     assert {"nvidia-device-plugin", "dcgm-exporter"} <= daemonsets
 
-    again = prod.steps("up", stack="prod")
-    assert [s for s in again if s["op"] not in ("same", "read")] == [], "the second `up` changes nothing"
+    # The real Seldon operator, as the chart runs it, reconciles the SeldonDeployments from here on: the no-op `up`
+    # and `destroy` meet what it made (Deployments, Services, ScaledObjects, PDBs, then Istio routes).
+    with seldon_operator_beside(tools, empty_cluster) as operator:
+        made = reconciled(empty_cluster, operator, sdeps)
+        assert {o["kind"] for o in made} >= {"Deployment", "Service", "ScaledObject", "VirtualService"}, made
 
-    prod.steps("destroy", stack="prod")
+        again = prod.steps("up", stack="prod")
+        assert [s for s in again if s["op"] not in ("same", "read")] == [], "the second `up` changes nothing"
+
+        prod.steps("destroy", stack="prod")
     gone = snapshot(empty_cluster)
     assert gone["namespaces"] == before["namespaces"], "every namespace the stack made is deleted"
     assert not gone["helm"] and gone["webhooks"] == before["webhooks"]
     assert gone["clusterroles"] == before["clusterroles"]
-    assert gone["crds"] - before["crds"] == kept_crds(chart_folder), "only the CRDs Helm never deletes remain"
+    kept = kept_crds(chart_folder)
+    assert gone["crds"] - before["crds"] == kept, "only the CRDs Helm never deletes remain"
+    left = every_object(empty_cluster) ^ objects_before
+    assert {name for kind, _, name in left if kind == "CustomResourceDefinition.apiextensions.k8s.io"} == kept
+    # The API server serves each kept CRD's group under a local APIService of its own: those stay with them.
+    groups = {name.partition(".")[2] for name in kept}
+    served = {o for o in left if o[0] == "APIService.apiregistration.k8s.io" and o[2].partition(".")[2] in groups}
+    assert not {o for o in left - served if o[0] != "CustomResourceDefinition.apiextensions.k8s.io"}, "as before"

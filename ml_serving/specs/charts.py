@@ -30,6 +30,10 @@ class Release:
     owns_namespace: bool = True
     # The component that declared it before (its URN then had that parent): an alias keeps the installed release.
     moved_from: Literal["platform"] | None = None
+    # It registers an aggregated API (an APIService served by its own pod). While that API has no ready pod, the
+    # namespace controller's discovery fails and every namespace deletion stalls in Terminating; `destroy` deletes
+    # in waves, so it must uninstall this release before any namespace: it depends on every namespace the stack owns.
+    serves_api: bool = False
 
 
 def charts(settings: Settings) -> list[Release]:
@@ -37,7 +41,7 @@ def charts(settings: Settings) -> list[Release]:
     releases: list[Release] = []
     existing = "set it to 'existing' (the cluster runs it already)"
     if settings.platform.keda == "install":
-        releases.append(Release(platform.keda(settings), "platform", "platform.keda", existing))
+        releases.append(Release(platform.keda(settings), "platform", "platform.keda", existing, serves_api=True))
     if settings.platform.seldon == "install" and settings.platform.backend == "seldon":
         # The operator's webhook reads KEDA's CRDs, so KEDA goes first. Its webhook certificate comes from the
         # chart's genCA: a new one at each render.
@@ -89,6 +93,7 @@ def charts(settings: Settings) -> list[Release]:
                 "platform.autoscaler",
                 "use platform.autoscaler: keda (its prometheus trigger needs no adapter)",
                 owns_namespace=False,
+                serves_api=True,
             )
         )
     return releases
