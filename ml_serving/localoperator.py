@@ -89,6 +89,7 @@ class LocalOperator:
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ml-serving-operator-")))
     process: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
+    config_map: dict[str, Any] = field(default_factory=dict)  # the chart's `seldon-config`, as applied
 
     @property
     def log(self) -> Path:
@@ -103,6 +104,7 @@ class LocalOperator:
         if problem:
             raise ClusterError(problem)
         env, config = manager_settings(render_chart(self.bin_dir, self.chart, self.root))
+        self.config_map = config
         core = client.CoreV1Api(api_client)
         for body, create in (
             ({"metadata": {"name": self.chart.namespace}}, core.create_namespace),

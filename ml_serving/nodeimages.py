@@ -1,35 +1,59 @@
 """The Seldon images a node's pods need, made here from binaries `./run tools` builds (nothing can be pulled).
 
-Named as the operator's `seldon-config` and manager env name them, so the pods it generates find them with
-`imagePullPolicy: IfNotPresent`: the executor sidecar (entrypoint `/executor`, user 8888, as upstream's
+Named as the operator's chart names them (the manager's `EXECUTOR_CONTAINER_IMAGE_AND_VERSION`, `seldon-config`'s
+`storageInitializer.image`: `seldon_images` reads both from the rendered chart), so the pods it generates find them
+with `imagePullPolicy: IfNotPresent`: the executor sidecar (entrypoint `/executor`, user 8888, as upstream's
 Dockerfile.executor) and the rclone storage initializer (entrypoint `rclone copy`, user 8888, the `gs` remote its
 Dockerfile defines).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ml_serving.ociimage import write_image
 
-SELDON_VERSION = "1.18.2"
-EXECUTOR_IMAGE = f"docker.io/seldonio/seldon-core-executor:{SELDON_VERSION}"
-INITIALIZER_IMAGE = f"docker.io/seldonio/rclone-storage-initializer:{SELDON_VERSION}"
 SELDON_USER = "8888"
+EXECUTOR_ENV = "EXECUTOR_CONTAINER_IMAGE_AND_VERSION"
+INITIALIZER_KEY = "storageInitializer"
 
 
-def executor_image(bin_dir: Path, folder: Path) -> Path:
+@dataclass(frozen=True)
+class SeldonImages:
+    executor: str
+    initializer: str
+
+
+def full_reference(image: str) -> str:
+    """The reference containerd's CRI resolves `image` to (`seldonio/x:1` is `docker.io/seldonio/x:1`)."""
+    first, _, rest = image.partition("/")
+    if not rest:
+        return f"docker.io/library/{image}"
+    if "." in first or ":" in first or first == "localhost":
+        return image
+    return f"docker.io/{image}"
+
+
+def seldon_images(manager_env: dict[str, str], config_map: dict[str, Any]) -> SeldonImages:
+    """The images the operator puts in pods, from its chart's output (`localoperator.manager_settings`)."""
+    initializer = json.loads(config_map["data"][INITIALIZER_KEY])["image"]
+    return SeldonImages(full_reference(manager_env[EXECUTOR_ENV]), full_reference(initializer))
+
+
+def executor_image(bin_dir: Path, folder: Path, name: str) -> Path:
     binary = (bin_dir / "seldon-executor").read_bytes()
-    return write_image(
-        folder / "executor.tar", EXECUTOR_IMAGE, {"executor": (binary, 0o755)}, ["/executor"], SELDON_USER
-    )
+    return write_image(folder / "executor.tar", name, {"executor": (binary, 0o755)}, ["/executor"], SELDON_USER)
 
 
-def initializer_image(bin_dir: Path, folder: Path) -> Path:
+def initializer_image(bin_dir: Path, folder: Path, name: str) -> Path:
+    """rclone as upstream's initializer image runs it: `rclone copy SRC DEST`, remotes from the environment."""
     binary = (bin_dir / "rclone").read_bytes()
     return write_image(
         folder / "rclone-storage-initializer.tar",
-        INITIALIZER_IMAGE,
+        name,
         {"usr/local/bin/rclone": (binary, 0o755)},
         ["/usr/local/bin/rclone", "copy"],
         SELDON_USER,

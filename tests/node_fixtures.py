@@ -11,7 +11,12 @@ import pytest
 
 from ml_serving.localcluster import LocalCluster
 from ml_serving.localnode import LocalNode, missing_prerequisites
+from ml_serving.localoperator import manager_settings, operator_ready, render_chart
+from ml_serving.nodeimages import SeldonImages, seldon_images
+from ml_serving.specs import platform
+from ml_serving.stackfile import parse_settings
 from ml_serving.tools import tools_folder
+from tests.conftest import stack_config
 
 
 def node_bin_dir() -> Path:
@@ -27,12 +32,11 @@ def node_bin_dir() -> Path:
     return bin_dir
 
 
-@pytest.fixture(scope="module")
-def node() -> Iterator[LocalNode]:
-    """A fresh API server and one node for the module; stopped (and its host state removed) afterwards."""
+def running_node(crds: bool = False) -> Iterator[LocalNode]:
+    """A fresh API server (with the CRDs when `crds`) and one node; stopped, its host state removed, afterwards."""
     bin_dir = node_bin_dir()
     started = time.monotonic()
-    cluster = LocalCluster(bin_dir).start(crd_dir=None, namespaces=())
+    cluster = LocalCluster(bin_dir).start(**({} if crds else {"crd_dir": None, "namespaces": ()}))
     try:
         node = LocalNode(cluster, bin_dir).start()
         node.cluster_started = started  # for the "cluster start -> first Ready pod" figure
@@ -43,3 +47,27 @@ def node() -> Iterator[LocalNode]:
     node.stop()
     cluster.stop()
     node.remove_root()
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[LocalNode]:
+    """A fresh API server and one node for the module."""
+    yield from running_node()
+
+
+@pytest.fixture(scope="module")
+def crd_node() -> Iterator[LocalNode]:
+    """A fresh API server with the project's CRDs (SeldonDeployment, ...) and one node, for the operator's pods."""
+    yield from running_node(crds=True)
+
+
+def chart_images(bin_dir: Path, work: Path) -> SeldonImages:
+    """The executor and initializer images as the Seldon chart (dev's values) names them."""
+    settings = parse_settings(stack_config("dev"), "Pulumi.dev.yaml")
+    problem = operator_ready(bin_dir)
+    if problem:
+        if os.environ.get("ML_SERVING_REQUIRE_ENGINE"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    env, config = manager_settings(render_chart(bin_dir, platform.seldon_operator(settings), work))
+    return seldon_images(env, config)

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ml_serving.stackfile", "ml_serving.registry", "ml_serving.metrics", "ml_serving.modelenv",
      "ml_serving.signatures", "ml_serving.image", "ml_serving.localcluster", "ml_serving.seed",
      "ml_serving.localnode", "ml_serving.nodehost", "ml_serving.nodeimages", "ml_serving.ociimage", "ml_serving.ocipush",
-     "ml_serving.containers", "ml_serving.image_provider"),
+     "ml_serving.containers", "ml_serving.image_provider", "ml_serving.artifactstore"),
     ("ml_serving.specs",),  # pure spec builders
     ("ml_serving.program", "ml_serving.plan", "ml_serving.diff", "ml_serving.engine", "ml_serving.pin",
      "ml_serving.rollout", "ml_serving.report", "ml_serving.localoperator", "ml_serving.chartsource"),

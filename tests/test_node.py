@@ -125,9 +125,11 @@ def test_the_seldon_executor_image_runs_beside_a_model_as_the_operator_injects_i
     import base64
     import json
 
-    from ml_serving.nodeimages import EXECUTOR_IMAGE, executor_image
+    from ml_serving.nodeimages import executor_image
+    from tests.node_fixtures import chart_images
 
-    node.import_image(executor_image(node.bin_dir, node.root / "images"))
+    image = chart_images(node.bin_dir, node.root / "chart").executor
+    node.import_image(executor_image(node.bin_dir, node.root / "images", image))
     graph = {
         "name": "m",
         "type": "MODEL",
@@ -137,7 +139,7 @@ def test_the_seldon_executor_image_runs_beside_a_model_as_the_operator_injects_i
     model = {**hello_container(), "args": [":9000"], "ports": [], "readinessProbe": None}
     executor = {
         "name": "seldon-container-engine",
-        "image": EXECUTOR_IMAGE,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "args": ["--sdep", "s", "--namespace", NAMESPACE, "--predictor", "p", "--http_port", "8000",
                  "--grpc_port", "5001", "--protocol", "v2", "--transport", "rest", "--prometheus_path", "/prometheus"],
