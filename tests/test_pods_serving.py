@@ -190,7 +190,9 @@ def ready_pods(node: LocalNode, stack: DevStack) -> list:
     ]
 
 
-@pytest.mark.xfail(reason="issue 25 item 4 not done: no Ready model pod within 600 s on 2026-12-03, cause not yet read; waits 180 s")
+@pytest.mark.xfail(
+    reason="issue 25 item 4 not done: no Ready model pod within 600 s on 2026-12-03, cause not yet read; waits 180 s"
+)
 def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
     crd_node: LocalNode,  # noqa: F811
     dev_stack: DevStack,
