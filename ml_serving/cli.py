@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         engine.set_defaults(func=cmd_engine)
 
     cluster = commands.add_parser(
-        "cluster", parents=[project], help="run a local Kubernetes API server (no nodes) for `up` to talk to"
+        "cluster", parents=[project], help="run the one-machine cluster (API server, Seldon operator; --node for pods)"
     )
     cluster.add_argument("--crds", type=Path, default=CRD_DIR, help="apply these CRDs (default: %(default)s)")
     cluster.add_argument(
