@@ -160,4 +160,6 @@ def reconciled(
 @pytest.fixture(scope="session")
 def prod_reconciled(cluster, seldon_operator: LocalOperator) -> Reconciled:  # type: ignore[no-untyped-def]
     """Prod's models (MLServer and BentoML, s3:// and baked, GPU, a shadow), as the operator reconciles them."""
-    return reconciled(cluster, seldon_operator, "models")
+    return reconciled(
+        cluster, seldon_operator, "models-operator"
+    )  # not the stacks' own: engine tests share the cluster

@@ -374,7 +374,7 @@ def test_the_scaled_object_carries_the_configured_triggers(prod_reconciled):
 
 
 def test_dev_reconciles_to_one_restricted_mlserver_predictor_with_all_traffic(cluster, seldon_operator, registry):
-    stack = reconciled(cluster, seldon_operator, "models-dev", "dev", registry)
+    stack = reconciled(cluster, seldon_operator, "models-dev-operator", "dev", registry)
     ((key, deployment),) = by_predictor(stack).items()
     assert key == (CHURN, "champion")
     assert model_container(deployment)["image"].startswith("ml-serving-dev/churn:")
