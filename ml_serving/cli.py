@@ -391,7 +391,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             console.print(f"asked the running rollout (PID {pid}) to stop: it rolled back (see {log_path})")
             return 0
         with rollout.locked(project_dir, args.stack), rollout.interruptible():
-            runner = rollout.RolloutRun(
+            runner = rollout.rollout_run(
                 project_dir, args.stack, args.model, rollout.Prometheus(url or "http://unused"),
                 rollout.PulumiStack(project_dir, args.stack, on_output=None), log_path,
                 mode=mode, report=console.print, sleep=rollout.countdown(console),

@@ -33,6 +33,7 @@ from ml_serving.rollout import (
     Verdict,
     decide,
     judge,
+    rollout_run,
 )
 from ml_serving.settings import Rollout
 from ml_serving.stackfile import load_settings
@@ -242,9 +243,9 @@ def project(tmp_path, monkeypatch, prometheus):
 
 
 def runner(project: Path, prometheus: FakePrometheus, clock: Clock, mode: Mode = Mode.RUN) -> RolloutRun:
-    return RolloutRun(project, "canary", "churn", Prometheus(prometheus.url), PulumiStack(project, "canary"),
-                      project / "rollouts" / "canary-churn.jsonl", mode=mode, report=lambda _: None,
-                      sleep=clock.sleep, clock=clock.time)  # fmt: skip
+    return rollout_run(project, "canary", "churn", Prometheus(prometheus.url), PulumiStack(project, "canary"),
+                       project / "rollouts" / "canary-churn.jsonl", mode=mode, report=lambda _: None,
+                       sleep=clock.sleep, clock=clock.time)  # fmt: skip
 
 
 def test_healthy_run_walks_every_stage_judging_after_each_deploy(project, prometheus):
@@ -466,9 +467,9 @@ class BreakingStack(PulumiStack):
 def test_24_a_failed_up_restores_its_own_fields_however_the_file_looks(project, prometheus, monkeypatch):
     monkeypatch.setenv("STANDIN_FAIL_UP_AT", "2")
     path = project / "Pulumi.canary.yaml"
-    run = RolloutRun(project, "canary", "churn", Prometheus(prometheus.url), BreakingStack(project, "canary"),
-                     project / "rollouts" / "canary-churn.jsonl", report=lambda _: None, sleep=Clock().sleep,
-                     clock=Clock().time)  # fmt: skip
+    run = rollout_run(project, "canary", "churn", Prometheus(prometheus.url), BreakingStack(project, "canary"),
+                      project / "rollouts" / "canary-churn.jsonl", report=lambda _: None, sleep=Clock().sleep,
+                      clock=Clock().time)  # fmt: skip
     outcome = run.run()
     assert outcome.result == Result.FAILED and EXIT_CODES[outcome.result] == 6, outcome.message
     failed = log_of(project)[-1]

@@ -75,7 +75,7 @@ def test_plan_refuses_a_challenger_needing_a_column_the_clients_do_not_send(inco
 @pytest.mark.registry
 def test_pin_and_rollout_refuse_it_too(incompatible, tmp_path):
     from ml_serving.pin import pin_stack
-    from ml_serving.rollout import Mode, Prometheus, PulumiStack, RolloutError, RolloutRun
+    from ml_serving.rollout import Mode, Prometheus, PulumiStack, RolloutError, rollout_run
     from ml_serving.settings import ConfigError
 
     project = copy_project(tmp_path / "project")
@@ -89,7 +89,7 @@ def test_pin_and_rollout_refuse_it_too(incompatible, tmp_path):
     with pytest.raises(ConfigError, match="contract_type"):
         pin_stack(project, "dev")
     assert path.read_text() == before, "nothing pinned"
-    runner = RolloutRun(project, "dev", "churn", Prometheus("http://127.0.0.1:9"), PulumiStack(project, "dev"),
+    runner = rollout_run(project, "dev", "churn", Prometheus("http://127.0.0.1:9"), PulumiStack(project, "dev"),
                         project / "rollouts" / "log.jsonl", mode=Mode.RUN, report=lambda _: None)  # fmt: skip
     with pytest.raises(RolloutError, match="requires input 'contract_type'"):
         runner.run()

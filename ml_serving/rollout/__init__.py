@@ -15,6 +15,7 @@ This module re-exports what the CLI and the tests use.
 """
 
 from ml_serving.rollout.decision import Counters, current_weights, decide, judge, stage_weights
+from ml_serving.rollout.drivers import rollout_run
 from ml_serving.rollout.edits import promote_in_config, restore_fields, variant_fields, write_weights
 from ml_serving.rollout.events import (
     ENDINGS,
@@ -46,5 +47,5 @@ __all__ = [
     "ExitCode", "Gate", "Interrupted", "Judgement", "MeasurementError", "Mode", "Outcome", "Prometheus",
     "PulumiStack", "Result", "RolloutError", "RolloutRun", "Verdict", "countdown", "current_weights", "decide",
     "deferred_interrupts", "interruptible", "judge", "locked", "print_ending", "promote_in_config", "restore_fields",
-    "running_rollout", "stage_weights", "stop_running", "variant_fields", "write_weights",
+    "rollout_run", "running_rollout", "stage_weights", "stop_running", "variant_fields", "write_weights",
 ]  # fmt: skip

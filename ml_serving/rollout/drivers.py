@@ -6,13 +6,13 @@ driver says whether its edits are applied (`applies`) and whether anything is lo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ml_serving.rollout.decision import Counters, decide
 from ml_serving.rollout.events import Action, Judgement, Mode, Outcome, Result, RolloutError, Verdict
+from ml_serving.rollout.run import RolloutRun
 
 if TYPE_CHECKING:
-    from ml_serving.rollout.run import RolloutRun
     from ml_serving.rollout.stack import Deployed
 
 
@@ -182,3 +182,8 @@ def describe(judgement: Judgement, index: int, total: int) -> str:
             f"  {check.name}: challenger {chall} champion {champ} limit {check.limit:g} {check.verdict} {check.note}"
         )
     return "\n".join(parts)
+
+
+def rollout_run(*args: Any, mode: Mode = Mode.RUN, **kwargs: Any) -> RolloutRun:
+    """A `RolloutRun` driven by `mode`'s driver (the run itself knows no modes)."""
+    return RolloutRun(*args, driver=DRIVERS[mode](), mode=mode, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from typing import Any, Protocol
 
 
 class Verdict(StrEnum):
@@ -155,3 +156,13 @@ class Outcome:
     @property
     def exit_code(self) -> int:
         return int(EXIT_CODES[self.result])
+
+
+class ModeDriver(Protocol):
+    """What a run asks of the driver of its mode (`drivers.py` has one per `Mode`): whether edits are applied and
+    logged, and the drive itself. The run knows only this, so `run` does not import `drivers`."""
+
+    applies: bool
+    records: bool
+
+    def drive(self, run: Any) -> Outcome: ...

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ml_serving.rollout.decision import current_weights, judge, other_weights, stage_weights
-from ml_serving.rollout.drivers import DRIVERS
 from ml_serving.rollout.edits import Restore, promote_in_config, restore_fields, variant_fields, write_weights
 from ml_serving.rollout.events import (
     ENDINGS,
@@ -24,6 +23,7 @@ from ml_serving.rollout.events import (
     Interrupted,
     Judgement,
     Mode,
+    ModeDriver,
     Outcome,
     Result,
     RolloutError,
@@ -46,13 +46,14 @@ class RolloutRun:
         prometheus: Prometheus,
         pulumi: PulumiStack,
         log_path: Path,
+        driver: ModeDriver,
         mode: Mode = Mode.RUN,
         report: Callable[[str], None] = print,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.project_dir, self.stack, self.model_key, self.mode = project_dir, stack, model_key, mode
-        self.driver = DRIVERS[mode]()
+        self.driver = driver
         self.path = stack_file(project_dir, stack)
         self.prometheus, self.pulumi, self.log_path = prometheus, pulumi, log_path
         self.report, self.sleep, self.clock = report, sleep, clock
