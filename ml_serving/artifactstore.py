@@ -7,24 +7,17 @@ the model over S3 exactly as from a cloud bucket, with the stack's `artifactStor
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
 import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ml_serving.localcluster import ClusterError, _wait
+from ml_serving.localcluster import ClusterError, wait_ready
+from ml_serving.processes import free_port, stop_group
 
 RCLONE_BINARY = "rclone"
 REMOTE = "s3"  # the URIs' scheme: the initializer copies s3://b/k from rclone's remote `s3:b/k`
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def s3_uri(root: Path, path: Path | str) -> str:
@@ -93,7 +86,7 @@ class S3Store:
                 return False
 
         try:
-            _wait(listening, self.process, self.log, "rclone serve s3", seconds)
+            wait_ready(listening, self.process, self.log, "rclone serve s3", seconds)
         except BaseException:
             self.stop()
             raise
@@ -101,11 +94,4 @@ class S3Store:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)

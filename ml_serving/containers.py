@@ -11,14 +11,13 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ml_serving.processes import free_port, stop_group
 from ml_serving.tools import tool_binary
 
 CACHE_DIR = Path(os.environ.get("ML_SERVING_CACHE_DIR") or Path.home() / ".cache" / "ml-serving")
@@ -35,12 +34,6 @@ ARG_LINE = re.compile(r"^ARG\s+(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:=(?P<default>\
 
 class ContainerError(RuntimeError):
     """The engine, the base image, the registry or a build failed; the message says which and what to do."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _docker(*args: str, timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
@@ -62,17 +55,6 @@ def engine_answers() -> bool:
         return False
 
 
-def _stop(process: subprocess.Popen, seconds: float = 30) -> None:
-    """SIGTERM to the process group we started, SIGKILL after `seconds`."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 @dataclass
 class Engine:
     """The Docker engine in use; `process` is set only when this object started `dockerd` (and so stops it)."""
@@ -86,7 +68,7 @@ class Engine:
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process)
+            stop_group(self.process, 30)
             self.process = None
 
 
@@ -249,7 +231,7 @@ class LocalRegistry:
     def start(self, seconds: float = 60) -> LocalRegistry:
         import requests
 
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         config = self.root / "config.yml"
         config.write_text(
             json.dumps(
@@ -301,7 +283,7 @@ class LocalRegistry:
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop(self.process)
+            stop_group(self.process)
             self.process = None
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from ml_serving.processes import free_port, http_ok, stop_group
 from ml_serving.tools import TOOLS_SCRIPT, tools_folder  # noqa: F401  (TOOLS_SCRIPT: its old home)
 
 # The upstream CRDs the team keeps beside the checkout (../shared/crds), or where ML_SERVING_CRD_DIR says.
@@ -64,13 +63,7 @@ def tools_env(folder: Path) -> dict[str, str]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait(ready: Callable[[], bool], process: subprocess.Popen, log: Path, what: str, seconds: float) -> None:
+def wait_ready(ready: Callable[[], bool], process: subprocess.Popen, log: Path, what: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -120,7 +113,7 @@ class LocalCluster:
         return process, log
 
     def _start_etcd(self, seconds: float) -> None:
-        client, peer = _free_port(), _free_port()
+        client, peer = free_port(), free_port()
         self.etcd_url = f"http://127.0.0.1:{client}"
         process, log = self._spawn(
             "etcd",
@@ -134,17 +127,12 @@ class LocalCluster:
         )  # fmt: skip
 
         def healthy() -> bool:
-            import requests
+            return http_ok(f"{self.etcd_url}/health")
 
-            try:
-                return requests.get(f"{self.etcd_url}/health", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
-
-        _wait(healthy, process, log, "etcd", seconds)
+        wait_ready(healthy, process, log, "etcd", seconds)
 
     def _start_apiserver(self, seconds: float) -> None:
-        port = _free_port()
+        port = free_port()
         self.server = f"https://127.0.0.1:{port}"
         certs = self.root / "certs"
         certs.mkdir(parents=True, exist_ok=True)
@@ -185,7 +173,7 @@ class LocalCluster:
         import urllib3
 
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        _wait(ready, process, log, "kube-apiserver", seconds)
+        wait_ready(ready, process, log, "kube-apiserver", seconds)
 
     def _start_controllers(self) -> None:
         """Only what deletion needs; it serves nothing (--secure-port 0), so there is nothing to wait for."""
@@ -229,13 +217,7 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop kube-apiserver, then etcd, by their PIDs (each runs in its own process group)."""
         for process in reversed(self.processes):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+            stop_group(process)
         self.processes.clear()
 
 

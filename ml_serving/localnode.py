@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -26,8 +25,9 @@ from typing import Any
 import yaml
 
 from ml_serving import nodehost
-from ml_serving.localcluster import ClusterError, LocalCluster, _free_port, _wait
+from ml_serving.localcluster import ClusterError, LocalCluster, wait_ready
 from ml_serving.ociimage import binary_image
+from ml_serving.processes import free_port, stop_group
 
 NODE_BINARIES = ("kubelet", "kube-scheduler", "kube-proxy", "kube-controller-manager", "node-pause", "node-hello")
 HOST_COMMANDS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "ip", "iptables", "iptables-save", "umount")
@@ -200,8 +200,8 @@ def kube_proxy_config(node: LocalNode) -> dict[str, Any]:
         "clusterCIDR": str(node.subnet),
         "hostnameOverride": node.name,
         "bindAddress": node.node_ip,
-        "healthzBindAddress": f"127.0.0.1:{_free_port()}",
-        "metricsBindAddress": f"127.0.0.1:{_free_port()}",
+        "healthzBindAddress": f"127.0.0.1:{free_port()}",
+        "metricsBindAddress": f"127.0.0.1:{free_port()}",
         "nodePortAddresses": [f"{node.node_ip}/32"],
         "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
         "iptables": {"localhostNodePorts": False, "masqueradeAll": False},
@@ -226,8 +226,8 @@ class LocalNode:
         self.socket = self.root / "containerd" / "containerd.sock"
         self.subnet = pick_subnet()
         self.node_ip = str(next(self.subnet.hosts()))
-        self.kubelet_port = _free_port()
-        self.kubelet_healthz_port = _free_port()
+        self.kubelet_port = free_port()
+        self.kubelet_healthz_port = free_port()
         self.before: nodehost.HostSnapshot | None = None
 
     def start(self, seconds: float = 180) -> LocalNode:
@@ -283,7 +283,7 @@ class LocalNode:
         config = folder / "config.toml"
         config.write_text(containerd_config(folder, self.socket, self.root / "cni" / "net.d"))
         process, log = self._spawn("containerd", ["containerd", "--config", str(config), "--log-level", "info"])
-        _wait(lambda: self.ctr("version", check=False).returncode == 0, process, log, "containerd", seconds)
+        wait_ready(lambda: self.ctr("version", check=False).returncode == 0, process, log, "containerd", seconds)
 
     def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`ctr` against the node's containerd, in the CRI namespace."""
@@ -308,7 +308,7 @@ class LocalNode:
                 "--hostname-override", self.name, "--node-ip", self.node_ip, "--v", "1",
             ],
         )  # fmt: skip
-        _wait(self.ready, process, log, "kubelet (node Ready)", seconds)
+        wait_ready(self.ready, process, log, "kubelet (node Ready)", seconds)
 
     def ready(self) -> bool:
         """Whether the API server shows this node Ready."""
@@ -361,15 +361,7 @@ class LocalNode:
     # --- tear-down --------------------------------------------------------------------------------------------
 
     def _stop_process(self, name: str, seconds: float = 20) -> None:
-        process = self.processes.pop(name, None)
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=seconds)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(self.processes.pop(name, None), seconds)
 
     def _delete_pods(self, seconds: float = 60) -> None:
         """Delete every pod bound to this node and wait until the runtime runs no task (the CNI DEL has run)."""

@@ -10,7 +10,6 @@ controller-runtime will not start without one) and is stopped by its PID.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -20,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from ml_serving.localcluster import ClusterError, _free_port, _wait
+from ml_serving.localcluster import ClusterError, wait_ready
+from ml_serving.processes import free_port, http_ok, stop_group
 from ml_serving.specs.platform import HelmChart
 
 OPERATOR_BINARY = "seldon-operator"
@@ -117,27 +117,22 @@ class LocalOperator:
                     raise
         # controller-runtime reads its webhook certificate from $TMPDIR/k8s-webhook-server/serving-certs.
         _self_signed(self.root / "k8s-webhook-server" / "serving-certs")
-        metrics = _free_port()
+        metrics = free_port()
         self.env = {**env, "POD_NAMESPACE": self.chart.namespace}
         process_env = {**os.environ, **self.env, "TMPDIR": str(self.root), "KUBECONFIG": str(self.kubeconfig)}
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
-                [str(self.bin_dir / OPERATOR_BINARY), f"--webhook-port={_free_port()}",
+                [str(self.bin_dir / OPERATOR_BINARY), f"--webhook-port={free_port()}",
                  f"--metrics-addr=127.0.0.1:{metrics}", f"--operator-namespace={self.chart.namespace}",
                  "--create-resources=false", f"--log-level={env.get('MANAGER_LOG_LEVEL') or 'INFO'}"],
                 stdout=out, stderr=subprocess.STDOUT, env=process_env, start_new_session=True,
             )  # fmt: skip
 
         def serving() -> bool:
-            import requests
-
-            try:
-                return requests.get(f"http://127.0.0.1:{metrics}/metrics", timeout=1).status_code == 200
-            except requests.RequestException:
-                return False
+            return http_ok(f"http://127.0.0.1:{metrics}/metrics")
 
         try:
-            _wait(serving, self.process, self.log, "seldon-operator", seconds)
+            wait_ready(serving, self.process, self.log, "seldon-operator", seconds)
         except BaseException:
             self.stop()
             raise
@@ -149,14 +144,7 @@ class LocalOperator:
     def stop(self) -> None:
         """Stop the operator by its PID (it runs in its own process group)."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
 
 
 def wait_for(found: Any, what: str, seconds: float = 60, log: Path | None = None) -> Any:

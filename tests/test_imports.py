@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ml_serving"
 # Lowest first; a module may import its own layer or lower ones. The first matching prefix wins.
 LAYERS: list[tuple[str, ...]] = [
     ("ml_serving", "ml_serving.labels", "ml_serving.runtimes", "ml_serving.configbase", "ml_serving.server",
-     "ml_serving.tools"),
+     "ml_serving.tools", "ml_serving.processes"),
     ("ml_serving.settings", "ml_serving.poolsettings"),  # the one model of the stack config
     ("ml_serving.stackfile", "ml_serving.registry", "ml_serving.metrics", "ml_serving.modelenv",
      "ml_serving.signatures", "ml_serving.image", "ml_serving.localcluster", "ml_serving.seed",
