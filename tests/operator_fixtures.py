@@ -8,8 +8,10 @@ as envtest-style tests do; the operator then writes the VirtualService and Desti
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,9 @@ SELDON_ID = "seldon-deployment-id"  # the label the operator puts on everything 
 APPLIED_KINDS = ("Namespace", "ServiceAccount", "Secret", "SeldonDeployment")
 
 
-@pytest.fixture(scope="session")
-def seldon_operator(tools: Path, cluster) -> LocalOperator:  # type: ignore[no-untyped-def]
-    """The operator built by `./run tools`, set up by the chart with prod's values (Istio, KEDA, the gateway)."""
+@contextlib.contextmanager
+def seldon_operator_beside(tools: Path, cluster: Any) -> Iterator[LocalOperator]:
+    """The operator built by `./run tools`, set up by prod's chart values, against `cluster`; stopped by its PID."""
     problem = operator_ready(tools / "bin")
     if problem:
         if os.environ.get("ML_SERVING_REQUIRE_ENGINE"):
@@ -38,8 +40,17 @@ def seldon_operator(tools: Path, cluster) -> LocalOperator:  # type: ignore[no-u
     settings = parse_settings(stack_config("prod"), "Pulumi.prod.yaml")
     operator = LocalOperator(tools / "bin", cluster.kubeconfig, platform.seldon_operator(settings))
     operator.start(cluster.api_client())
-    yield operator
-    operator.stop()
+    try:
+        yield operator
+    finally:
+        operator.stop()
+
+
+@pytest.fixture(scope="session")
+def seldon_operator(tools: Path, cluster) -> Iterator[LocalOperator]:  # type: ignore[no-untyped-def]
+    """The operator built by `./run tools`, set up by the chart with prod's values (Istio, KEDA, the gateway)."""
+    with seldon_operator_beside(tools, cluster) as operator:
+        yield operator
 
 
 @dataclass

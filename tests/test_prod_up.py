@@ -10,11 +10,9 @@ server runs without admission webhooks (their servers are those pods). The objec
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +20,11 @@ import pytest
 import yaml
 
 from ml_serving.localcluster import CRD_DIR, LocalCluster, tools_env
-from ml_serving.localoperator import LocalOperator, operator_ready, wait_for
-from ml_serving.specs import platform
-from ml_serving.stackfile import parse_settings
+from ml_serving.localoperator import LocalOperator, wait_for
 from tests.chart_fixtures import _Loader as YamlLoader
 from tests.chart_fixtures import chart_folder_fixture  # noqa: F401  (fixture)
-from tests.conftest import copy_project, stack_config
-from tests.operator_fixtures import SELDON_ID
+from tests.conftest import copy_project
+from tests.operator_fixtures import SELDON_ID, seldon_operator_beside
 from tests.test_engine import PASSPHRASE, Engine
 
 pytestmark = pytest.mark.engine
@@ -140,23 +136,6 @@ def kept_crds(chart_folder: Path) -> set[str]:
             if doc and doc.get("kind") == "CustomResourceDefinition":
                 found.add(doc["metadata"]["name"])
     return found
-
-
-@contextlib.contextmanager
-def seldon_operator_beside(tools: Path, cluster: LocalCluster) -> Iterator[LocalOperator]:
-    """The operator built by `./run tools`, set up by prod's chart values, against `cluster`; stopped by its PID."""
-    problem = operator_ready(tools / "bin")
-    if problem:
-        if os.environ.get("ML_SERVING_REQUIRE_ENGINE"):
-            pytest.fail(f"ML_SERVING_REQUIRE_ENGINE is set but {problem}")
-        pytest.skip(problem)
-    settings = parse_settings(stack_config("prod"), "Pulumi.prod.yaml")
-    operator = LocalOperator(tools / "bin", cluster.kubeconfig, platform.seldon_operator(settings))
-    operator.start(cluster.api_client())
-    try:
-        yield operator
-    finally:
-        operator.stop()
 
 
 def reconciled(cluster: LocalCluster, operator: LocalOperator, sdeps: set[str]) -> list[dict[str, Any]]:
