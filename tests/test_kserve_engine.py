@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from ml_serving.specs import kserve
 from tests.conftest import copy_project
 from tests.test_engine import CLI, Engine, contained, live, rendered
 from tests.test_rollout import weights
-from tests.test_rollout_e2e import INTERVAL, Traffic, engine_canary, engine_env, history, world  # noqa: F401
+from tests.test_rollout_e2e import INTERVAL, Traffic, Watcher, engine_canary, engine_env, history, world  # noqa: F401
 
 pytestmark = pytest.mark.engine
 
@@ -124,25 +122,10 @@ def test_a_weight_edit_is_one_in_place_update_of_the_virtual_service(kengine, cl
 # -- a whole rollout under kserve ---------------------------------------------------------------------------------
 
 
-class Watcher(threading.Thread):
-    """Records each distinct split the API server holds in the model's VirtualService, as it changes."""
-
-    def __init__(self, cluster, namespace: str) -> None:
-        super().__init__(daemon=True)
-        self.cluster, self.namespace, self.seen, self.stop = cluster, namespace, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.wait(0.1):
-            with suppress(Exception):  # not created yet
-                split = vs_traffic(self.cluster, self.namespace, "churn")
-                if not self.seen or self.seen[-1] != split:
-                    self.seen.append(split)
-
-
 def kserve_rollout(project: Path, stack: str, urls: dict[str, str], env: dict[str, str], cluster):
     path = project / f"Pulumi.{stack}.yaml"
     path.write_text(to_kserve(path.read_text()))
-    watcher, traffic = Watcher(cluster, stack), Traffic(project, urls, stack=stack)
+    watcher, traffic = Watcher(lambda: vs_traffic(cluster, stack, "churn")), Traffic(project, urls, stack=stack)
     watcher.start()
     traffic.start()
     try:

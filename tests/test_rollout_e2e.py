@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -169,24 +170,25 @@ def engine_canary(project: Path, prometheus: str, stack: str) -> None:
 
 
 class Watcher(threading.Thread):
-    """Records each distinct traffic split the API server holds for the SeldonDeployment, as it changes."""
+    """Records each distinct traffic split `read()` finds on the API server (the SeldonDeployment's, or under
+    KServe the VirtualService's), as it changes."""
 
-    def __init__(self, cluster, namespace: str) -> None:
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
         super().__init__(daemon=True)
-        self.cluster, self.namespace, self.seen, self.stop = cluster, namespace, [], threading.Event()
+        self.read, self.seen, self.stop = read, [], threading.Event()
 
     def run(self) -> None:
-        from tests.test_engine import traffic
-
         while not self.stop.wait(0.1):
             with suppress(Exception):  # not created yet
-                split = traffic(self.cluster, self.namespace, "churn")
+                split = self.read()
                 if not self.seen or self.seen[-1] != split:
                     self.seen.append(split)
 
 
 def engine_rollout(project: Path, stack: str, urls: dict[str, str], env: dict[str, str], cluster):
-    watcher = Watcher(cluster, stack)
+    from tests.test_engine import traffic as split_of
+
+    watcher = Watcher(lambda: split_of(cluster, stack, "churn"))
     watcher.start()
     traffic = Traffic(project, urls, stack=stack)
     traffic.start()
