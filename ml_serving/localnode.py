@@ -229,12 +229,16 @@ class LocalNode:
         self.kubelet_port = free_port()
         self.kubelet_healthz_port = free_port()
         self.before: nodehost.HostSnapshot | None = None
+        self.host_lock: Any = None
 
-    def start(self, seconds: float = 180) -> LocalNode:
+    def start(self, seconds: float = 180, wait_for_host: float = 1800) -> LocalNode:
         """Bring up the runtime, the network and the kubelet, wait for a Ready node, then the scheduler and the rest."""
         missing = missing_prerequisites(self.bin_dir)
         if missing:
             raise NodeError("this machine cannot run a node:\n  " + "\n  ".join(missing))
+        self.host_lock = nodehost.hold_host(wait_for_host)
+        if self.host_lock is None:
+            raise NodeError(f"another node has held {nodehost.HOST_LOCK} for {wait_for_host:.0f} s: stop it first")
         self.before = nodehost.HostSnapshot.take()
         try:
             self._make_network()
@@ -383,8 +387,9 @@ class LocalNode:
                 return
             time.sleep(0.5)
 
-    def stop(self) -> None:
-        """Stop every process of the node, then remove what they leave behind on the host."""
+    def stop(self, check: bool = False) -> nodehost.Leftovers | None:
+        """Stop every process of the node, then remove what they leave behind on the host; with `check`, say what is
+        still there (read before the host lock goes to the next node, whose own state must not count)."""
         for name in ("kube-scheduler", "kube-controller-manager-node"):
             self._stop_process(name)
         if "kubelet" in self.processes and "containerd" in self.processes:
@@ -399,7 +404,9 @@ class LocalNode:
         for name in list(self.processes):
             self._stop_process(name)
         if self.before is None:
-            return
+            nodehost.release_host(self.host_lock)
+            self.host_lock = None
+            return None
         nodehost.kill_all(nodehost.pids_with_argument(str(self.socket)) | nodehost.cgroup_pids(self.cgroup))
         nodehost.unmount_under(self.root)
         nodehost.remove_netns(self.before.netns)
@@ -408,11 +415,11 @@ class LocalNode:
         nodehost.remove_cgroup(self.cgroup)
         nodehost.restore_sysctls(self.before.sysctls)
         nodehost.remove_cni_cache(POD_NETWORK)
-
-    def leftovers(self) -> nodehost.Leftovers:
-        """What of the node is still on the host (empty after a complete `stop()`)."""
-        assert self.before is not None
-        return nodehost.leftovers(self.before, self.root, self.socket, self.cgroup)
+        left = nodehost.leftovers(self.before, self.root, self.socket, self.cgroup) if check else None
+        self.before = None  # a second stop() must not remove what a later node made
+        nodehost.release_host(self.host_lock)
+        self.host_lock = None
+        return left
 
     def remove_root(self) -> None:
         """Delete the node's folder (logs included): only once its mounts are gone."""

@@ -9,6 +9,7 @@ the node (its root folder, its bridge, its cgroup root, KUBE-/CNI- rules), so no
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shlex
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 NETNS_DIR = Path("/run/netns")
@@ -283,3 +285,29 @@ def leftovers(before: HostSnapshot, root: Path, socket: Path, cgroup: str) -> Le
         rules=sorted(rules),
         cgroups=[str(h / cgroup.strip("/")) for h in cgroup_hierarchies() if (h / cgroup.strip("/")).exists()],
     )
+
+
+# A node's tear-down removes what appeared on the host since its start (netns, veths, KUBE-/CNI- rules): with two
+# nodes at once, one would remove the other's. So one node per host at a time, the next waiting its turn.
+HOST_LOCK = Path(os.environ.get("ML_SERVING_NODE_LOCK") or "/run/ml-serving-node.lock")
+
+
+def hold_host(seconds: float) -> Any:
+    """The host's node lock (an open file holding `flock`), waited for up to `seconds`; None if not had in time."""
+    handle = HOST_LOCK.open("a+")
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                return None
+            time.sleep(1)
+
+
+def release_host(handle: Any) -> None:
+    if handle is not None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

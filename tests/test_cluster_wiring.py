@@ -292,6 +292,6 @@ def test_checkov_finds_nothing_in_the_operator_s_deployments_beyond_the_written_
         images = {c["name"]: c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]}
         assert sum("@sha256:" in image for image in images.values()) == 1, images
     for deployment in deployments:  # every Deployment was read: the token, UID, root fs, probe checks
-        resource = f"Deployment.models.{deployment['metadata']['name']}"
+        resource = f"Deployment.{deployment['metadata']['namespace']}.{deployment['metadata']['name']}"
         for check in ("CKV_K8S_38", "CKV_K8S_40", "CKV_K8S_22", "CKV_K8S_8"):
             assert (check, resource) in passed, (check, resource)

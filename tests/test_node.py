@@ -159,6 +159,5 @@ def test_the_seldon_executor_image_runs_beside_a_model_as_the_operator_injects_i
 def test_tear_down_leaves_nothing_behind(node: LocalNode) -> None:  # noqa: F811
     running = node.ctr("tasks", "ls").stdout
     assert "RUNNING" in running  # the pods above still run: stop() has something to clean
-    node.stop()
-    left = node.leftovers()
-    assert not left, f"the node left this behind: {left}"
+    left = node.stop(check=True)
+    assert left is not None and not left, f"the node left this behind: {left}"
