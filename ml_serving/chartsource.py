@@ -39,7 +39,7 @@ def locate(settings: Settings, chart: HelmChart, base: Path) -> ChartSource:
     """The source of `chart` under `settings.charts`; a relative folder is relative to `base` (the project)."""
     charts = settings.charts
     if charts.folder:
-        return _from_folder((base / charts.folder).resolve(), chart)
+        return _from_folder((base / charts.folder).resolve(), chart, charts.devel_builds.get(chart.chart))
     if charts.mirror and charts.mirror.startswith("oci://"):
         return ChartSource(f"{charts.mirror.rstrip('/')}/{chart.chart}", chart.version)
     if charts.mirror:
@@ -51,7 +51,9 @@ def public(chart: HelmChart) -> ChartSource:
     return ChartSource(chart.chart, chart.version, chart.repository)
 
 
-def _from_folder(folder: Path, chart: HelmChart) -> ChartSource:
+def _from_folder(folder: Path, chart: HelmChart, devel: str | None = None) -> ChartSource:
+    """The chart's folder if its Chart.yaml says the pinned version, or exactly the development version `devel`
+    (`charts.develBuilds`) that the team accepted for it."""
     where = "ml-serving:charts.folder"
     fetch = f"helm pull {chart.repository.rstrip('/')}/{chart.chart} --version {chart.version} --untar"
     if chart.repository.startswith("https://"):
@@ -73,17 +75,43 @@ def _from_folder(folder: Path, chart: HelmChart) -> ChartSource:
             f"{where}: {found / 'Chart.yaml'} is the chart {name!r}, not {chart.chart!r}: put {chart.chart} "
             f"{chart.version} there"
         )
-    if version.removeprefix("v") != chart.version.removeprefix("v"):
+    pinned = version.removeprefix("v") == chart.version.removeprefix("v")
+    if devel is not None and pinned:
         raise ChartSourceError(
-            f"{where}: the stack pins {chart.chart} {chart.version}, but {found / 'Chart.yaml'} says version "
-            f"{version}: put {chart.chart} {chart.version} there (`{fetch}`), or change the pin in a reviewed diff"
+            f"ml-serving:charts.develBuilds.{chart.chart}: {found / 'Chart.yaml'} says the pinned version {version}, "
+            f"not a development build: remove the entry"
         )
+    if not pinned and (devel is None or version != devel):
+        says = f"{found / 'Chart.yaml'} says version {version}"
+        fix = f"put {chart.chart} {chart.version} there (`{fetch}`), or change the pin in a reviewed diff"
+        if devel is not None:
+            says += f", not the {devel} that charts.develBuilds accepts"
+        elif _is_devel(version):
+            app = meta.get("appVersion")
+            says += f" (appVersion {app})" if app else ""
+            says += ": a development build (the chart's source tree, not the published chart)"
+            fix = (
+                f"put the published {chart.chart} {chart.version} there (`{fetch}`), or, if that folder is the "
+                f"source at tag {chart.version}, accept it with charts.develBuilds: {{{chart.chart}: {version}}}"
+            )
+        raise ChartSourceError(f"{where}: the stack pins {chart.chart} {chart.version}, but {says}: {fix}")
     return ChartSource(str(found), chart.version)  # Helm ignores a local chart's version; the plan shows it
+
+
+def _is_devel(version: str) -> bool:
+    """A semver pre-release (`v1.0.0-devel`), as a chart's source tree says between releases."""
+    return "-" in version
 
 
 def sources(settings: Settings, releases: list[Release], base: Path) -> dict[str, ChartSource]:
     """Every release's source by release name; raises ChartSourceError listing every bad chart at once."""
     found, problems = {}, []
+    installed = {release.chart.chart for release in releases}
+    for name in sorted(set(settings.charts.devel_builds) - installed):
+        problems.append(
+            f"ml-serving:charts.develBuilds.{name}: the stack installs no chart {name} (it installs "
+            f"{', '.join(sorted(installed)) or 'none'}): remove the entry"
+        )
     for release in releases:
         try:
             found[release.chart.release] = locate(settings, release.chart, base)

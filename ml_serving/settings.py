@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     Field,
     SecretStr,
     StrictBool,
@@ -250,6 +251,19 @@ class Monitoring(_Config):
     alerts: AlertThresholds = AlertThresholds()
 
 
+def _devel_version(value: str) -> str:
+    """A semver pre-release (`v1.0.0-devel`): a released version is never accepted in place of the pinned one."""
+    if not re.fullmatch(r"v?[0-9]+\.[0-9]+\.[0-9]+-[0-9A-Za-z.-]+", value):
+        raise ValueError(
+            f"{value!r} is not a development version: develBuilds accepts only the pre-release version a chart's "
+            "Chart.yaml says (e.g. v1.0.0-devel); a released chart must be the pinned version"
+        )
+    return value
+
+
+DevelVersion = Annotated[str, AfterValidator(_devel_version)]
+
+
 class Charts(_Config):
     """Where every Helm release's chart comes from, at the versions the stack pins: the public repositories (the
     default), a folder of unpacked charts (air-gapped clusters: `<folder>/<chart>-<version>/` or `<folder>/<chart>/`,
@@ -261,11 +275,16 @@ class Charts(_Config):
     # false: create the charts' objects without waiting for their pods or running their hook Jobs (a cluster that
     # cannot run pods yet, like the engine tests' API server); true waits, and rolls a failed release back.
     wait: StrictBool = True
+    # A folder chart taken from its source at the pinned tag, whose Chart.yaml says a development version (NVIDIA's
+    # gpu-operator says v1.0.0-devel): chart name -> that exact version, accepted instead of the pin.
+    devel_builds: dict[str, DevelVersion] = {}
 
     @model_validator(mode="after")
     def _one_source(self) -> Charts:
         if self.folder and self.mirror:
             raise ValueError("set folder (unpacked charts) or mirror (a chart repository), not both")
+        if self.devel_builds and not self.folder:
+            raise ValueError("develBuilds accepts charts of a folder: set folder too, or remove develBuilds")
         return self
 
 

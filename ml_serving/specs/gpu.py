@@ -11,7 +11,7 @@ from typing import Any
 
 from ml_serving import labels
 from ml_serving.settings import Settings, Variant
-from ml_serving.specs.platform import HelmChart
+from ml_serving.specs.platform import HelmChart, chart_resources, locked_down, runtime_default
 
 NODEPOOL_API = "karpenter.sh/v1"
 NODECLASS_API = "karpenter.k8s.aws/v1"
@@ -19,6 +19,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 POOL_LABEL = "karpenter.sh/nodepool"
 GPU_NAME_LABEL = "karpenter.k8s.aws/instance-gpu-name"
 DEVICE_PLUGIN_CONFIG_LABEL = "nvidia.com/device-plugin.config"
+GPU_OPERATOR_VERSION = "v24.9.2"
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,13 @@ def device_plugin(settings: Settings) -> HelmChart:
         "tolerations": _gpu_tolerations(settings),
         "nodeSelector": {},
         "affinity": _gpu_nodes_affinity(),
+        # The plugin and its config-manager sidecar, as root (the kubelet's device-plugins folder is root's) but
+        # with no capability: with a config map the chart adds SYS_ADMIN in case a config asks for MIG or
+        # volume-mount device lists; ours (time_slicing_config) ask for neither. They write only to mounted
+        # folders (device-plugins, /config, /var/run/cdi, /mps: k8s-device-plugin v0.17.0), so the root is read-only.
+        "securityContext": locked_down(),
+        "podSecurityContext": runtime_default(),
+        "resources": chart_resources("50m", "64Mi", "500m", "256Mi"),
     }
     if configs:
         values["config"] = {"map": configs, "default": "default"}
@@ -185,6 +193,9 @@ def gpu_operator(settings: Settings) -> HelmChart:
         "toolkit": {"enabled": False},
         "dcgmExporter": {"enabled": False},
         "daemonsets": {"tolerations": _gpu_tolerations(settings)},
+        # These images' tags default to the chart's appVersion, which the chart's source tree says is `devel-ubi8`
+        # (charts.develBuilds): pinned to the release, a folder holding the source at the tag runs the release.
+        **{part: {"version": GPU_OPERATOR_VERSION} for part in ("operator", "validator", "nodeStatusExporter")},
     }
     configs = time_slicing_configs(settings)
     if configs:
@@ -194,7 +205,7 @@ def gpu_operator(settings: Settings) -> HelmChart:
     return HelmChart(
         release="gpu-operator",
         chart="gpu-operator",
-        version="v24.9.2",
+        version=GPU_OPERATOR_VERSION,
         repository="https://helm.ngc.nvidia.com/nvidia",
         namespace="gpu-operator",
         values=values,
@@ -213,6 +224,17 @@ def dcgm_exporter(settings: Settings) -> HelmChart:
             "tolerations": _gpu_tolerations(settings),
             "affinity": _gpu_nodes_affinity(),
             "serviceMonitor": dcgm_service_monitor(settings),
+            # Root, to read the kubelet's pod-resources socket (which pod holds each GPU), and SYS_ADMIN for the
+            # profiling metrics, as the chart has it; nothing else. The root stays writable: the image's entrypoint
+            # runs `ldconfig` and `setcap` on its own binary under `set -e` (dcgm-exporter 4.2.3-4.1.1).
+            "securityContext": {
+                "runAsNonRoot": False,
+                "runAsUser": 0,
+                **locked_down(read_only=False),
+                "capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]},
+            },
+            "podSecurityContext": runtime_default(),
+            "resources": chart_resources("100m", "256Mi", "1", "1Gi"),
         },
     )
 

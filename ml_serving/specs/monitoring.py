@@ -18,7 +18,14 @@ from ml_serving.runtimes import Runtime
 from ml_serving.settings import AlertThresholds, Model, Settings
 from ml_serving.specs.kserve import CONTAINER as KSERVE_CONTAINER
 from ml_serving.specs.kserve import METRICS_PATH
-from ml_serving.specs.platform import HelmChart, namespace_object
+from ml_serving.specs.platform import (
+    OPERATOR_UID,
+    HelmChart,
+    chart_resources,
+    locked_down,
+    namespace_object,
+    runtime_default,
+)
 
 MONITORING_API = "monitoring.coreos.com/v1"
 DASHBOARD_LABEL = "grafana_dashboard"
@@ -460,8 +467,36 @@ def kube_prometheus_stack(settings: Settings) -> HelmChart:
                         "label": DASHBOARD_LABEL,
                         "labelValue": "1",
                         "searchNamespace": "ALL",
+                    },
+                    # It writes only to its dashboards folder, an emptyDir (k8s-sidecar 1.30.3, src/helpers.py).
+                    "securityContext": {"readOnlyRootFilesystem": True},
+                    "resources": chart_resources("50m", "64Mi", "200m", "256Mi"),
+                },
+                # The image's files are world-readable and its data paths mode 777, so any user runs it; Grafana
+                # writes to /var/lib/grafana (the chart's emptyDir), and to /tmp and its log folder, given here.
+                "securityContext": {"runAsUser": OPERATOR_UID, "runAsGroup": OPERATOR_UID, "fsGroup": OPERATOR_UID},
+                "containerSecurityContext": {"readOnlyRootFilesystem": True},
+                "extraEmptyDirMounts": [
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    {"name": "logs", "mountPath": "/var/log/grafana"},
+                ],
+                "resources": chart_resources("100m", "256Mi", "1", "1Gi"),
+                "testFramework": {"enabled": False},  # a `helm test` Pod (bats as root) that no `up` ever runs
+            },
+            "prometheusOperator": {
+                "resources": chart_resources("100m", "128Mi", "500m", "512Mi"),
+                "admissionWebhooks": {
+                    "patch": {
+                        "resources": chart_resources("50m", "64Mi", "200m", "128Mi"),
+                        "securityContext": {"runAsUser": OPERATOR_UID, "runAsGroup": OPERATOR_UID},
                     }
                 },
+            },
+            "kube-state-metrics": {"resources": chart_resources("50m", "128Mi", "500m", "512Mi")},
+            "prometheus-node-exporter": {
+                "resources": chart_resources("50m", "64Mi", "250m", "128Mi"),
+                "securityContext": runtime_default(),  # merged into the chart's pod context (user 65534)
+                "containerSecurityContext": locked_down(),
             },
         },
     )
