@@ -399,6 +399,7 @@ def prometheus_adapter(settings: Settings) -> HelmChart:
         values={
             "prometheus": prometheus,
             "rules": {"default": False, "custom": [metrics.adapter_rule()]},
+            "resources": chart_resources("100m", "128Mi", "500m", "512Mi"),
         },
     )
 
