@@ -432,9 +432,14 @@ def test_the_rendered_prometheus_selects_its_own_and_the_dcgm_service_monitors(h
 # 3. checkov on what the charts really create -----------------------------------------------------------------------
 
 PROD_CHARTS = ("dcgm-exporter", "keda", "kube-prometheus-stack", "nvidia-device-plugin", "seldon-core")
-SCANNED = (*PROD_CHARTS, "prometheus-adapter")
+SCANNED = (*PROD_CHARTS, "prometheus-adapter", "gpu-operator")
 KPS, DCGM, PLUGIN, SELDON = "kube-prometheus-stack", "dcgm-exporter", "nvidia-device-plugin", "seldon-core"
-ADAPTER = "prometheus-adapter"
+ADAPTER, OPERATOR = "prometheus-adapter", "gpu-operator"
+# A skip for one object of a chart: `chart@` and the start of checkov's resource name.
+GPU_OPERATOR_POD = "gpu-operator@Deployment.default.gpu-operator"
+CRD_HOOK = "gpu-operator@Job.gpu-operator.gpu-operator-upgrade-crd"
+NFD_PRUNE = "gpu-operator@Job.gpu-operator.gpu-operator-node-feature-discovery-prune"
+NFD_GC = "gpu-operator@Deployment.gpu-operator.gpu-operator-node-feature-discovery-gc"
 SELDON_MANAGER = (
     "chart: seldon-core-operator 1.18.2 templates no container securityContext for its manager (only the pod's "
     "runAsUser, which the stack sets: managerUserID); no value reaches the container"
@@ -452,13 +457,13 @@ SKIP_ROWS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
     (("CKV2_K8S_6",), SCANNED,
      "ours: the charts ship no NetworkPolicy for their own pods; the stack's NetworkPolicies guard the models "
      "namespace only (the platform's pods talk to the API server, the kubelet and each other)"),
-    (("CKV_K8S_15",), (DCGM, KPS, PLUGIN, SELDON, ADAPTER),  # KEDA's chart pulls Always
+    (("CKV_K8S_15",), (DCGM, KPS, PLUGIN, SELDON, ADAPTER, OPERATOR),  # KEDA's chart pulls Always
      "ours: IfNotPresent with the charts' pinned tags; Always would make each restart depend on the registry (an "
      "air-gapped cluster's mirror)"),
     (("CKV_K8S_43",), SCANNED,
      "ours: images by the charts' pinned tags; a digest must be read from the registry that serves them (the "
      "team's mirror), which the stack does not reach (kube-prometheus-stack's image.sha values could take them)"),
-    (("CKV_K8S_38",), (KPS, "keda", PLUGIN, SELDON, ADAPTER),
+    (("CKV_K8S_38",), (KPS, "keda", PLUGIN, SELDON, ADAPTER, OPERATOR),
      "upstream: the operators, Grafana's sidecars, kube-state-metrics, the webhook Jobs and the device plugin's "
      "config-manager (node labels) call the API server"),
     (("CKV_K8S_38",), (DCGM,),
@@ -483,7 +488,18 @@ SKIP_ROWS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
      "upstream: Grafana's dashboard sidecars (k8s-sidecar 1.30.3, the chart's pin) serve no health endpoint (its "
      "/healthz came in 1.31.0), so the chart's sidecar probe values have nothing to probe; Grafana has both"),
     (("CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_28", "CKV_K8S_30", "CKV_K8S_31", "CKV_K8S_37"), (SELDON,), SELDON_MANAGER),
-    (("CKV_K8S_8", "CKV_K8S_9"), (SELDON, PLUGIN), "chart: templates no probe and has no value for one"),
+    (("CKV_K8S_8", "CKV_K8S_9"), (SELDON, PLUGIN, NFD_GC), "chart: templates no probe and has no value for one"),
+    (("CKV_K8S_21",), (OPERATOR,),
+     "chart: gpu-operator v24.9.2 templates its Deployment, Role, RoleBinding and ServiceAccounts without a "
+     "namespace (Helm puts them in the release's: gpu-operator)"),
+    (("CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_23", "CKV_K8S_28", "CKV_K8S_30", "CKV_K8S_37", "CKV_K8S_40"),
+     (GPU_OPERATOR_POD, CRD_HOOK),
+     "chart: no securityContext value reaches the GPU Operator's container or its CRD-upgrade hook Job"),
+    (("CKV_K8S_29", "CKV_K8S_31"), (GPU_OPERATOR_POD, CRD_HOOK, NFD_PRUNE),
+     "chart: no pod securityContext value for the GPU Operator, its CRD-upgrade hook Job or NFD's prune hook Job "
+     "(whose container takes NFD master's context, set)"),
+    (("CKV_K8S_10", "CKV_K8S_11", "CKV_K8S_12", "CKV_K8S_13"), (CRD_HOOK, NFD_PRUNE),
+     "chart: no resources value for the hook Jobs (the CRD upgrade, NFD's prune)"),
     (("CKV_K8S_22",), (DCGM,),
      "upstream: the image's entrypoint runs `ldconfig` and `setcap` on its own binary under `set -e` "
      "(dcgm-exporter 4.2.3-4.1.1), so a read-only root stops it; the chart has no value to replace it"),
@@ -500,19 +516,28 @@ SKIP_ROWS: list[tuple[tuple[str, ...], tuple[str, ...], str]] = [
 
 
 def checkov_releases() -> list[charts.Release]:
-    """prod's charts and the adapter of `hpa`; the GPU Operator's output is not scanned yet (README, 'Security')."""
-    adapter = release_named("hpa", ADAPTER)
-    return [*releases_of(prod_config()), adapter]
+    """prod's charts, the adapter of `hpa` and the GPU Operator (instead of the bare plugin)."""
+    return [*releases_of(prod_config()), release_named("hpa", ADAPTER), release_named(OPERATOR, OPERATOR)]
 
 
 def chart_checkov_skips() -> dict[tuple[str, str], str]:
+    """(target, check) -> why; a target is a chart, or `chart@resource` for one of its objects."""
     skips: dict[tuple[str, str], str] = {}
-    for checks, chart_names, why in SKIP_ROWS:
-        for chart in chart_names:
+    for checks, targets, why in SKIP_ROWS:
+        for target in targets:
             for check in checks:
-                assert (chart, check) not in skips, f"{chart} {check} is in two rows"
-                skips[(chart, check)] = why
+                assert (target, check) not in skips, f"{target} {check} is in two rows"
+                skips[(target, check)] = why
     return skips
+
+
+def skipped_by(skips: dict[tuple[str, str], str], chart: str, check: str, resource: str) -> list[tuple[str, str]]:
+    return [
+        (target, c)
+        for target, c in skips
+        if c == check
+        and (target == chart or (target.startswith(f"{chart}@") and resource.startswith(target.split("@")[1])))
+    ]
 
 
 @pytest.mark.charts
@@ -532,7 +557,7 @@ def test_checkov_finds_nothing_in_the_charts_output_beyond_the_written_skips(hel
     failed = {(f["file_path"].strip("/").split("/")[0], f["check_id"], f["resource"])
               for r in reports for f in r["results"]["failed_checks"]}  # fmt: skip
     skips = chart_checkov_skips()
-    unexplained = sorted(f for f in failed if f[:2] not in skips)
+    unexplained = sorted(f for f in failed if not skipped_by(skips, *f))
     assert not unexplained, "\n".join(f"{c} {chart} {res}" for chart, c, res in unexplained)
-    stale = sorted(set(skips) - {(chart, check) for chart, check, _ in failed})
+    stale = sorted(set(skips) - {skip for f in failed for skip in skipped_by(skips, *f)})
     assert not stale, f"skips no longer needed: {stale}"

@@ -11,7 +11,7 @@ from typing import Any
 
 from ml_serving import labels
 from ml_serving.settings import Settings, Variant
-from ml_serving.specs.platform import HelmChart, chart_resources, locked_down, runtime_default
+from ml_serving.specs.platform import OPERATOR_UID, HelmChart, chart_resources, locked_down, runtime_default
 
 NODEPOOL_API = "karpenter.sh/v1"
 NODECLASS_API = "karpenter.k8s.aws/v1"
@@ -196,7 +196,22 @@ def gpu_operator(settings: Settings) -> HelmChart:
         # These images' tags default to the chart's appVersion, which the chart's source tree says is `devel-ubi8`
         # (charts.develBuilds): pinned to the release, a folder holding the source at the tag runs the release.
         **{part: {"version": GPU_OPERATOR_VERSION} for part in ("operator", "validator", "nodeStatusExporter")},
+        # Node Feature Discovery (the chart's dependency) runs as non-root already: a high UID, the runtime's
+        # seccomp profile and CPU limits beside its own requests and memory limits. Its prune Job (a post-delete
+        # hook) takes only the master's container context, so the UID goes there too.
+        "node-feature-discovery": {
+            part: {
+                "podSecurityContext": {"runAsUser": OPERATOR_UID, "runAsGroup": OPERATOR_UID, **runtime_default()},
+                "resources": chart_resources(*figures),
+            }
+            for part, figures in (
+                ("master", ("100m", "128Mi", "1", "4Gi")),
+                ("worker", ("5m", "64Mi", "200m", "512Mi")),
+                ("gc", ("10m", "128Mi", "200m", "1Gi")),
+            )
+        },
     }
+    values["node-feature-discovery"]["master"]["securityContext"] = {"runAsUser": OPERATOR_UID}
     configs = time_slicing_configs(settings)
     if configs:
         values["devicePlugin"] = {
