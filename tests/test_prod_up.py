@@ -32,8 +32,8 @@ PREREQUISITES = ("networking.istio.io_", "security.istio.io_", "karpenter.")  # 
 BEFORE = ("istio-system",)
 
 
-@pytest.fixture(scope="module")
-def empty_cluster(tools: Path, tmp_path_factory):
+@pytest.fixture(scope="module", name="empty_cluster")
+def empty_cluster_fixture(tools: Path, tmp_path_factory):
     crds = tmp_path_factory.mktemp("prerequisite-crds")
     for path in CRD_DIR.glob("*.yaml"):
         if path.name.startswith(PREREQUISITES):
@@ -48,18 +48,25 @@ def empty_cluster(tools: Path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prod(tools: Path, empty_cluster: LocalCluster, chart_folder: Path, tmp_path_factory) -> Engine:
-    root = tmp_path_factory.mktemp("prod-up")
+    return prod_engine(tools, empty_cluster, chart_folder, tmp_path_factory.mktemp("prod-up"))
+
+
+def prod_engine(
+    tools: Path, cluster: LocalCluster, chart_folder: Path, root: Path, edit=lambda doc: doc, charts: str = ""
+) -> Engine:
+    """prod's project, every chart from `chart_folder` without waiting for pods; `edit` changes its stack file,
+    `charts` adds lines to its ml-serving:charts."""
     project = copy_project(root / "project")
     path = project / "Pulumi.prod.yaml"
-    document = path.read_text()
+    document = edit(path.read_text())
     # Nothing here can push an image or download a model from s3: images are CI's (build: false), no model is baked.
     document = document.replace("    push: true\n", "    push: false\n    build: false\n")
     document = document.replace("        bake: true ", "        bake: false ")
     document = document.replace(
-        "config:\n", f"config:\n  ml-serving:charts:\n    folder: {chart_folder}\n    wait: false\n", 1
+        "config:\n", f"config:\n  ml-serving:charts:\n    folder: {chart_folder}\n    wait: false\n{charts}", 1
     )
     path.write_text(document)
-    env = {**os.environ, **tools_env(tools), "KUBECONFIG": str(empty_cluster.kubeconfig),
+    env = {**os.environ, **tools_env(tools), "KUBECONFIG": str(cluster.kubeconfig),
            "PULUMI_CONFIG_PASSPHRASE": PASSPHRASE, "PULUMI_BACKEND_URL": (root / "state").as_uri()}  # fmt: skip
     (root / "state").mkdir()
     engine = Engine(project, env)
