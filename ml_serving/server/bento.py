@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -80,9 +81,10 @@ def encode(output: Any, name: str, version: str | None) -> dict[str, Any]:
     if isinstance(output, pd.Series):
         output = output.to_frame()
     if isinstance(output, pd.DataFrame):
-        for column in output.columns:
-            values = output[column].to_numpy()
-            outputs.append(_tensor(str(column), values.reshape(-1, 1) if values.ndim == 1 else values))
+        output = Columns({str(column): output[column].to_numpy() for column in output.columns})
+    if isinstance(output, Columns):
+        for name, values in output.arrays.items():
+            outputs.append(_tensor(name, values.reshape(-1, 1) if values.ndim == 1 else values))
     elif isinstance(output, dict):
         outputs = [_tensor(str(key), np.asarray(value)) for key, value in output.items()]
     else:
@@ -120,13 +122,14 @@ class ModelService:
         self.batcher = RowBatcher(self.predict_rows, MAX_BATCH_SIZE, MAX_LATENCY_MS, _batch_sizes().observe)
         freeze_heap()
 
-    def predict_rows(self, rows: list[dict[str, Any]]) -> list[Any]:
+    def predict_rows(self, rows: list[dict[str, Any]]) -> Columns | np.ndarray:
         """Rows from any number of requests, predicted in one call (BentoML's adaptive batching). Rows, not a
-        DataFrame: BentoML 1.4.40 sizes a DataFrame batch by its shape (a tuple) and stalls on pandas 3."""
+        DataFrame: BentoML 1.4.40 sizes a DataFrame batch by its shape (a tuple) and stalls on pandas 3. The answer
+        is sliced by rows for each request: named outputs as columns (no frame, no records per request)."""
         output = self._predict(self.frame(rows), None)
         if isinstance(output, pd.DataFrame):
-            return orjson.loads(orjson.dumps(output.to_dict(orient="records"), option=orjson.OPT_SERIALIZE_NUMPY))
-        return np.asarray(output).reshape(len(rows), -1)[:, 0].tolist()
+            return Columns({str(name): output[name].to_numpy() for name in output.columns})
+        return np.asarray(output).reshape(len(rows), -1)[:, 0]
 
     def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
         """Rows as the DataFrame the signature describes: each column in its kind's dtype, as MLServer decodes it.
@@ -148,7 +151,7 @@ class ModelService:
             raise ModelRefused(f"the model refused the input: {error}") from None
         return named_outputs(output, self.model.metadata.signature)
 
-    async def batched(self, rows: list[dict[str, Any]]) -> list[Any]:
+    async def batched(self, rows: list[dict[str, Any]]) -> Columns | np.ndarray:
         """`predict_rows` through BentoML's batching; a shed (over the latency budget) is not the model's fault."""
         try:
             return await self.batcher(rows)
@@ -167,11 +170,7 @@ class ModelService:
         rows = _rows(request["inputs"]) if batchable else None
         try:
             if rows is not None:
-                predicted = await self.batched(rows)
-                if predicted and isinstance(predicted[0], dict):
-                    output: Any = pd.DataFrame.from_records(predicted)
-                else:
-                    output = np.asarray(predicted)
+                output: Any = await self.batched(rows)
             else:
                 model_input = decode(request)
                 if isinstance(model_input, pd.DataFrame):
@@ -180,6 +179,19 @@ class ModelService:
         except ModelRefused as error:
             return HTTPStatus.UNPROCESSABLE_ENTITY, {"error": str(error)}
         return 200, encode(output, MODEL_NAME, MODEL_VERSION)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A frame's columns as arrays, sliced by rows: how a batch's named outputs go back to each request."""
+
+    arrays: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values()), ()))
+
+    def __getitem__(self, rows: slice) -> Columns:
+        return Columns({name: values[rows] for name, values in self.arrays.items()})
 
 
 def _rows(tensors: list[dict[str, Any]]) -> list[dict[str, Any]] | None:

@@ -47,20 +47,21 @@ class _NoWait(Optimizer):
 
 class RowBatcher:
     """Rows from concurrent requests predicted in one call: `predict` gets every row of a batch (in a worker
-    thread, one batch at a time, so the event loop keeps reading requests) and answers one result per row."""
+    thread, one batch at a time, so the event loop keeps reading requests) and answers one result per row, in
+    anything sliced by rows (a list, an array, columns): each request gets its slice."""
 
     def __init__(
         self,
-        predict: Callable[[list[dict[str, Any]]], list[Any]],
+        predict: Callable[[list[dict[str, Any]]], Any],
         max_batch_size: int,
         max_latency_ms: int,
         observe: Callable[[int], None] = lambda size: None,
     ) -> None:
-        dispatcher: CorkDispatcher[list[dict[str, Any]], list[Any]] = CorkDispatcher(
+        dispatcher: CorkDispatcher[list[dict[str, Any]], Any] = CorkDispatcher(
             max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size, fallback=_shed, get_batch_size=len
         )
 
-        async def run(requests: Sequence[list[dict[str, Any]]]) -> list[list[Any]]:
+        async def run(requests: Sequence[list[dict[str, Any]]]) -> list[Any]:
             rows = [row for request in requests for row in request]
             observe(len(rows))
             predicted = await anyio.to_thread.run_sync(predict, rows)
@@ -74,6 +75,7 @@ class RowBatcher:
         self.optimizer = dispatcher.optimizer
         self._call = dispatcher(run)
 
-    async def __call__(self, rows: list[dict[str, Any]]) -> list[Any]:
-        """The predictions for `rows`, batched with whatever else is waiting; raises `Shed` past the budget."""
-        return await self._call(rows)  # type: ignore[return-value]
+    async def __call__(self, rows: list[dict[str, Any]]) -> Any:
+        """The predictions for `rows` (their slice of the batch's answer), batched with whatever else is waiting;
+        raises `Shed` past the budget."""
+        return await self._call(rows)
