@@ -14,9 +14,12 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -74,9 +77,28 @@ def quantile(q: float, before: dict[float, float], after: dict[float, float]) ->
     return float("nan")
 
 
+@contextmanager
+def busy_loops(count: int) -> Iterator[None]:
+    """`count` processes spinning on the CPU meanwhile: the contention of a busy machine, on demand."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--nice", type=int, default=0, help="run both servers at this niceness: busy-machine waits")
+    parser.add_argument(
+        "--burners",
+        type=int,
+        default=0,
+        help="busy loops beside the servers while measuring (run inside a CPU-limited cgroup)",
+    )
     parser.add_argument("--bentoml-env", action="append", default=[], help="K=V for the BentoML server only")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="runtime-cost-"))
@@ -88,6 +110,8 @@ def main() -> None:
                      "--metrics-port", str(metrics_port)],
         "bentoml": [CLI, "serve", model, "--name", "churn", "--runtime", "bentoml", "--http-port", str(bento)],
     }  # fmt: skip
+    if args.nice:
+        commands = {runtime: ["nice", "-n", str(args.nice), *command] for runtime, command in commands.items()}
     urls = {"mlserver": f"http://127.0.0.1:{http}", "bentoml": f"http://127.0.0.1:{bento}"}
     scrape = {"mlserver": f"http://127.0.0.1:{metrics_port}/metrics", "bentoml": urls["bentoml"] + "/metrics"}
     series = {"mlserver": ("rest_server_request_duration_seconds", "path"),
@@ -106,17 +130,18 @@ def main() -> None:
             for runtime, session in sessions.items():
                 session.post(urls[runtime] + "/invocations", json={"dataframe_records": [ROW]}, timeout=30)
         time.sleep(2)  # BentoML's idle workers settle
-        cpu = {runtime: tree_cpu_seconds(process.pid) for runtime, process in started.items()}
-        before = {r: histogram(requests.get(scrape[r], timeout=10).text, *series[r], "/invocations") for r in urls}
-        latency: dict[str, list[float]] = {runtime: [] for runtime in urls}
-        for _ in range(args.requests):
-            for runtime, session in sessions.items():
-                began = time.perf_counter()
-                answer = session.post(urls[runtime] + "/invocations", json={"dataframe_records": [ROW]}, timeout=30)
-                latency[runtime].append(time.perf_counter() - began)
-                assert answer.status_code == 200, answer.text
-        cpu = {runtime: tree_cpu_seconds(process.pid) - cpu[runtime] for runtime, process in started.items()}
-        after = {r: histogram(requests.get(scrape[r], timeout=10).text, *series[r], "/invocations") for r in urls}
+        with busy_loops(args.burners):
+            cpu = {runtime: tree_cpu_seconds(process.pid) for runtime, process in started.items()}
+            before = {r: histogram(requests.get(scrape[r], timeout=10).text, *series[r], "/invocations") for r in urls}
+            latency: dict[str, list[float]] = {runtime: [] for runtime in urls}
+            for _ in range(args.requests):
+                for runtime, session in sessions.items():
+                    began = time.perf_counter()
+                    answer = session.post(urls[runtime] + "/invocations", json={"dataframe_records": [ROW]}, timeout=30)
+                    latency[runtime].append(time.perf_counter() - began)
+                    assert answer.status_code == 200, answer.text
+            cpu = {runtime: tree_cpu_seconds(process.pid) - cpu[runtime] for runtime, process in started.items()}
+            after = {r: histogram(requests.get(scrape[r], timeout=10).text, *series[r], "/invocations") for r in urls}
     print(f"{args.requests} requests each, alternating, load average {os.getloadavg()[0]:.1f}")
     for runtime in urls:
         values = sorted(latency[runtime])

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import anyio
 import bentoml
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, Optimizer
 
@@ -46,9 +45,13 @@ class _NoWait(Optimizer):
 
 
 class RowBatcher:
-    """Rows from concurrent requests predicted in one call: `predict` gets every row of a batch (in a worker
-    thread, one batch at a time, so the event loop keeps reading requests) and answers one result per row, in
-    anything sliced by rows (a list, an array, columns): each request gets its slice."""
+    """Rows from concurrent requests predicted in one call: `predict` gets every row of a batch and answers one
+    result per row, in anything sliced by rows (a list, an array, columns): each request gets its slice.
+
+    `predict` runs in the event loop's own thread, one batch at a time, as the MLServer image runs its model. A
+    worker thread per batch cost two thread wake-ups a request, each a wait for a CPU on a busy machine, where the
+    runtime then answered slower than MLServer for the same CPU (bench/runtime_cost.py). What arrives meanwhile
+    waits in the socket and forms the next batch; the latency budget counts from when a request is read."""
 
     def __init__(
         self,
@@ -64,7 +67,7 @@ class RowBatcher:
         async def run(requests: Sequence[list[dict[str, Any]]]) -> list[Any]:
             rows = [row for request in requests for row in request]
             observe(len(rows))
-            predicted = await anyio.to_thread.run_sync(predict, rows)
+            predicted = predict(rows)
             answers, start = [], 0
             for request in requests:
                 answers.append(predicted[start : start + len(request)])
