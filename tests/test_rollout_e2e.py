@@ -45,16 +45,26 @@ def flaky_model(target: Path) -> Path:
 
 
 class Traffic(threading.Thread):
-    """Sends `rate` requests a second, split between the variants by the weights in the stack file right now."""
+    """Sends `rate` requests a second, split between the variants by the weights in the stack file right now, from
+    `senders` keep-alive clients (more than one keeps the rate when one request at a time cannot)."""
 
-    def __init__(self, project: Path, urls: dict[str, str], rate: float = 40.0, stack: str = "canary") -> None:
+    def __init__(self, project: Path, urls: dict[str, str], rate: float = 40.0, stack: str = "canary",
+                 senders: int = 1) -> None:  # fmt: skip
         super().__init__(daemon=True)
         self.project, self.urls, self.rate, self.stop = project, urls, rate, threading.Event()
-        self.stack = stack
+        self.stack, self.senders = stack, senders
 
     def run(self) -> None:
+        helpers = [threading.Thread(target=self.send, daemon=True) for _ in range(self.senders - 1)]
+        for helper in helpers:
+            helper.start()
+        self.send()
+        for helper in helpers:
+            helper.join()
+
+    def send(self) -> None:
         session, credit = requests.Session(), dict.fromkeys(self.urls, 0.0)
-        split, checked, sent = {"champion": 100, "challenger": 0}, 0.0, 0
+        split, checked, sent, rate = {"champion": 100, "challenger": 0}, 0.0, 0, self.rate / self.senders
         started = time.monotonic()
         while not self.stop.is_set():
             if time.monotonic() - checked > 0.25:
@@ -68,7 +78,7 @@ class Traffic(threading.Thread):
             with suppress(requests.RequestException):
                 session.post(self.urls[variant], json={"dataframe_records": [ROW]}, timeout=5)
             sent += 1
-            time.sleep(max(0.0, started + sent / self.rate - time.monotonic()))
+            time.sleep(max(0.0, started + sent / rate - time.monotonic()))
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +114,8 @@ def fresh_canary(project: Path, prometheus: str) -> None:
     (project / "calls.jsonl").unlink(missing_ok=True)
 
 
-def run_with_traffic(project: Path, urls: dict[str, str], env: dict | None = None):
-    traffic = Traffic(project, urls)
+def run_with_traffic(project: Path, urls: dict[str, str], env: dict | None = None, **traffic_options):
+    traffic = Traffic(project, urls, **traffic_options)
     traffic.start()
     try:
         return rollout(project, env=env)

@@ -23,6 +23,15 @@ VERSION_INFER_ROUTE = "/v2/models/{model_name}/versions/{model_version}/infer"
 INVOCATIONS_ROUTE = "/invocations"
 INFERENCE_ROUTES = (INFER_ROUTE, VERSION_INFER_ROUTE, INVOCATIONS_ROUTE)
 
+# Request latency histogram bounds (seconds) of both runtimes, so that a p95 compared across them is read off the
+# same bounds. histogram_quantile interpolates inside a bucket: from 10 ms to 1 s neighbouring bounds are at most
+# 1.33x apart, finer than the rollout's default p95 gate (1.5x the champion's); prometheus_client's defaults are
+# 2-2.5x apart there, so a few samples of a window crossing a bound could move a p95 by nearly what the gate allows.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125,
+    0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
 # The collector's thresholds once the heap is frozen (Python's defaults: 700, 10, 10); see freeze_heap.
 GC_THRESHOLDS = (50_000, 20, 100)
 

@@ -25,13 +25,19 @@ import bentoml
 import numpy as np
 import orjson
 import pandas as pd
-import prometheus_client
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ml_serving.server import BENTOML_BATCH_SIZE, MAX_LATENCY_ENV, REFUSALS_METRIC, VERSION_ENV, freeze_heap
+from ml_serving.server import (
+    BENTOML_BATCH_SIZE,
+    LATENCY_BUCKETS,
+    MAX_LATENCY_ENV,
+    REFUSALS_METRIC,
+    VERSION_ENV,
+    freeze_heap,
+)
 from ml_serving.server import validation as v
 from ml_serving.server.__main__ import load_limits, settings_dir
 from ml_serving.server.bento_batching import RowBatcher, Shed
@@ -101,14 +107,13 @@ def _tensor(name: str, values: np.ndarray) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": list(values.shape), "data": data}
 
 
-# Latency in MLServer's buckets (prometheus_client's defaults, which starlette_exporter uses), so that a p95 compared
-# across runtimes is read off the same bounds (BentoML's own have none between 50 and 100 ms); no access log line per
-# request, like the MLServer image: the request metrics count them.
+# Latency in the MLServer image's buckets (LATENCY_BUCKETS), so that a p95 compared across runtimes is read off the
+# same bounds; no access log line per request, like the MLServer image: the request metrics count them.
 @bentoml.service(
     name="ml-serving",
     workers=WORKERS,
     traffic={"timeout": 60},
-    metrics={"duration": {"buckets": [b for b in prometheus_client.Histogram.DEFAULT_BUCKETS if b != math.inf]}},
+    metrics={"duration": {"buckets": list(LATENCY_BUCKETS)}},
     logging={"access": {"enabled": False}},
 )
 class ModelService:

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from ml_serving.server import REFUSALS_METRIC, protocols
+from ml_serving.server import LATENCY_BUCKETS, REFUSALS_METRIC, protocols
 from ml_serving.server import validation as v
 from ml_serving.server.batching import BatchGate
 from ml_serving.server.outputs import json_default
@@ -37,12 +37,15 @@ logger = logging.getLogger("ml_serving.server")
 
 class RequestMetrics:
     """MLServer's REST request metrics (starlette_exporter's counter, histogram and in-progress gauge, the very
-    objects its middleware uses), for the requests answered in front of MLServer's app."""
+    objects its middleware uses), for the requests answered in front of MLServer's app; latency in
+    LATENCY_BUCKETS, like the BentoML runtime's."""
 
     def __init__(self, settings: Any, app_name: str = "mlserver") -> None:
         from starlette_exporter import PrometheusMiddleware
 
-        exporter = PrometheusMiddleware(None, app_name=app_name, prefix=settings.metrics_rest_server_prefix)
+        exporter = PrometheusMiddleware(
+            None, app_name=app_name, prefix=settings.metrics_rest_server_prefix, buckets=LATENCY_BUCKETS
+        )
         self.requests = exporter.request_count
         self.duration = exporter.request_time
         self.in_progress = exporter.requests_in_progress
