@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def main() -> None:
     ports: dict[str, str] = {}
     sessions: dict[str, int] = {}
     with ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, True)
         for name, project in projects.items():
             context, port = start_ours(model, args.workers, workdir, project=Path(project))
             process = stack.enter_context(context)
