@@ -233,17 +233,17 @@ def test_params_are_checked_against_the_params_schema():
     assert "takes no parameters" in none.value.message
 
 
-def test_a_checked_request_becomes_mlservers_model_without_a_second_validation_and_the_same_content():
-    """The front builds MLServer's request model directly from a checked payload (its largest cost otherwise)."""
-    from mlserver.types import InferenceRequest
-
-    from ml_serving.server.front import _checked_request
+def test_a_checked_request_becomes_mlservers_model_with_the_same_content():
+    """The front hands MLServer its own request model, params included; a payload MLServer's model refuses is a
+    422 naming the problem, not a 500."""
+    from ml_serving.server.front import checked_request
 
     checked = v.check_v2(v2(parameters={"content_type": "pd"}), v.Inputs(columns=COLUMNS), LIMITS)
     with_params = {**checked, "id": "r1", "parameters": {"content_type": "pd", "threshold": 0.7}}
-    for payload in (checked, with_params):
-        fast = _checked_request(payload)
-        assert fast is not None
-        assert fast.model_dump() == InferenceRequest.model_validate(payload).model_dump()
-    assert fast.parameters.model_extra == {"threshold": 0.7}, "params reach the model as MLServer passes them"
-    assert _checked_request({**checked, "outputs": [{"name": "x"}]}) is None, "rare shapes go through pydantic"
+    for payload in (checked, with_params, {**checked, "outputs": [{"name": "x"}]}):
+        request = checked_request(payload)
+        assert request.model_dump(exclude_unset=True) == payload
+    assert checked_request(with_params).parameters.model_extra == {"threshold": 0.7}, "params reach the model"
+    with pytest.raises(v.RequestError) as refused:
+        checked_request({**checked, "outputs": "x"})
+    assert refused.value.status == 422 and "outputs" in refused.value.message, refused.value.message
