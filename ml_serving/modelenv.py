@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,10 @@ def model_environment(
         return read_environment(locked)
     if model_uri.startswith("file://") or Path(model_uri).is_dir():
         return read_environment(Path(model_uri.removeprefix("file://")))
-    return read_environment(download_environment(model_uri, locked))
+    # Only `ml-serving pin` writes lock folders: a plan that wrote one would pin a version nobody reviewed (and a
+    # later plan against another registry with the same version number would read it).
+    with tempfile.TemporaryDirectory(prefix="ml-serving-model-env-") as folder:
+        return read_environment(download_environment(model_uri, Path(folder)))
 
 
 def download_environment(model_uri: str, target: Path) -> Path:

@@ -9,15 +9,22 @@ would download from a cloud bucket.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
+import threading
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
+from ml_serving import labels, metrics
 from ml_serving.artifactstore import RCLONE_BINARY, S3Store, s3_uri
 from ml_serving.localnode import LocalNode
 from ml_serving.localoperator import LocalOperator
@@ -25,11 +32,12 @@ from ml_serving.nodeimages import full_reference, initializer_image, seldon_imag
 from ml_serving.plan import revealed
 from ml_serving.seed import CHURN_MODEL
 from ml_serving.specs import platform, seldon
+from ml_serving.specs.monitoring import METRICS_PATH as MLSERVER_METRICS_PATH  # where the PodMonitor scrapes MLServer
 from ml_serving.stackfile import parse_settings
-from tests import container_fixtures
+from tests import container_fixtures, processes
 from tests.conftest import LocalRegistry, stack_config
 from tests.node_fixtures import crd_node  # noqa: F401  (the module's node, with the CRDs)
-from tests.operator_fixtures import SELDON_ID, Reconciled
+from tests.operator_fixtures import SELDON_ID
 from tests.test_node import poll
 from tests.test_serving import ROWS, v2_body
 
@@ -103,12 +111,16 @@ def test_the_chart_names_the_initializer_the_stack_declares(crd_node: LocalNode,
 
 @dataclass
 class DevStack:
-    """dev applied to the node's API server (model on the S3 store), as the operator reconciled it."""
+    """dev brought up by `ml-serving up dev` on the node's API server (the real engine; model on the S3 store)."""
 
-    stack: Reconciled
-    sdep: dict[str, Any]
+    sdep: dict[str, Any]  # the SeldonDeployment as planned
+    namespace: str
     model_key: str
     folder: Path  # the model's artifacts in the registry (what the store serves)
+    up_seconds: float  # `ml-serving up dev` (start) -> the command's end
+    up_started: float  # time.monotonic() when `up` started
+    project: Path  # the copy of the project whose Pulumi.dev.yaml is the stack
+    env: dict[str, str]  # the engine's environment (tools, KUBECONFIG, state backend)
 
     @property
     def name(self) -> str:
@@ -116,13 +128,50 @@ class DevStack:
 
 
 @pytest.fixture(scope="module")
-def dev_stack(crd_node: LocalNode, operator: LocalOperator, store: S3Store, registry: LocalRegistry) -> DevStack:  # noqa: F811
+def dev_stack(
+    tools: Path,
+    crd_node: LocalNode,  # noqa: F811
+    operator: LocalOperator,
+    store: S3Store,
+    registry: LocalRegistry,
+    docker_engine: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> DevStack:
+    """The initializer and serving images loaded into the node as the chart and the plan name them, then
+    `ml-serving up dev` with dev's stack file pinned to the store."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from ml_serving.localcluster import tools_env
+    from ml_serving.plan import run_program
+    from tests.conftest import copy_project
+    from tests.test_engine import PASSPHRASE
+
     images = seldon_images(operator.env, operator.config_map)
     crd_node.import_image(initializer_image(crd_node.bin_dir, crd_node.root / "images", images.initializer))
-    stack = Reconciled(crd_node.cluster, operator, dev_on_store(registry, store), "dev")
-    (sdep,) = [revealed(s) for s in stack.plan.find("SeldonDeployment")]
-    (model_key,) = stack.settings.models
-    return DevStack(stack, sdep, model_key, champion(registry)[1])
+    config = dev_on_store(registry, store)
+    work = tmp_path_factory.mktemp("dev-on-node")
+    project = copy_project(work / "project")  # the plan keeps a downloaded model's environment in model-lock/
+    (sdep,) = [revealed(s) for s in run_program(project, "dev", config=config).find("SeldonDeployment")]
+    folder = champion(registry)[1]
+    seconds = load_serving_image(crd_node, serving_container(sdep)["image"], folder, docker_engine)
+    print(f"serving image built (cached) and loaded into the node: {seconds:.0f} s")
+
+    salt = yaml.safe_load((project / "Pulumi.dev.yaml").read_text())["encryptionsalt"]
+    (project / "Pulumi.dev.yaml").write_text(yaml.safe_dump({"encryptionsalt": salt, "config": config}))
+    (work / "state").mkdir()
+    env = {**os.environ, **tools_env(tools), "KUBECONFIG": str(crd_node.cluster.kubeconfig),
+           "PULUMI_CONFIG_PASSPHRASE": PASSPHRASE, "PULUMI_BACKEND_URL": (work / "state").as_uri()}  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "ml_serving.cli", "--project-dir", str(project), "up", "dev"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    settings = parse_settings(config, "Pulumi.dev.yaml")
+    (model_key,) = settings.models
+    return DevStack(sdep, settings.namespace, model_key, folder, time.monotonic() - started, started, project, env)
 
 
 def test_the_operator_pod_downloads_the_model_over_s3_from_the_store(
@@ -135,7 +184,7 @@ def test_the_operator_pod_downloads_the_model_over_s3_from_the_store(
     assert store.host == crd_node.node_ip and not store.host.startswith("127.")
 
     def initialized() -> Any:
-        for pod in operator_pods(crd_node, dev_stack.stack.namespace, dev_stack.name):
+        for pod in operator_pods(crd_node, dev_stack.namespace, dev_stack.name):
             for status in pod.status.init_container_statuses or []:
                 if status.state.terminated is not None:
                     return pod, status
@@ -144,7 +193,7 @@ def test_the_operator_pod_downloads_the_model_over_s3_from_the_store(
     pod, status = poll(initialized, "the operator's pod's storage initializer finished", seconds=240)
     assert status.name == seldon.initializer_name(dev_stack.model_key)
     core = client.CoreV1Api(crd_node.cluster.api_client())
-    log = core.read_namespaced_pod_log(pod.metadata.name, dev_stack.stack.namespace, container=status.name)
+    log = core.read_namespaced_pod_log(pod.metadata.name, dev_stack.namespace, container=status.name)
     assert status.state.terminated.exit_code == 0, log
     for name in ("MLmodel", "model.skops", "requirements.txt"):
         assert (dev_stack.folder / name).exists()
@@ -154,7 +203,7 @@ def test_the_operator_pod_downloads_the_model_over_s3_from_the_store(
 # --- item 4: the dev stack serves through the predictor's Service -------------------------------------------------
 
 
-def serving_container(stack: Reconciled, sdep: dict[str, Any]) -> dict[str, Any]:
+def serving_container(sdep: dict[str, Any]) -> dict[str, Any]:
     (predictor,) = sdep["spec"]["predictors"]
     (spec,) = predictor["componentSpecs"]
     (container,) = [c for c in spec["spec"]["containers"] if c["name"] == predictor["graph"]["name"]]
@@ -184,19 +233,15 @@ def load_serving_image(node: LocalNode, name: str, model_folder: Path, docker_en
 def ready_pods(node: LocalNode, stack: DevStack) -> list:
     return [
         p
-        for p in operator_pods(node, stack.stack.namespace, stack.name)
+        for p in operator_pods(node, stack.namespace, stack.name)
         if p.metadata.deletion_timestamp is None
         and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
     ]
 
 
-@pytest.mark.xfail(
-    reason="issue 25 item 4 not done: no Ready model pod within 600 s on 2026-12-03, cause not yet read; waits 180 s"
-)
 def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
     crd_node: LocalNode,  # noqa: F811
     dev_stack: DevStack,
-    docker_engine: Any,
 ) -> None:
     import time
 
@@ -205,20 +250,18 @@ def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
     import requests
     from kubernetes import client
 
-    container = serving_container(dev_stack.stack, dev_stack.sdep)
-    seconds = load_serving_image(crd_node, container["image"], dev_stack.folder, docker_engine)
-    print(f"serving image built (cached) and loaded into the node: {seconds:.0f} s")
-    started = time.monotonic()
     try:
-        first = poll(lambda: ready_pods(crd_node, dev_stack), "a Ready pod of the dev model", seconds=180)[0]
+        first = poll(lambda: ready_pods(crd_node, dev_stack), "a Ready pod of the dev model", seconds=600)[0]
     except BaseException:
-        pods = operator_pods(crd_node, dev_stack.stack.namespace, dev_stack.name)
-        print("pods:", [(p.metadata.name, p.status.phase, p.status.container_statuses) for p in pods])
+        print(describe(crd_node, dev_stack))
         raise
-    print(f"image loaded -> first Ready model pod: {time.monotonic() - started:.1f} s")
+    now = time.monotonic()
+    print(f"`ml-serving up dev` took {dev_stack.up_seconds:.1f} s; its start -> first Ready model pod: "
+          f"{now - dev_stack.up_started:.1f} s; cluster start -> first Ready model pod: {now - crd_node.cluster_started:.1f} s")  # fmt: skip
+    container = serving_container(dev_stack.sdep)
     core = client.CoreV1Api(crd_node.cluster.api_client())
     (predictor,) = dev_stack.sdep["spec"]["predictors"]
-    service = core.read_namespaced_service(f"{dev_stack.name}-{predictor['name']}", dev_stack.stack.namespace)
+    service = core.read_namespaced_service(f"{dev_stack.name}-{predictor['name']}", dev_stack.namespace)
     http = next(p.port for p in service.spec.ports if p.name == "http")
     base = f"http://{service.spec.cluster_ip}:{http}"
     expected = [int(x) for x in mlflow.pyfunc.load_model(str(dev_stack.folder)).predict(pd.DataFrame(ROWS))]
@@ -233,18 +276,62 @@ def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
 
     v2, invocations = poll(answers, "answers through the predictor's Service", seconds=120)
     assert v2["outputs"][0]["data"] == expected and invocations["predictions"] == expected
-    memory = poll(lambda: _memory(crd_node, dev_stack.stack.namespace, first.metadata.name), "kubelet memory")
+    assert _model_ready(first, container, dev_stack.model_key), "Ready means the model answers"
+    memory = poll(lambda: _memory(crd_node, dev_stack.namespace, first.metadata.name), "kubelet memory")
     print(f"one dev model replica's working set (kubelet): {memory / 2**20:.0f} MiB")
 
-    core.delete_namespaced_pod(first.metadata.name, dev_stack.stack.namespace)
-    second = poll(
-        lambda: [p for p in ready_pods(crd_node, dev_stack) if p.metadata.name != first.metadata.name],
-        "a new Ready pod after the first was deleted",
-        seconds=600,
-    )[0]
-    assert second.metadata.name != first.metadata.name
+    core.delete_namespaced_pod(first.metadata.name, dev_stack.namespace)
+    loading: set[str] = set()  # the new pod's states seen while its server ran without its model answering
+
+    def replaced() -> Any:
+        (pod,) = [p for p in operator_pods(crd_node, dev_stack.namespace, dev_stack.name)
+                  if p.metadata.name != first.metadata.name] or [None]  # fmt: skip
+        if pod is None or pod.status.pod_ip is None:
+            return None
+        ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+        running = [c for c in pod.status.container_statuses or [] if c.name == container["name"] and c.state.running]
+        if running and not ready and not _model_ready(pod, container, dev_stack.model_key):
+            loading.add("running, model not loaded, not Ready")
+        return ready and pod
+
+    second = poll(replaced, "a new Ready pod after the first was deleted", seconds=600)
+    assert _model_ready(second, container, dev_stack.model_key), "Ready means the model answers"
+    assert loading, "the pod was not Ready while its server ran without the model (readiness follows the model)"
     v2, invocations = poll(answers, "answers from the new pod through the Service", seconds=120)
     assert v2["outputs"][0]["data"] == expected and invocations["predictions"] == expected
+
+
+def _model_ready(pod: Any, container: dict[str, Any], model_key: str) -> bool:
+    """The model's own ready route on the pod's IP, at the port the operator gave the container as `http`."""
+    import requests
+
+    (spec,) = [c for c in pod.spec.containers if c.name == container["name"]]
+    port = next(p.container_port for p in spec.ports if p.name == "http")
+    try:
+        return requests.get(f"http://{pod.status.pod_ip}:{port}/v2/models/{model_key}/ready", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def describe(node: LocalNode, stack: DevStack) -> str:
+    """Each model pod's phase, container states, events and last log lines: what a failed wait shows."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(node.cluster.api_client())
+    namespace, lines = stack.namespace, []
+    for pod in operator_pods(node, namespace, stack.name):
+        lines.append(f"pod {pod.metadata.name}: {pod.status.phase}")
+        for status in [*(pod.status.init_container_statuses or []), *(pod.status.container_statuses or [])]:
+            lines.append(f"  {status.name}: ready={status.ready} restarts={status.restart_count}")
+            lines.append(f"    state={status.state} last={status.last_state}")
+            try:
+                log = core.read_namespaced_pod_log(pod.metadata.name, namespace, container=status.name, tail_lines=15)
+            except client.ApiException as exc:
+                log = f"(no log: {exc.reason})"
+            lines.extend(f"    | {line}" for line in log.splitlines())
+    for event in core.list_namespaced_event(namespace).items:
+        lines.append(f"event {event.involved_object.name}: {event.reason}: {event.message}")
+    return "\n".join(lines)
 
 
 def _memory(node: LocalNode, namespace: str, pod: str) -> int:
@@ -254,3 +341,182 @@ def _memory(node: LocalNode, namespace: str, pod: str) -> int:
         return node.pod_memory(namespace, pod)
     except NodeError:
         return 0
+
+
+# --- item 6: a rollout on real pods --------------------------------------------------------------------------------
+
+
+class PodTargets(threading.Thread):
+    """Prometheus' targets for the model pods, written as file_sd each half second: what the stack's PodMonitor
+    selects (the model container's `metrics` port) and relabels (pod labels -> model, variant, version). The
+    operator-run Prometheus is the monitoring test's; this one runs on the host so the rollout reads it."""
+
+    def __init__(self, node: LocalNode, stack: DevStack, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.node, self.stack, self.path, self.stop = node, stack, path, threading.Event()
+
+    def targets(self) -> list[dict[str, Any]]:
+        found = []
+        for pod in operator_pods(self.node, self.stack.namespace, self.stack.name):
+            if pod.status.pod_ip is None or pod.metadata.deletion_timestamp is not None:
+                continue
+            (spec,) = [c for c in pod.spec.containers if c.name == self.stack.model_key]
+            port = next(p.container_port for p in spec.ports if p.name == "metrics")
+            pod_labels = pod.metadata.labels
+            found.append({
+                "targets": [f"{pod.status.pod_ip}:{port}"],
+                # prometheus-operator's own target labels, then the PodMonitor's relabellings.
+                "labels": {"namespace": pod.metadata.namespace, "pod": pod.metadata.name, "container": spec.name,
+                           metrics.MODEL: pod_labels[labels.MODEL], metrics.VARIANT: pod_labels[labels.VARIANT],
+                           metrics.MODEL_VERSION: pod_labels[labels.MODEL_VERSION]},
+            })  # fmt: skip
+        return found
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            with suppress(Exception):  # the API server is busy this instant: the last targets stand
+                partial = self.path.with_suffix(".partial")
+                partial.write_text(json.dumps(self.targets()))
+                partial.replace(self.path)
+
+
+def scrape_health(prometheus: str) -> str:
+    """Each target's health and last error, and which model series Prometheus holds: what a failed gate shows."""
+    import requests
+
+    active = requests.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    series = requests.get(f"{prometheus}/api/v1/query", params={"query": f'count by (__name__, namespace, '
+                          f'{metrics.MODEL}, {metrics.VARIANT}) ({{{metrics.MODEL}!=""}})'}, timeout=10).json()  # fmt: skip
+    health = [(t["labels"], t["health"], t["lastError"]) for t in active]
+    return f"targets: {health}\nseries: {series['data']['result'][:20]}"
+
+
+def in_order(wanted: list, seen: list) -> bool:
+    """Whether `seen` holds every item of `wanted`, in that order (other items may come between)."""
+    rest = iter(seen)
+    return all(any(item == other for other in rest) for item in wanted)
+
+
+def virtual_service_split(node: LocalNode, stack: DevStack) -> dict[str, int]:
+    """The weights the operator wrote into the model's VirtualService, by predictor."""
+    from kubernetes.dynamic import DynamicClient
+
+    api = DynamicClient(node.cluster.api_client()).resources.get(
+        api_version="networking.istio.io/v1beta1", kind="VirtualService"
+    )
+    route = api.get(name=stack.name, namespace=stack.namespace).to_dict()["spec"]["http"][0]
+    return {d["destination"]["subset"]: d.get("weight", 0) for d in route["route"]}
+
+
+def test_a_rollout_on_real_pods_promotes_a_healthy_challenger_and_rolls_a_faulty_one_back(
+    crd_node: LocalNode,  # noqa: F811
+    dev_stack: DevStack,
+    store: S3Store,
+    registry: LocalRegistry,
+    tmp_path: Path,
+) -> None:
+    """Each stage is a real `pulumi up` of dev (its stack file edited by the rollout), the operator moves the
+    VirtualService's weights, and the gates read the pods' own metrics. No Envoy runs here, so the split is the
+    test's: each variant's predictor Service gets its stage's share of the requests."""
+    import subprocess
+
+    from kubernetes import client
+
+    from tests.test_rollout import CLI, weights
+    from tests.test_rollout_e2e import Traffic, Watcher, flaky_model
+
+    project, stack_file = dev_stack.project, dev_stack.project / "Pulumi.dev.yaml"
+    faulty = flaky_model(registry.root / "artifacts" / "faulty-challenger", fault_rate=1.0)
+    for name in ("requirements.txt", "python_env.yaml"):  # the champion's environment, so the same image
+        shutil.copy(dev_stack.folder / name, faulty / name)
+    core = client.CoreV1Api(crd_node.cluster.api_client())
+
+    def ready_variant(variant: str, version: str) -> list:
+        return [p for p in ready_pods(crd_node, dev_stack) if p.metadata.labels[labels.VARIANT] == variant
+                and p.metadata.labels[labels.MODEL_VERSION] == version]  # fmt: skip
+
+    def predictor_urls() -> dict[str, str]:
+        urls = {}
+        for variant in ("champion", "challenger"):
+            service = core.read_namespaced_service(f"{dev_stack.name}-{variant}", dev_stack.namespace)
+            http = next(p.port for p in service.spec.ports if p.name == "http")
+            urls[variant] = f"http://{service.spec.cluster_ip}:{http}/invocations"
+        return urls
+
+    def rollout_of(challenger_uri: str, version: str) -> tuple[subprocess.CompletedProcess, list, list[dict]]:
+        document = yaml.safe_load(stack_file.read_text())
+        churn = document["config"]["ml-serving:models"][dev_stack.model_key]
+        churn["variants"]["challenger"] = {"version": version, "modelUri": challenger_uri, "weight": 0}
+        churn["rollout"] = {"stages": [25, 50, 100], "intervalSeconds": 5, "minRequests": 10,
+                            "inconclusiveThreshold": 2, "onInconclusive": "rollback"}  # fmt: skip
+        document["config"]["ml-serving:monitoring"] = {"stack": "existing", "prometheusUrl": prometheus}
+        stack_file.write_text(yaml.safe_dump(document))
+        for stale in (project / "rollouts").glob("*"):
+            stale.unlink()
+        up = subprocess.run([*CLI, "--project-dir", str(project), "up", "dev"], cwd=project, env=dev_stack.env,
+                            capture_output=True, text=True, timeout=1200)  # fmt: skip
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        for variant, spec in churn["variants"].items():  # the champion too: a promotion replaced its pod
+            poll(partial(ready_variant, variant, spec["version"]), f"a Ready {variant} pod of {spec}", seconds=600)
+        watcher = Watcher(lambda: virtual_service_split(crd_node, dev_stack))
+        traffic = Traffic(project, predictor_urls(), stack="dev")
+        watcher.start()
+        traffic.start()
+        try:
+            command = [*CLI, "--project-dir", str(project), "rollout", dev_stack.model_key, "--stack", "dev"]
+            run = subprocess.run(command, cwd=project, env={**dev_stack.env, "COLUMNS": "200"}, capture_output=True,
+                                 text=True, timeout=1800)  # fmt: skip
+        finally:
+            traffic.stop.set()
+            watcher.stop.set()
+            traffic.join()
+            watcher.join()
+        log = (project / "rollouts" / f"dev-{dev_stack.model_key}.jsonl").read_text().splitlines()
+        if run.returncode not in (0, 1):
+            print("targets written:", targets.read_text(), "\nPrometheus:", scrape_health(prometheus))
+        return run, watcher.seen, [json.loads(line) for line in log]
+
+    targets = tmp_path / "targets.json"
+    targets.write_text("[]")
+    discovery = PodTargets(crd_node, dev_stack, targets)
+    discovery.start()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "model-pods", "metrics_path": MLSERVER_METRICS_PATH,
+                            "file_sd_configs": [{"files": [str(targets)],
+                                                                          "refresh_interval": "1s"}]}],
+    }  # fmt: skip
+    try:
+        with processes.prometheus_server(config, tmp_path) as prometheus:
+            # A healthy challenger (the registry's version 2 of the same model) walks every stage and is promoted.
+            from mlflow.tracking import MlflowClient
+
+            mlflow_client = MlflowClient(registry.tracking_uri, registry_uri=registry.tracking_uri)
+            source = Path(urlsplit(mlflow_client.get_model_version_download_uri(CHURN_MODEL, "2")).path)
+            run, seen, records = rollout_of(s3_uri(store.root, source), "2")
+            why = (
+                f"{run.stdout[-4000:]}{run.stderr[-4000:]}\ntargets: {targets.read_text()}\n{scrape_health(prometheus)}"
+            )
+            assert run.returncode == 0, why
+            judged = [r for r in records if r["event"] == "judgement"]
+            assert {r["stage"] for r in judged if r["verdict"] == "passed"} == {0, 1, 2}, "every stage passed"
+            applied = [r["weights"] for r in records if r["event"] == "apply"]
+            assert in_order(applied, seen), f"each stage reached the VirtualService in order: {seen}"
+            assert weights(project, "dev") == {"champion": 100, "challenger": 0}
+            (champion,) = [v for n, v in yaml.safe_load(stack_file.read_text())["config"]["ml-serving:models"][
+                dev_stack.model_key]["variants"].items() if n == "champion"]  # fmt: skip
+            assert champion["version"] == "2", "the promotion made version 2 the champion"
+
+            # A challenger whose every prediction fails (500s from its pod) is rolled back at the first stage.
+            run, seen, records = rollout_of(s3_uri(store.root, faulty), "3")
+            assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-4000:]
+            judged = [r for r in records if r["event"] == "judgement"]
+            assert judged[-1]["verdict"] == "failed", judged
+            error = next(c for c in judged[-1]["checks"] if c["name"] == "error_ratio")
+            assert error["challenger"] > 0.5 and error["champion"] == 0, error
+            assert seen[-1] == {"champion": 100, "challenger": 0}, f"the rollback reached the VirtualService: {seen}"
+            assert {"champion": 75, "challenger": 25} in seen
+            assert weights(project, "dev") == {"champion": 100, "challenger": 0}
+    finally:
+        discovery.stop.set()
+        discovery.join()

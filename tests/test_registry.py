@@ -128,3 +128,21 @@ def test_resolution_over_http_against_mlflow_server(mlflow_server, registry):
     assert champion["labels"][labels.MODEL_VERSION] == "1"
     with pytest.raises(RegistryError, match=f"has no alias 'gold' in the MLflow registry at {mlflow_server}"):
         RegistryResolver(mlflow_server).by_alias("churn-classifier", "gold")
+
+
+def test_a_plan_reads_a_remote_models_environment_without_writing_a_lock(registry, tmp_path, monkeypatch):
+    """Only `ml-serving pin` writes model-lock/: a plan that cached its download there would pin a version nobody
+    reviewed, and a later plan against another registry with the same version number would read it."""
+    import mlflow
+
+    from ml_serving.modelenv import model_environment
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    try:
+        environment = model_environment("churn-classifier", "1", "models:/churn-classifier/1", tmp_path / "lock")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert "scikit-learn" in environment.requirements
+    assert not (tmp_path / "lock").exists(), "the plan wrote a lock folder"

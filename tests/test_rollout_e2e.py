@@ -28,8 +28,9 @@ INTERVAL = 4
 ROW = {"tenure_months": 3, "monthly_charges": 99.5, "support_calls": 4, "plan": "basic", "region": "north"}
 
 
-def flaky_model(target: Path) -> Path:
-    """The challenger: an MLflow model-from-code that fails on demand (tests/fixtures/flaky_model.py)."""
+def flaky_model(target: Path, fault_rate: float = 0.0) -> Path:
+    """The challenger: an MLflow model-from-code that fails on demand (tests/fixtures/flaky_model.py), or at
+    `fault_rate` when no control file is set."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -39,7 +40,7 @@ def flaky_model(target: Path) -> Path:
     code = Path(__file__).resolve().parent / "fixtures" / "flaky_model.py"
     mlflow.pyfunc.save_model(
         str(target), python_model=str(code), signature=infer_signature(frame, (frame["support_calls"] > 2).astype("int64")),
-        input_example=frame.head(2), pip_requirements=["mlflow"],
+        input_example=frame.head(2), pip_requirements=["mlflow"], model_config={"fault_rate": fault_rate},
     )  # fmt: skip
     return target
 
