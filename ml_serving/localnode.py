@@ -41,6 +41,7 @@ CRI_NAMESPACE = "k8s.io"
 NODE_CONTROLLERS = (
     "deployment-controller",
     "replicaset-controller",
+    "statefulset-controller",  # Prometheus, as prometheus-operator generates it
     "serviceaccount-controller",
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",

@@ -180,9 +180,12 @@ build_registry() {
 }
 build_helm() { go_tool helm helm.sh/helm/v4 "$HELM_VERSION" helm.sh/helm/v4/cmd/helm; }
 build_rclone() { go_tool rclone github.com/rclone/rclone "$RCLONE_VERSION" github.com/rclone/rclone; }
+# prometheus-operator and the config reloader it puts beside Prometheus (same module and version, as upstream
+# releases them): the `pods` monitoring test runs Prometheus as the StatefulSet the operator generates.
 build_prometheus_operator() {
-  go_tool prometheus-operator github.com/prometheus-operator/prometheus-operator "$PROM_OPERATOR_VERSION" \
-    github.com/prometheus-operator/prometheus-operator/cmd/operator
+  local mod=github.com/prometheus-operator/prometheus-operator
+  go_tool prometheus-operator "$mod" "$PROM_OPERATOR_VERSION" "$mod/cmd/operator"
+  go_tool prometheus-config-reloader "$mod" "$PROM_OPERATOR_VERSION" "$mod/cmd/prometheus-config-reloader"
 }
 
 command -v go >/dev/null || { echo "error: no Go toolchain on PATH (Go >= 1.25 builds these tools)" >&2; exit 2; }
@@ -199,8 +202,8 @@ else
   # The cluster's own workloads' tools, after the CLI chain (its compiles are the lightest).
   status=0
   wait $cli || status=$?
-  # prometheus-operator is not in this list: no test uses it yet (`tools/build.sh prometheus_operator` builds it).
-  build_seldon_operator && build_registry && build_helm && build_seldon_executor && build_rclone || status=$?
+  build_seldon_operator && build_registry && build_helm && build_seldon_executor && build_rclone &&
+    build_prometheus_operator || status=$?
   wait $cluster || status=$?
   [ $status -eq 0 ] || { say "a build failed (its output is above)"; exit $status; }
 fi
