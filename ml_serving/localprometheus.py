@@ -2,8 +2,9 @@
 
 What a cluster's monitoring stack does, here: the operator (built by `./run tools` from Go modules) turns the stack's
 PodMonitor and PrometheusRule into Prometheus's configuration (Secret `prometheus-<name>`, rule ConfigMaps) and
-a StatefulSet; the node runs that StatefulSet's pod from images made here (Debian's `prometheus` binary with the
-C library it links, and the config reloader built from the operator's module: nothing can be pulled). Prometheus
+a StatefulSet; the node runs that StatefulSet's pod from images made here (Prometheus v3.5.0 and the config
+reloader, both built from Go modules by `./run tools`: nothing can be pulled, and Debian's Prometheus 2.42 is built
+without the Kubernetes service discovery every PodMonitor's scrape job uses). Prometheus
 in its pod reaches the API server through a relay on the node's gateway address (the API server listens on
 loopback only), with a service account token whose ClusterRole lets it read pods and endpoints, nothing more.
 """
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from ml_serving.localcluster import ClusterError, apply_crds, wait_ready
 from ml_serving.localoperator import CHARTS_ARCHIVE, wait_for
 from ml_serving.ociimage import write_image
@@ -31,13 +34,14 @@ if TYPE_CHECKING:
 
 OPERATOR_BINARY = "prometheus-operator"
 RELOADER_BINARY = "prometheus-config-reloader"
-PROMETHEUS_BINARY = Path(os.environ.get("ML_SERVING_PROMETHEUS", "/usr/bin/prometheus"))
+PROMETHEUS_BINARY = "prometheus"  # built by `tools/build.sh prometheus`
 MONITORING_API = "monitoring.coreos.com/v1"
 PROMETHEUS_IMAGE = "localhost/ml-serving/prometheus:{version}"
 RELOADER_IMAGE = "localhost/ml-serving/prometheus-config-reloader:v0.85.0"  # the operator's own version
 PROMETHEUS_NAME = "ml-serving"  # the Prometheus object; the operator names its StatefulSet prometheus-<name>
 SERVICE_ACCOUNT = "ml-serving-prometheus"
 TOKEN_SECRET = f"{SERVICE_ACCOUNT}-token"
+SECRETS_DIR = "/etc/prometheus/secrets"  # where the operator mounts the Secrets a Prometheus's `secrets` names
 WEB_PORT = 9090  # Prometheus's port in the operator's pods
 # The chart the stack installs in prod carries the operator's CRDs at the operator's version (0.85.0).
 CRDS_IN_CHART = "kube-prometheus-stack-77.0.0/charts/crds/crds"
@@ -52,11 +56,9 @@ def monitoring_missing(bin_dir: Path) -> list[str]:
     """What this machine lacks to run the operator's Prometheus on a node, each with its fix."""
     missing = [
         f"{bin_dir / name}: run `tools/build.sh prometheus_operator` (or `./run tools`)"
-        for name in (OPERATOR_BINARY, RELOADER_BINARY)
+        for name in (OPERATOR_BINARY, RELOADER_BINARY, PROMETHEUS_BINARY)
         if not (bin_dir / name).exists()
     ]
-    if not PROMETHEUS_BINARY.exists():
-        missing.append(f"{PROMETHEUS_BINARY}: apt-get install prometheus")
     if shutil.which("socat") is None:
         missing.append("`socat` (the relay from the pods to the API server): apt-get install socat")
     if not CHARTS_ARCHIVE.exists():
@@ -64,8 +66,8 @@ def monitoring_missing(bin_dir: Path) -> list[str]:
     return missing
 
 
-def prometheus_version(binary: Path = PROMETHEUS_BINARY) -> str:
-    """`v2.42.0` for Debian's `prometheus, version 2.42.0+ds`: what the operator generates flags and config for."""
+def prometheus_version(binary: Path) -> str:
+    """`v3.5.0` for `prometheus, version 3.5.0 (...)`: what the operator generates flags and config for."""
     out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False)
     found = re.search(r"version (\d+\.\d+\.\d+)", out.stdout + out.stderr)
     if found is None:
@@ -80,9 +82,9 @@ def linked_libraries(binary: Path) -> list[Path]:
     return [Path(p) for p in found]
 
 
-def prometheus_image(folder: Path, name: str, binary: Path = PROMETHEUS_BINARY) -> Path:
-    """Debian's Prometheus as an image: the binary at /bin/prometheus (the operator runs the image's entrypoint) and
-    the C library files it links, at the paths its interpreter looks in."""
+def prometheus_image(folder: Path, name: str, binary: Path) -> Path:
+    """Prometheus as an image: the binary at /bin/prometheus (the operator runs the image's entrypoint) and, were it
+    linked dynamically, the C library files it loads, at the paths its interpreter looks in."""
     files = {"bin/prometheus": (binary.read_bytes(), 0o755)}
     for library in linked_libraries(binary):
         files[str(library).lstrip("/")] = (library.read_bytes(), 0o755)
@@ -96,14 +98,30 @@ def reloader_image(bin_dir: Path, folder: Path, name: str) -> Path:
     return write_image(folder / "reloader.tar", name, files, [f"/bin/{RELOADER_BINARY}"], "65534:65534")
 
 
+class _CrdLoader(yaml.SafeLoader):
+    """PyYAML reads a bare `=` (an enum value in the CRDs' relabel `action`) as YAML 1.1's `value` type, which it
+    cannot construct; it is the string "="."""
+
+
+_CrdLoader.add_constructor("tag:yaml.org,2002:value", yaml.SafeLoader.construct_scalar)
+
+
 def chart_crds(work: Path) -> Path:
-    """The operator's CRDs as the pinned kube-prometheus-stack chart ships them, unpacked under `work`."""
-    target = work / CRDS_IN_CHART
+    """The operator's CRDs as the pinned kube-prometheus-stack chart ships them, in a folder of their own under
+    `work`, rewritten so that a plain YAML reader reads them (see _CrdLoader)."""
+    target = work / "crds"
     if not target.exists():
-        work.mkdir(parents=True, exist_ok=True)
+        unpacked = work / "chart"
+        unpacked.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            ["tar", "-C", str(work), "-xzf", str(CHARTS_ARCHIVE), f"./{CRDS_IN_CHART}"], check=True, capture_output=True
+            ["tar", "-C", str(unpacked), "-xzf", str(CHARTS_ARCHIVE), f"./{CRDS_IN_CHART}"],
+            check=True,
+            capture_output=True,
         )
+        target.mkdir()
+        for path in sorted((unpacked / CRDS_IN_CHART).glob("*.yaml")):
+            documents = [d for d in yaml.load_all(path.read_text(), Loader=_CrdLoader) if d]
+            (target / path.name).write_text(yaml.safe_dump_all(documents))
     return target
 
 
@@ -155,6 +173,7 @@ def prometheus_object(
             "imagePullPolicy": "Never",
             "replicas": 1,
             "serviceAccountName": SERVICE_ACCOUNT,
+            "secrets": [TOKEN_SECRET],  # mounted under SECRETS_DIR/<name>/
             "podMonitorSelector": selector,
             "podMonitorNamespaceSelector": {},
             "serviceMonitorSelector": selector,
@@ -167,7 +186,9 @@ def prometheus_object(
             "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
             "apiserverConfig": {
                 "host": apiserver,
-                "authorization": {"type": "Bearer", "credentials": {"name": TOKEN_SECRET, "key": "token"}},
+                # A file, not a Secret reference: operator 0.85 looks such a reference up in each monitor's
+                # namespace (the stack's), where Prometheus's token is not.
+                "authorization": {"type": "Bearer", "credentialsFile": f"{SECRETS_DIR}/{TOKEN_SECRET}/token"},
                 "tlsConfig": {"insecureSkipVerify": True},
             },
         },
@@ -276,9 +297,10 @@ class NodePrometheus:
         node, cluster = self.node, self.node.cluster
         try:
             apply_crds(cluster.api_client(), chart_crds(node.root / "prometheus-operator-crds"))
-            version = prometheus_version()
+            binary = node.bin_dir / PROMETHEUS_BINARY
+            version = prometheus_version(binary)
             image = PROMETHEUS_IMAGE.format(version=version)
-            node.import_image(prometheus_image(node.root / "images", image))
+            node.import_image(prometheus_image(node.root / "images", image, binary))
             node.import_image(reloader_image(node.bin_dir, node.root / "images", RELOADER_IMAGE))
             cluster.create_namespace(self.namespace)
             for obj in discovery_access(self.namespace):
@@ -291,6 +313,10 @@ class NodePrometheus:
             self.created = time.monotonic()
             apply_object(cluster.api_client(), prometheus_object(self.settings, image, version, self.relay.url))
             pod = wait_for(self._ready_pod, f"Prometheus's pod in {self.namespace} Ready", seconds, self.operator.log)
+        except ClusterError as exc:
+            state = self.describe()
+            self.stop()
+            raise ClusterError(f"{exc}\n{state}") from None
         except BaseException:
             self.stop()
             raise
@@ -314,6 +340,24 @@ class NodePrometheus:
             ):
                 return pod
         return None
+
+    def describe(self) -> str:
+        """What to look at when Prometheus does not come up: the StatefulSet's and its pods' states, and events."""
+        from kubernetes import client
+
+        try:
+            api = self.node.cluster.api_client()
+            sets = client.AppsV1Api(api).list_namespaced_stateful_set(self.namespace).items
+            pods = client.CoreV1Api(api).list_namespaced_pod(self.namespace).items
+            events = client.CoreV1Api(api).list_namespaced_event(self.namespace).items
+        except Exception as exc:  # the API server is gone
+            return f"(cannot read the namespace: {exc})"
+        lines = [f"statefulset {s.metadata.name}: {s.status.ready_replicas}/{s.spec.replicas} ready" for s in sets]
+        for pod in pods:
+            statuses = [*(pod.status.init_container_statuses or []), *(pod.status.container_statuses or [])]
+            lines.append(f"pod {pod.metadata.name} {pod.status.phase}: {[(c.name, c.state) for c in statuses]}")
+        lines += [f"event {e.involved_object.name}: {e.reason}: {e.message}" for e in events[-15:]]
+        return "\n".join(lines)
 
     def stop(self) -> None:
         """Delete the Prometheus object (its StatefulSet goes with it), then stop the operator and the relay."""

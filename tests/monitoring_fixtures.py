@@ -55,7 +55,7 @@ class RunningPrometheus(NodePrometheus):
 @contextmanager
 def operator_prometheus(node: LocalNode, settings: Settings) -> Iterator[RunningPrometheus]:
     """The operator's Prometheus for `settings`' monitoring stack on `node`; fails under ML_SERVING_REQUIRE_ENGINE
-    (else skips) when the operator, its reloader, Debian's prometheus or socat is missing."""
+    (else skips) when the operator, its reloader, Prometheus or socat is missing."""
     problems = monitoring_missing(node.bin_dir)
     if problems:
         missing("the operator's Prometheus cannot run here:\n  " + "\n  ".join(problems))

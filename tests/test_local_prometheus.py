@@ -6,8 +6,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import pytest
-
 from ml_serving import localprometheus
 from ml_serving.plan import Plan
 from ml_serving.stackfile import parse_settings
@@ -27,7 +25,9 @@ def test_the_prometheus_selects_the_stack_monitors_and_rules_by_its_selector_lab
     assert all(matches(spec["ruleSelector"], r["metadata"]["labels"]) for r in rules)
     assert spec["podMonitorSelector"]["matchLabels"] == settings.monitoring.selector_labels
     assert spec["podMonitorNamespaceSelector"] == spec["ruleNamespaceSelector"] == {}  # every namespace
-    assert spec["apiserverConfig"]["authorization"]["credentials"]["name"] == localprometheus.TOKEN_SECRET
+    token = spec["apiserverConfig"]["authorization"]["credentialsFile"]
+    assert token == f"{localprometheus.SECRETS_DIR}/{localprometheus.TOKEN_SECRET}/token"
+    assert spec["secrets"] == [localprometheus.TOKEN_SECRET]
 
 
 def test_prometheus_may_only_read_what_discovery_needs() -> None:
@@ -42,11 +42,9 @@ def test_prometheus_may_only_read_what_discovery_needs() -> None:
     }
 
 
-@pytest.mark.skipif(
-    not localprometheus.PROMETHEUS_BINARY.exists(), reason="no Debian prometheus (apt-get install prometheus)"
-)
-def test_the_prometheus_image_carries_the_binary_and_the_libraries_it_links(tmp_path) -> None:
-    archive = localprometheus.prometheus_image(tmp_path, "localhost/ml-serving/prometheus:v2")
+def test_the_prometheus_image_carries_the_binary_and_the_libraries_it_links(tmp_path: Path) -> None:
+    binary = Path("/bin/ls")  # a dynamically linked binary: its libraries must come along
+    archive = localprometheus.prometheus_image(tmp_path, "localhost/ml-serving/prometheus:v3", binary)
     with tarfile.open(archive) as outer:
         index = json.load(outer.extractfile("index.json"))
         manifest_digest = index["manifests"][0]["digest"].split(":")[1]
@@ -54,10 +52,7 @@ def test_the_prometheus_image_carries_the_binary_and_the_libraries_it_links(tmp_
         layer = outer.extractfile(f"blobs/sha256/{manifest['layers'][0]['digest'].split(':')[1]}")
         with tarfile.open(fileobj=layer) as files:
             names = set(files.getnames())
-    wanted = {
-        "bin/prometheus",
-        *(str(p).lstrip("/") for p in localprometheus.linked_libraries(localprometheus.PROMETHEUS_BINARY)),
-    }
-    assert wanted <= names
+    libraries = {str(p).lstrip("/") for p in localprometheus.linked_libraries(binary)}
+    assert libraries and {"bin/prometheus", *libraries} <= names
     # every folder is in the layer too (a runtime need not invent parents)
-    assert {parent for name in wanted for parent in map(str, Path(name).parents)} - {"."} <= names
+    assert {parent for name in libraries for parent in map(str, Path(name).parents)} - {"."} <= names
