@@ -211,15 +211,26 @@ def test_the_alert_rules_evaluate_on_the_model_pods_real_series(
     key, namespace = monitored_dev.model_key, monitored_dev.stack.namespace
     (variant,) = monitored_dev.stack.settings.models[key].variants
     scope = Scope(model=key, variant=variant, namespace=namespace)
-    for pod in ready:
-        send_traffic(pod)
 
     def scraped() -> bool:
+        for pod in ready:  # a steady trickle: a counter first scraped at its final value has no rate
+            send_traffic(pod, 3)
         replicas = prometheus.query(metrics.replicas(scope))
         rate = prometheus.query(metrics.request_rate(scope))
         return bool(replicas and rate and float(rate[0]["value"][1]) > 0) and replicas
 
-    replicas = poll(scraped, "the model pods' series (up, request rate) in Prometheus", seconds=120)
+    try:
+        replicas = poll(scraped, "the model pods' series (up, request rate) in Prometheus", seconds=120)
+    except BaseException:
+        for target in model_targets(prometheus, monitored_dev):
+            url = target["scrapeUrl"]
+            try:
+                direct = requests.get(url, timeout=5)
+                seen = f"{direct.status_code} {direct.headers.get('content-type')} {direct.text[:200]!r}"
+            except requests.RequestException as exc:
+                seen = str(exc)
+            print(f"target {url}: {target['health']} {target.get('lastError')!r}; from this host: {seen}")
+        raise
     assert float(replicas[0]["value"][1]) == len(ready)
 
     def settled() -> dict[str, dict[str, Any]]:
