@@ -457,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--node", action="store_true", help="add a node that runs pods (containerd, kubelet, scheduler; needs root)"
     )
     cluster.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="with --node: prometheus-operator and the Prometheus it generates, as a pod (selects --stack's monitors)",
+    )
+    cluster.add_argument(
         "--images",
         action=argparse.BooleanOptionalAction,
         default=True,

@@ -27,7 +27,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     operator = None
     if args.operator:
         operator = _start_operator(args, folder, cluster)
-    node = engine = registry = None
+    node = engine = registry = prometheus = None
+    if args.monitoring and not args.node:
+        cluster.stop()
+        raise UsageError("--monitoring runs Prometheus as a pod: add --node")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop etcd and kube-apiserver on SIGTERM too
     try:
         if args.node:
@@ -35,6 +38,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
             node = LocalNode(cluster, folder / "bin").start()
             console.print(f"node {node.name} is Ready (pods on {node.subnet}, logs in {node.root})")
+        if args.monitoring:
+            prometheus = _start_prometheus(args, node)
         if args.images:
             engine, registry = start_image_services(args.registry_port)
         console.print(f"API server {cluster.server} is up; in another shell:\n  export KUBECONFIG={cluster.kubeconfig}")
@@ -48,7 +53,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for started in (registry, engine, node):
+        for started in (registry, engine, prometheus, node):
             if started is not None:
                 started.stop()
         if operator is not None:
@@ -93,3 +98,19 @@ def _start_operator(args: argparse.Namespace, folder: Path, cluster):  # type: i
         raise UsageError(f"{exc} (or run without it: --no-operator)") from None
     console.print(f"Seldon operator {operator.chart.version} reconciles SeldonDeployments (log: {operator.log})")
     return operator
+
+
+def _start_prometheus(args: argparse.Namespace, node):  # type: ignore[no-untyped-def]
+    """prometheus-operator and its Prometheus on the node, selecting `--stack`'s PodMonitor and rules."""
+    from ml_serving.localprometheus import NodePrometheus
+    from ml_serving.stackfile import load_settings
+
+    settings = load_settings(args.project_dir or find_project_dir(), args.stack)
+    if settings.monitoring is None:
+        raise UsageError(f"stack {args.stack} has no ml-serving:monitoring: nothing for Prometheus to select")
+    prometheus = NodePrometheus(node, settings).start()
+    console.print(
+        f"Prometheus (the StatefulSet prometheus-operator generates) answers on {prometheus.url}; it scrapes the pods "
+        f"of `up {args.stack}`'s PodMonitor and evaluates its rules (operator log: {prometheus.operator.log})"
+    )
+    return prometheus

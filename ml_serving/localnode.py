@@ -41,6 +41,7 @@ CRI_NAMESPACE = "k8s.io"
 NODE_CONTROLLERS = (
     "deployment-controller",
     "replicaset-controller",
+    "statefulset-controller",  # Prometheus, as prometheus-operator generates it
     "serviceaccount-controller",
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
@@ -272,7 +273,11 @@ class LocalNode:
             ["ip", "link", "add", self.bridge, "type", "bridge"],
             ["ip", "addr", "add", f"{self.node_ip}/{prefix}", "dev", self.bridge],
             ["ip", "link", "set", self.bridge, "up"],
-        ):
+            # Pod to pod on the bridge crosses FORWARD, whose policy Docker sets to DROP: without this, a pod (e.g.
+            # Prometheus) reaches this host but no other pod. The comment's KUBE- prefix makes tear-down remove it.
+            ["iptables", "-w", "-I", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-m", "comment",
+             "--comment", f"{nodehost.RULE_MARKERS[0]}ML-SERVING pod to pod on {self.bridge}", "-j", "ACCEPT"],
+        ):  # fmt: skip
             answer = subprocess.run(command, capture_output=True, text=True)
             if answer.returncode != 0:
                 raise NodeError(f"`{' '.join(command)}` failed: {answer.stderr.strip()}")

@@ -27,7 +27,7 @@ def layer_tar(files: dict[str, tuple[bytes, int]]) -> bytes:
     """An uncompressed layer: {path in the image: (content, mode)}, parent folders added."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as layer:
-        folders = sorted({str(Path(p).parent) for p in files} - {"."})
+        folders = sorted({str(parent) for p in files for parent in Path(p).parents} - {"."})  # every ancestor
         for folder in folders:
             info = tarfile.TarInfo(folder)
             info.type = tarfile.DIRTYPE

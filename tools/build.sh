@@ -17,6 +17,8 @@ REGISTRY_VERSION=3.1.2         # github.com/distribution/distribution/v3: the lo
 HELM_VERSION=4.3.2             # helm.sh/helm/v4: renders the pinned charts for the chart-output checks
 RCLONE_VERSION=1.76.0          # github.com/rclone/rclone: `rclone serve s3`, the local artifact store
 PROM_OPERATOR_VERSION=0.85.0   # github.com/prometheus-operator/prometheus-operator
+PROMETHEUS_VERSION=3.5.0       # the operator's default Prometheus; module github.com/prometheus/prometheus v0.305.0
+PROMETHEUS_MODULE_VERSION=0.305.0
 
 CACHE=${ML_SERVING_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ml-serving/tools}
 OUT="$CACHE/pulumi-$PULUMI_VERSION-k8s-$K8S_PROVIDER_VERSION-etcd-$ETCD_VERSION-kube-$KUBE_VERSION"
@@ -180,9 +182,26 @@ build_registry() {
 }
 build_helm() { go_tool helm helm.sh/helm/v4 "$HELM_VERSION" helm.sh/helm/v4/cmd/helm; }
 build_rclone() { go_tool rclone github.com/rclone/rclone "$RCLONE_VERSION" github.com/rclone/rclone; }
+# prometheus-operator and the config reloader it puts beside Prometheus (same module and version, as upstream
+# releases them): the `pods` monitoring test runs Prometheus as the StatefulSet the operator generates.
 build_prometheus_operator() {
-  go_tool prometheus-operator github.com/prometheus-operator/prometheus-operator "$PROM_OPERATOR_VERSION" \
-    github.com/prometheus-operator/prometheus-operator/cmd/operator
+  local mod=github.com/prometheus-operator/prometheus-operator
+  go_tool prometheus-operator "$mod" "$PROM_OPERATOR_VERSION" "$mod/cmd/operator"
+  go_tool prometheus-config-reloader "$mod" "$PROM_OPERATOR_VERSION" "$mod/cmd/prometheus-config-reloader"
+  build_prometheus
+}
+# Prometheus itself for the operator's pod: Debian's 2.42 is built without Kubernetes service discovery, which every
+# PodMonitor's scrape job uses. Module versions v0.3xx.y are Prometheus v3.xx.y; no UI assets (the API is enough).
+build_prometheus() {
+  [ -x "$BIN/prometheus" ] && { say "prometheus v$PROMETHEUS_VERSION: cached"; return; }
+  say "prometheus v$PROMETHEUS_VERSION (module v$PROMETHEUS_MODULE_VERSION): building"
+  local mod=github.com/prometheus/prometheus
+  local dir; dir=$(wrapper prometheus "require $mod v$PROMETHEUS_MODULE_VERSION")
+  (cd "$dir" && go get "$mod/cmd/prometheus@v$PROMETHEUS_MODULE_VERSION" >&2 &&
+    go build -trimpath -ldflags "-s -w -X github.com/prometheus/common/version.Version=$PROMETHEUS_VERSION" \
+      -o "$BIN/prometheus.tmp" "$mod/cmd/prometheus")
+  mv "$BIN/prometheus.tmp" "$BIN/prometheus"
+  say "prometheus: done"
 }
 
 command -v go >/dev/null || { echo "error: no Go toolchain on PATH (Go >= 1.25 builds these tools)" >&2; exit 2; }
@@ -199,8 +218,8 @@ else
   # The cluster's own workloads' tools, after the CLI chain (its compiles are the lightest).
   status=0
   wait $cli || status=$?
-  # prometheus-operator is not in this list: no test uses it yet (`tools/build.sh prometheus_operator` builds it).
-  build_seldon_operator && build_registry && build_helm && build_seldon_executor && build_rclone || status=$?
+  build_seldon_operator && build_registry && build_helm && build_seldon_executor && build_rclone &&
+    build_prometheus_operator || status=$?
   wait $cluster || status=$?
   [ $status -eq 0 ] || { say "a build failed (its output is above)"; exit $status; }
 fi
