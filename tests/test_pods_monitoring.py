@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +27,6 @@ from tests.node_fixtures import crd_node  # noqa: F401  (the module's node, with
 from tests.operator_fixtures import Reconciled
 from tests.test_node import poll
 from tests.test_pods_serving import (  # noqa: F401  (module fixtures: the Seldon operator and the S3 store)
-    DevStack,
     champion,
     dev_on_store,
     docker_engine,
@@ -41,18 +42,32 @@ from tests.test_serving import ROWS
 pytestmark = pytest.mark.pods
 
 SCRAPE_INTERVAL = "2s"  # dev's scrape interval here, so a rate has two samples within seconds
-MODEL_RESOURCES = {"cpu": "250m", "memory": "512Mi", "cpuLimit": "2", "memoryLimit": "2Gi"}
+
+
+@dataclass
+class MonitoredDev:
+    """dev's plan applied to the node's API server (its monitors and rules too), as the operator reconciled it."""
+
+    stack: Reconciled
+    sdep: dict[str, Any]
+    model_key: str
+    folder: Path  # the model's artifacts in the registry (what the store serves)
+
+    @property
+    def name(self) -> str:
+        return self.sdep["metadata"]["name"]
+
+    @property
+    def namespace(self) -> str:
+        return self.stack.namespace
 
 
 @pytest.fixture(scope="module")
-def monitored_dev(crd_node: LocalNode, operator: LocalOperator, store: Any, registry: LocalRegistry) -> DevStack:  # noqa: F811
+def monitored_dev(crd_node: LocalNode, operator: LocalOperator, store: Any, registry: LocalRegistry) -> MonitoredDev:  # noqa: F811
     """dev on the node (model on the S3 store) with its PodMonitor and PrometheusRule applied, as `up dev` makes
     them; scraped every 2 s."""
     config = dev_on_store(registry, store)
     config["ml-serving:monitoring"] = {**config["ml-serving:monitoring"], "scrapeInterval": SCRAPE_INTERVAL}
-    # dev's 100m CPU / 256 Mi (requests = limits) is a sandbox quota; on this shared 2-core node MLServer needs more
-    # to start within the test's time.
-    config["ml-serving:models"]["churn"]["resources"] = MODEL_RESOURCES
     images = seldon_images(operator.env, operator.config_map)
     crd_node.import_image(initializer_image(crd_node.bin_dir, crd_node.root / "images", images.initializer))
     stack = Reconciled(crd_node.cluster, operator, config, "dev")
@@ -61,22 +76,22 @@ def monitored_dev(crd_node: LocalNode, operator: LocalOperator, store: Any, regi
             apply_object(crd_node.cluster.api_client(), revealed(obj))
     (sdep,) = [revealed(s) for s in stack.plan.find("SeldonDeployment")]
     (model_key,) = stack.settings.models
-    return DevStack(stack, sdep, model_key, champion(registry)[1])
+    return MonitoredDev(stack, sdep, model_key, champion(registry)[1])
 
 
 @pytest.fixture(scope="module")
-def prometheus(crd_node: LocalNode, monitored_dev: DevStack) -> Any:  # noqa: F811
+def prometheus(crd_node: LocalNode, monitored_dev: MonitoredDev) -> Any:  # noqa: F811
     with operator_prometheus(crd_node, monitored_dev.stack.settings) as running:
         print(f"Prometheus object -> its pod Ready: {time.monotonic() - running.created:.1f} s")
         yield running
 
 
-def pod_monitor(stack: DevStack) -> dict[str, Any]:
+def pod_monitor(stack: MonitoredDev) -> dict[str, Any]:
     (monitor,) = [revealed(o) for o in stack.stack.plan.find("PodMonitor")]
     return monitor
 
 
-def rule_groups(stack: DevStack) -> list[dict[str, Any]]:
+def rule_groups(stack: MonitoredDev) -> list[dict[str, Any]]:
     (rule,) = [revealed(o) for o in stack.stack.plan.find("PrometheusRule")]
     return rule["spec"]["groups"]
 
@@ -87,7 +102,7 @@ def job_prefix(monitor: dict[str, Any]) -> str:
 
 
 def test_the_operator_writes_one_scrape_job_per_pod_monitor_endpoint_and_the_stack_rules(
-    prometheus: RunningPrometheus, monitored_dev: DevStack
+    prometheus: RunningPrometheus, monitored_dev: MonitoredDev
 ) -> None:
     monitor = pod_monitor(monitored_dev)
     endpoints = monitor["spec"]["podMetricsEndpoints"]
@@ -129,7 +144,7 @@ def evaluated_rules(prometheus: RunningPrometheus, groups: list[dict[str, Any]])
 
 
 def test_the_stack_alert_rules_evaluate_without_error_in_the_operator_prometheus(
-    prometheus: RunningPrometheus, monitored_dev: DevStack
+    prometheus: RunningPrometheus, monitored_dev: MonitoredDev
 ) -> None:
     groups = rule_groups(monitored_dev)
     found = poll(lambda: evaluated_rules(prometheus, groups), "every stack rule evaluated once", seconds=90)
@@ -144,9 +159,9 @@ def test_the_stack_alert_rules_evaluate_without_error_in_the_operator_prometheus
 
 
 @pytest.fixture(scope="module")
-def model_pods(crd_node: LocalNode, monitored_dev: DevStack, docker_engine: Any) -> list:  # noqa: F811
+def model_pods(crd_node: LocalNode, monitored_dev: MonitoredDev, docker_engine: Any) -> list:  # noqa: F811
     """The operator's dev model pods, their serving image loaded into the node, once each has a pod IP."""
-    container = serving_container(monitored_dev.stack, monitored_dev.sdep)
+    container = serving_container(monitored_dev.sdep)
     seconds = load_serving_image(crd_node, container["image"], monitored_dev.folder, docker_engine)
     print(f"serving image built (cached) and loaded into the node: {seconds:.0f} s")
 
@@ -158,7 +173,7 @@ def model_pods(crd_node: LocalNode, monitored_dev: DevStack, docker_engine: Any)
     return poll(with_ip, "the dev model's pods with an IP", seconds=240)
 
 
-def model_targets(prometheus: RunningPrometheus, monitored_dev: DevStack) -> list[dict[str, Any]]:
+def model_targets(prometheus: RunningPrometheus, monitored_dev: MonitoredDev) -> list[dict[str, Any]]:
     prefix = job_prefix(pod_monitor(monitored_dev))
     return [t for t in prometheus.api("targets", state="active")["activeTargets"] if t["scrapePool"].startswith(prefix)]
 
@@ -166,7 +181,7 @@ def model_targets(prometheus: RunningPrometheus, monitored_dev: DevStack) -> lis
 def test_each_dev_model_pod_is_one_target_with_its_model_variant_and_version(
     crd_node: LocalNode,  # noqa: F811
     prometheus: RunningPrometheus,
-    monitored_dev: DevStack,
+    monitored_dev: MonitoredDev,
     model_pods: list,
 ) -> None:
     names = {p.metadata.name for p in model_pods}
@@ -204,7 +219,7 @@ def send_traffic(pod: Any, count: int = 20) -> None:
 def test_the_alert_rules_evaluate_on_the_model_pods_real_series(
     crd_node: LocalNode,  # noqa: F811
     prometheus: RunningPrometheus,
-    monitored_dev: DevStack,
+    monitored_dev: MonitoredDev,
     model_pods: list,
 ) -> None:
     ready = poll(lambda: ready_pods(crd_node, monitored_dev), "a Ready dev model pod", seconds=300)
