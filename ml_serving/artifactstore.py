@@ -74,7 +74,10 @@ class S3Store:
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
                 [str(binary), "serve", "s3", str(self.root), "--addr", f"{self.host}:{self.port}",
-                 "--auth-key", f"{self.access_key},{self.secret_key}", "--config", "/dev/null", "-v"],
+                 "--auth-key", f"{self.access_key},{self.secret_key}", "--config", "/dev/null", "-v",
+                 # A model version registered after the start is there at once, as on S3 (rclone's VFS keeps a
+                 # folder's listing for 5 minutes by default).
+                 "--dir-cache-time", "1s"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 

@@ -380,6 +380,17 @@ class PodTargets(threading.Thread):
                 partial.replace(self.path)
 
 
+def warm_up(urls: dict[str, str], requests_each: int = 100) -> None:
+    """What a pre-rollout load test does (Flagger's webhook): a new pod's first requests are its slowest (imports,
+    caches), and a 25 % window of ~100 requests would judge that, not the model."""
+    import requests
+
+    with requests.Session() as session:
+        for url in urls.values():
+            for _ in range(requests_each):
+                session.post(url, json={"dataframe_records": ROWS[:1]}, timeout=10)
+
+
 def scrape_health(prometheus: str) -> str:
     """Each target's health and last error, and which model series Prometheus holds: what a failed gate shows."""
     import requests
@@ -447,7 +458,7 @@ def test_a_rollout_on_real_pods_promotes_a_healthy_challenger_and_rolls_a_faulty
         document = yaml.safe_load(stack_file.read_text())
         churn = document["config"]["ml-serving:models"][dev_stack.model_key]
         churn["variants"]["challenger"] = {"version": version, "modelUri": challenger_uri, "weight": 0}
-        churn["rollout"] = {"stages": [25, 50, 100], "intervalSeconds": 5, "minRequests": 10,
+        churn["rollout"] = {"stages": [25, 50, 100], "intervalSeconds": 8, "minRequests": 10,
                             "inconclusiveThreshold": 2, "onInconclusive": "rollback"}  # fmt: skip
         document["config"]["ml-serving:monitoring"] = {"stack": "existing", "prometheusUrl": prometheus}
         stack_file.write_text(yaml.safe_dump(document))
@@ -458,8 +469,10 @@ def test_a_rollout_on_real_pods_promotes_a_healthy_challenger_and_rolls_a_faulty
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         for variant, spec in churn["variants"].items():  # the champion too: a promotion replaced its pod
             poll(partial(ready_variant, variant, spec["version"]), f"a Ready {variant} pod of {spec}", seconds=600)
+        urls = predictor_urls()
+        warm_up(urls)
         watcher = Watcher(lambda: virtual_service_split(crd_node, dev_stack))
-        traffic = Traffic(project, predictor_urls(), stack="dev")
+        traffic = Traffic(project, urls, rate=50, stack="dev", senders=2)
         watcher.start()
         traffic.start()
         try:
