@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from ml_serving.localoperator import LocalOperator, operator_ready, wait_for
+from ml_serving.localprometheus import apply_object
 from ml_serving.plan import Plan, revealed, run_program
 from ml_serving.settings import Settings
 from ml_serving.specs import platform
@@ -136,20 +137,7 @@ class Reconciled:
 
 
 def _apply(cluster: Any, obj: dict[str, Any]) -> None:
-    from kubernetes.client.rest import ApiException
-    from kubernetes.dynamic import DynamicClient
-
-    api = DynamicClient(cluster.api_client()).resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
-    namespace = obj["metadata"].get("namespace")
-    try:
-        api.create(body=obj, namespace=namespace)
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        live = api.get(name=obj["metadata"]["name"], namespace=namespace)
-        body = copy.deepcopy(obj)
-        body["metadata"]["resourceVersion"] = live.metadata.resourceVersion
-        api.replace(body=body, namespace=namespace)
+    apply_object(cluster.api_client(), obj)
 
 
 def reconciled(
