@@ -20,8 +20,8 @@ from ml_serving.localoperator import LocalOperator
 from ml_serving.localprometheus import apply_object
 from ml_serving.metrics import Scope
 from ml_serving.nodeimages import initializer_image, seldon_images
-from ml_serving.plan import revealed
-from tests.conftest import LocalRegistry
+from ml_serving.plan import revealed, run_program
+from tests.conftest import PROJECT_DIR, LocalRegistry
 from tests.monitoring_fixtures import RunningPrometheus, operator_prometheus
 from tests.node_fixtures import crd_node  # noqa: F401  (the module's node, with the CRDs)
 from tests.operator_fixtures import Reconciled
@@ -63,13 +63,23 @@ class MonitoredDev:
 
 
 @pytest.fixture(scope="module")
-def monitored_dev(crd_node: LocalNode, operator: LocalOperator, store: Any, registry: LocalRegistry) -> MonitoredDev:  # noqa: F811
+def monitored_dev(
+    crd_node: LocalNode,  # noqa: F811
+    operator: LocalOperator,  # noqa: F811
+    store: Any,  # noqa: F811
+    registry: LocalRegistry,
+    docker_engine: Any,  # noqa: F811
+) -> MonitoredDev:
     """dev on the node (model on the S3 store) with its PodMonitor and PrometheusRule applied, as `up dev` makes
-    them; scraped every 2 s."""
+    them; scraped every 2 s. The images are in the node before any pod asks for them: a pod that found its image
+    missing waits out the kubelet's pull back-off (up to 5 min) after the image arrives."""
     config = dev_on_store(registry, store)
     config["ml-serving:monitoring"] = {**config["ml-serving:monitoring"], "scrapeInterval": SCRAPE_INTERVAL}
     images = seldon_images(operator.env, operator.config_map)
     crd_node.import_image(initializer_image(crd_node.bin_dir, crd_node.root / "images", images.initializer))
+    (planned,) = [revealed(s) for s in run_program(PROJECT_DIR, "dev", config=config).find("SeldonDeployment")]
+    seconds = load_serving_image(crd_node, serving_container(planned)["image"], champion(registry)[1], docker_engine)
+    print(f"serving image built (cached) and loaded into the node: {seconds:.0f} s")
     stack = Reconciled(crd_node.cluster, operator, config, "dev")
     for kind in ("PodMonitor", "PrometheusRule"):
         for obj in stack.plan.find(kind):
@@ -159,11 +169,8 @@ def test_the_stack_alert_rules_evaluate_without_error_in_the_operator_prometheus
 
 
 @pytest.fixture(scope="module")
-def model_pods(crd_node: LocalNode, monitored_dev: MonitoredDev, docker_engine: Any) -> list:  # noqa: F811
-    """The operator's dev model pods, their serving image loaded into the node, once each has a pod IP."""
-    container = serving_container(monitored_dev.sdep)
-    seconds = load_serving_image(crd_node, container["image"], monitored_dev.folder, docker_engine)
-    print(f"serving image built (cached) and loaded into the node: {seconds:.0f} s")
+def model_pods(crd_node: LocalNode, monitored_dev: MonitoredDev) -> list:  # noqa: F811
+    """The operator's dev model pods, once each has a pod IP."""
 
     def with_ip() -> list:
         pods = operator_pods(crd_node, monitored_dev.stack.namespace, monitored_dev.name)
@@ -222,7 +229,7 @@ def test_the_alert_rules_evaluate_on_the_model_pods_real_series(
     monitored_dev: MonitoredDev,
     model_pods: list,
 ) -> None:
-    ready = poll(lambda: ready_pods(crd_node, monitored_dev), "a Ready dev model pod", seconds=300)
+    ready = poll(lambda: ready_pods(crd_node, monitored_dev), "a Ready dev model pod", seconds=600)
     key, namespace = monitored_dev.model_key, monitored_dev.stack.namespace
     (variant,) = monitored_dev.stack.settings.models[key].variants
     scope = Scope(model=key, variant=variant, namespace=namespace)
