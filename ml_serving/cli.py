@@ -462,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --node: prometheus-operator and the Prometheus it generates, as a pod (selects --stack's monitors)",
     )
     cluster.add_argument(
+        "--up",
+        action="store_true",
+        help="with --node: serve --stack's models from pods: its registry over S3, its images loaded, then `up` of "
+        "a copy pinned to them (your stack file is not edited)",
+    )
+    cluster.add_argument(
         "--images",
         action=argparse.BooleanOptionalAction,
         default=True,

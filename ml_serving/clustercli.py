@@ -16,6 +16,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     """A local API server (etcd + kube-apiserver, the upstream CRDs applied) until Ctrl-C."""
     from ml_serving.localcluster import ClusterError, LocalCluster, tools_dir
 
+    for flag, needs in (("monitoring", "runs Prometheus as a pod"), ("up", "serves the stack from pods")):
+        if getattr(args, flag) and not args.node:
+            raise UsageError(f"--{flag} {needs}: add --node")
+    if args.up and not args.operator:
+        raise UsageError("--up serves the stack through the Seldon operator: drop --no-operator")
     folder = tools_dir()
     if folder is None:
         raise UsageError("etcd and kube-apiserver are not built: run `./run tools` first (a cold build takes a while)")
@@ -27,10 +32,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     operator = None
     if args.operator:
         operator = _start_operator(args, folder, cluster)
-    node = engine = registry = prometheus = None
-    if args.monitoring and not args.node:
-        cluster.stop()
-        raise UsageError("--monitoring runs Prometheus as a pod: add --node")
+    node = engine = registry = prometheus = store = None
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop etcd and kube-apiserver on SIGTERM too
     try:
         if args.node:
@@ -42,6 +44,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             prometheus = _start_prometheus(args, node)
         if args.images:
             engine, registry = start_image_services(args.registry_port)
+        if args.up:
+            store = _start_store(args, folder, cluster, node)
+            _serve_stack(args, folder, cluster, node, operator, store)
         console.print(f"API server {cluster.server} is up; in another shell:\n  export KUBECONFIG={cluster.kubeconfig}")
         processes = [*cluster.processes, *(node.processes.values() if node else ())]
         while all(p.poll() is None for p in processes) and (operator is None or operator.running()):
@@ -53,9 +58,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for started in (registry, engine, prometheus, node):
+        for started in (store, registry, engine, prometheus, node):
             if started is not None:
                 started.stop()
+        if node is not None:
+            node.remove_images()
         if operator is not None:
             operator.stop()
         cluster.stop()
@@ -114,3 +121,49 @@ def _start_prometheus(args: argparse.Namespace, node):  # type: ignore[no-untype
         f"of `up {args.stack}`'s PodMonitor and evaluates its rules (operator log: {prometheus.operator.log})"
     )
     return prometheus
+
+
+def _start_store(args: argparse.Namespace, folder: Path, cluster, node):  # type: ignore[no-untyped-def]
+    """`--up`: the stack's local registry over S3 on the node's gateway, and a Docker engine to build images."""
+    from ml_serving.artifactstore import S3Store
+    from ml_serving.containers import ContainerError, start_engine
+    from ml_serving.devserve import registry_root
+    from ml_serving.stackfile import load_settings
+
+    project_dir = args.project_dir or find_project_dir()
+    settings = load_settings(project_dir, args.stack)
+    if settings.registry is None:
+        raise UsageError(f"Pulumi.{args.stack}.yaml has no ml-serving:registry: --up serves the registry's models")
+    root = registry_root(settings.registry.tracking_uri, project_dir)
+    if not root.is_dir():
+        raise UsageError(f"no registry at {root}: run `./run plan {args.stack}` (it seeds the dev registry) first")
+    try:
+        start_engine()  # builds the serving images; an engine that answers is used as it is
+    except ContainerError as exc:
+        raise UsageError(str(exc)) from None
+    store = S3Store(folder / "bin", root, node.node_ip, cluster.root / "rclone-s3.log").start()
+    console.print(f"the registry's artifacts ({root}) over S3 on {store.endpoint}")
+    return store
+
+
+def _serve_stack(args: argparse.Namespace, folder: Path, cluster, node, operator, store) -> None:  # type: ignore[no-untyped-def]
+    """`--up`: `up` of a copy of the stack pinned to `store`, its images in the node; waits for Ready model pods and
+    prints where each predictor answers."""
+    from ml_serving.devserve import predictor_urls, ready_model_pods, serve_stack
+
+    served = serve_stack(args.project_dir or find_project_dir(), args.stack, node, operator.env, operator.config_map,
+                         store, cluster.root / "up", folder, say=console.print)  # fmt: skip
+    console.print(f"`ml-serving up {args.stack}` took {served.up_seconds:.0f} s; waiting for Ready model pods")
+    api = cluster.api_client()
+    deadline = time.monotonic() + 900
+    while len(ready_model_pods(api, served)) < len(served.sdeps) and time.monotonic() < deadline:
+        time.sleep(2)
+    if not ready_model_pods(api, served):
+        console.print(f"[red]no Ready model pod after 900 s[/]: `kubectl get pods -n {served.settings.namespace}`")
+    for name, url in predictor_urls(api, served).items():
+        model = name.split("/", 1)[0]
+        console.print(f"{name} answers on {url}: curl -s {url}/v2/models/{model}  (and POST {url}/invocations)")
+    console.print(
+        f"the stack file `up` ran is {served.project / f'Pulumi.{args.stack}.yaml'} (pinned to the store); "
+        f"state in {served.env['PULUMI_BACKEND_URL']}"
+    )

@@ -426,6 +426,11 @@ class LocalNode:
         self.host_lock = None
         return left
 
+    def remove_images(self) -> None:
+        """Delete containerd's content and the image archives (a serving image is over 1 GB); the logs stay."""
+        for folder in ("containerd", "images", "serving-context"):
+            shutil.rmtree(self.root / folder, ignore_errors=True)
+
     def remove_root(self) -> None:
         """Delete the node's folder (logs included): only once its mounts are gone."""
         shutil.rmtree(self.root, ignore_errors=True)

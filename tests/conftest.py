@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +64,9 @@ def dev(registry: LocalRegistry) -> Plan:
 
 def copy_project(destination: Path) -> Path:
     """A copy of the project's sources (no venv, no rendered output), to edit stack files freely."""
-    ignore = shutil.ignore_patterns(".venv", ".git", "rendered", ".mlflow", "__pycache__", "*.egg-info", ".*_cache")
-    shutil.copytree(PROJECT_DIR, destination, ignore=ignore)
-    return destination
+    from ml_serving.devserve import copy_project as copied
+
+    return copied(PROJECT_DIR, destination)
 
 
 @pytest.fixture(scope="session")

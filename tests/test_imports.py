@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("ml_serving.specs",),  # pure spec builders
     ("ml_serving.program", "ml_serving.plan", "ml_serving.diff", "ml_serving.engine", "ml_serving.pin",
      "ml_serving.rollout", "ml_serving.report", "ml_serving.localoperator", "ml_serving.chartsource",
-     "ml_serving.localprometheus"),
+     "ml_serving.localprometheus", "ml_serving.devserve"),
     ("ml_serving.cli", "ml_serving.cliutil", "ml_serving.clustercli"),
 ]  # fmt: skip
 SETTINGS_MAY_IMPORT = {

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from ml_serving import labels, metrics
+from ml_serving.devserve import load_serving_image
 from ml_serving.localnode import LocalNode
 from ml_serving.localoperator import LocalOperator
 from ml_serving.localprometheus import apply_object
@@ -30,7 +31,6 @@ from tests.test_pods_serving import (  # noqa: F401  (module fixtures: the Seldo
     champion,
     dev_on_store,
     docker_engine,
-    load_serving_image,
     operator,
     operator_pods,
     ready_pods,
@@ -78,8 +78,9 @@ def monitored_dev(
     images = seldon_images(operator.env, operator.config_map)
     crd_node.import_image(initializer_image(crd_node.bin_dir, crd_node.root / "images", images.initializer))
     (planned,) = [revealed(s) for s in run_program(PROJECT_DIR, "dev", config=config).find("SeldonDeployment")]
-    seconds = load_serving_image(crd_node, serving_container(planned)["image"], champion(registry)[1], docker_engine)
-    print(f"serving image built (cached) and loaded into the node: {seconds:.0f} s")
+    started = time.monotonic()
+    load_serving_image(crd_node, serving_container(planned)["image"], champion(registry)[1])
+    print(f"serving image built (cached) and loaded into the node: {time.monotonic() - started:.0f} s")
     stack = Reconciled(crd_node.cluster, operator, config, "dev")
     for kind in ("PodMonitor", "PrometheusRule"):
         for obj in stack.plan.find(kind):

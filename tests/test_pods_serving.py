@@ -8,7 +8,6 @@ would download from a cloud bucket.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -26,16 +25,17 @@ import yaml
 
 from ml_serving import labels, metrics
 from ml_serving.artifactstore import RCLONE_BINARY, S3Store, s3_uri
+from ml_serving.devserve import environ, on_store, serve_stack
 from ml_serving.localnode import LocalNode
 from ml_serving.localoperator import LocalOperator
-from ml_serving.nodeimages import full_reference, initializer_image, seldon_images
-from ml_serving.plan import revealed
+from ml_serving.nodeimages import full_reference, seldon_images
+from ml_serving.registry import RegistryResolver
 from ml_serving.seed import CHURN_MODEL
 from ml_serving.specs import platform, seldon
 from ml_serving.specs.monitoring import METRICS_PATH as MLSERVER_METRICS_PATH  # where the PodMonitor scrapes MLServer
 from ml_serving.stackfile import parse_settings
 from tests import container_fixtures, processes
-from tests.conftest import LocalRegistry, stack_config
+from tests.conftest import PROJECT_DIR, LocalRegistry, stack_config
 from tests.node_fixtures import crd_node  # noqa: F401  (the module's node, with the CRDs)
 from tests.operator_fixtures import SELDON_ID
 from tests.test_node import poll
@@ -85,15 +85,8 @@ def champion(registry: LocalRegistry) -> tuple[str, Path]:
 
 def dev_on_store(registry: LocalRegistry, store: S3Store) -> dict[str, Any]:
     """dev's stack config with its model pinned to the s3:// URI of the store and `artifactStore` pointing there."""
-    config = copy.deepcopy(stack_config("dev"))
-    version, folder = champion(registry)
-    config["ml-serving:registry"] = {"trackingUri": registry.tracking_uri}
-    churn = config["ml-serving:models"]["churn"]
-    churn["variants"]["champion"] = {"version": version, "modelUri": s3_uri(store.root, folder), "weight": 100}
-    config["ml-serving:artifactStore"] = {"rclone": store.rclone_env()}
-    # A name on loopback: a pull the node attempts for an image it lacks never leaves the machine.
-    config["ml-serving:servingImage"] = {**config["ml-serving:servingImage"], "repository": "localhost/ml-serving-dev"}
-    return config
+    config = stack_config("dev")
+    return on_store(config, parse_settings(config, "Pulumi.dev.yaml"), RegistryResolver(registry.tracking_uri), store)
 
 
 def operator_pods(node: LocalNode, namespace: str, sdep: str) -> list:
@@ -137,41 +130,20 @@ def dev_stack(
     docker_engine: Any,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> DevStack:
-    """The initializer and serving images loaded into the node as the chart and the plan name them, then
-    `ml-serving up dev` with dev's stack file pinned to the store."""
-    import subprocess
-    import sys
-    import time
-
-    import yaml
-
-    from ml_serving.localcluster import tools_env
-    from ml_serving.plan import run_program
-    from tests.conftest import copy_project
+    """What `ml-serving cluster --node --up` does (ml_serving/devserve.py): dev pinned to the store, the
+    initializer and serving images loaded into the node as the chart and the plan name them, then `ml-serving up
+    dev` of that copy with the real engine."""
     from tests.test_engine import PASSPHRASE
 
-    images = seldon_images(operator.env, operator.config_map)
-    crd_node.import_image(initializer_image(crd_node.bin_dir, crd_node.root / "images", images.initializer))
-    config = dev_on_store(registry, store)
     work = tmp_path_factory.mktemp("dev-on-node")
-    project = copy_project(work / "project")  # the plan keeps a downloaded model's environment in model-lock/
-    (sdep,) = [revealed(s) for s in run_program(project, "dev", config=config).find("SeldonDeployment")]
-    folder = champion(registry)[1]
-    seconds = load_serving_image(crd_node, serving_container(sdep)["image"], folder, docker_engine)
-    print(f"serving image built (cached) and loaded into the node: {seconds:.0f} s")
-
-    salt = yaml.safe_load((project / "Pulumi.dev.yaml").read_text())["encryptionsalt"]
-    (project / "Pulumi.dev.yaml").write_text(yaml.safe_dump({"encryptionsalt": salt, "config": config}))
-    (work / "state").mkdir()
-    env = {**os.environ, **tools_env(tools), "KUBECONFIG": str(crd_node.cluster.kubeconfig),
-           "PULUMI_CONFIG_PASSPHRASE": PASSPHRASE, "PULUMI_BACKEND_URL": (work / "state").as_uri()}  # fmt: skip
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "ml_serving.cli", "--project-dir", str(project), "up", "dev"],
-                          cwd=project, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    settings = parse_settings(config, "Pulumi.dev.yaml")
-    (model_key,) = settings.models
-    return DevStack(sdep, settings.namespace, model_key, folder, time.monotonic() - started, started, project, env)
+    with environ({"PULUMI_CONFIG_PASSPHRASE": PASSPHRASE}):
+        served = serve_stack(PROJECT_DIR, "dev", crd_node, operator.env, operator.config_map, store, work, tools,
+                             tracking_uri=registry.tracking_uri)  # fmt: skip
+    print(f"serving image built (cached) and loaded into the node: {served.images_seconds:.0f} s")
+    (sdep,) = served.sdeps
+    (model_key,) = served.settings.models
+    return DevStack(sdep, served.settings.namespace, model_key, champion(registry)[1], served.up_seconds,
+                    served.up_started, served.project, served.env)  # fmt: skip
 
 
 def test_the_operator_pod_downloads_the_model_over_s3_from_the_store(
@@ -208,26 +180,6 @@ def serving_container(sdep: dict[str, Any]) -> dict[str, Any]:
     (spec,) = predictor["componentSpecs"]
     (container,) = [c for c in spec["spec"]["containers"] if c["name"] == predictor["graph"]["name"]]
     return container
-
-
-def load_serving_image(node: LocalNode, name: str, model_folder: Path, docker_engine: Any) -> float:
-    """Build the dev model's serving image from the context the program writes (plain `docker build`, cached
-    layers reused), and load it into the node's containerd under the name the SeldonDeployment runs."""
-    import subprocess
-    import time
-
-    from ml_serving import containers, image
-
-    started = time.monotonic()
-    context = image.build_context(image.read_environment(model_folder))
-    path = image.write_context(context, node.root / "serving-context", with_model=False)
-    containers.build_image(path, name)
-    archive = node.root / "images" / "serving.tar"
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["docker", "save", "--output", str(archive), name], check=True, timeout=900)
-    node.import_image(archive)
-    archive.unlink()
-    return time.monotonic() - started
 
 
 def ready_pods(node: LocalNode, stack: DevStack) -> list:
@@ -458,7 +410,13 @@ def test_a_rollout_on_real_pods_promotes_a_healthy_challenger_and_rolls_a_faulty
         document = yaml.safe_load(stack_file.read_text())
         churn = document["config"]["ml-serving:models"][dev_stack.model_key]
         churn["variants"]["challenger"] = {"version": version, "modelUri": challenger_uri, "weight": 0}
+        # The pods share two cores with the suite's other workers, and a stage's window holds ~100 challenger
+        # requests: one .ci/run judged the same model and image 1.74x the champion's p95. So a failed check is
+        # retried once (Flagger's `threshold`), and the p95 ratio may reach 2x; the default 1.5x is held by
+        # tests/test_rollout_e2e.py and tests/test_bentoml.py on host processes. The faulty challenger fails on
+        # its error ratio, which no noise explains.
         churn["rollout"] = {"stages": [25, 50, 100], "intervalSeconds": 8, "minRequests": 10,
+                            "failureThreshold": 2, "maxP95VsChampion": 2.0,
                             "inconclusiveThreshold": 2, "onInconclusive": "rollback"}  # fmt: skip
         document["config"]["ml-serving:monitoring"] = {"stack": "existing", "prometheusUrl": prometheus}
         stack_file.write_text(yaml.safe_dump(document))

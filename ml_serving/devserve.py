@@ -1,0 +1,239 @@
+"""A stack served by the one-machine cluster the way a cloud cluster serves it (`ml-serving cluster --node --up`).
+
+The registry's artifacts sit behind a real S3 endpoint (`rclone serve s3` on the node's gateway), each variant is
+pinned to its s3:// URI there with `artifactStore` pointing at the store, the images the pods run are loaded into
+the node (nothing can be pulled here), and the real engine runs `up` on a copy of the project. The team's own
+stack file is never edited: the store's keys are made per run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ml_serving import labels
+from ml_serving.artifactstore import S3Store, s3_uri
+from ml_serving.localcluster import ClusterError, tools_env
+from ml_serving.localnode import LocalNode
+from ml_serving.nodeimages import initializer_image, seldon_images
+from ml_serving.registry import RegistryError, RegistryResolver, resolve_model
+from ml_serving.settings import Settings
+from ml_serving.stackfile import edit, parse_settings, read_config, stack_file
+
+# The stack's serving image under a name on loopback: a pull the node tries for an image it lacks never leaves
+# the machine.
+LOCAL_REPOSITORY = "localhost/ml-serving-dev"
+# What a copy of the project leaves out: environments, outputs, the registry itself (served from where it is).
+# The stack config keys `on_store` rewrites; the rest of the stack file (secrets too) is copied as it is.
+PINNED = ("ml-serving:registry", "ml-serving:models", "ml-serving:artifactStore", "ml-serving:servingImage")
+NOT_COPIED = (".venv", ".git", "rendered", ".mlflow", ".pulumi-state", "__pycache__", "*.egg-info", ".*_cache")
+
+
+def copy_project(source: Path, destination: Path) -> Path:
+    """The project's sources without environments or outputs, to run a stack file that is not the team's."""
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns(*NOT_COPIED))
+    return destination
+
+
+def registry_root(tracking_uri: str, project_dir: Path) -> Path:
+    """The folder of a local (sqlite) registry, which holds its artifacts (`ml-serving seed` puts them there)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        raise ClusterError(
+            f"ml-serving:registry.trackingUri is {tracking_uri}: --up serves a local registry (sqlite:///…); with a "
+            "remote one, point artifactStore at its bucket and run `ml-serving up` yourself"
+        )
+    return (project_dir / tracking_uri.removeprefix("sqlite:///")).resolve().parent
+
+
+def absolute_tracking_uri(tracking_uri: str, project_dir: Path) -> str:
+    """A relative sqlite URI (sqlite:///.mlflow/…) made absolute, so a copy of the project finds the same registry."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return tracking_uri
+    return f"sqlite:///{(project_dir / tracking_uri.removeprefix('sqlite:///')).resolve()}"
+
+
+def on_store(config: dict[str, Any], settings: Settings, resolver: RegistryResolver, store: S3Store) -> dict[str, Any]:
+    """The stack config with every variant pinned to its version's s3:// URI on `store`, and `artifactStore` set
+    to reach it (the variant's other keys, e.g. weight and runtime, stay as they are)."""
+    config = copy.deepcopy(config)
+    config["ml-serving:registry"] = {**config.get("ml-serving:registry", {}), "trackingUri": resolver.tracking_uri}
+    for model_key, model in settings.models.items():
+        variants = config["ml-serving:models"][model_key]["variants"]
+        for name, resolved in resolve_model(model_key, model, resolver).items():
+            folder = Path(urlsplit(resolved.model_uri).path)
+            try:
+                uri = s3_uri(store.root, folder)
+            except ValueError:
+                raise ClusterError(
+                    f"ml-serving:models.{model_key}.variants.{name}: {resolved.model_uri} is not in the registry's "
+                    f"folder {store.root}, so the store cannot serve it"
+                ) from None
+            variant = {k: v for k, v in variants[name].items() if k not in ("alias", "pinnedFrom")}
+            variants[name] = {**variant, "version": resolved.version, "modelUri": uri}
+    config["ml-serving:artifactStore"] = {"rclone": store.rclone_env()}
+    image = config.get("ml-serving:servingImage", {})
+    config["ml-serving:servingImage"] = {**image, "repository": LOCAL_REPOSITORY, "build": False, "push": False}
+    return config
+
+
+@contextmanager
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` in os.environ for the block (the plan reads each model's requirements over S3 in this process)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def load_serving_image(node: LocalNode, name: str, model_folder: Path) -> None:
+    """Build a model's serving image from the context the program writes (plain `docker build`, cached layers
+    reused) and load it into the node's containerd under the name the SeldonDeployment runs."""
+    from ml_serving import containers, image
+
+    context = image.build_context(image.read_environment(model_folder))
+    path = image.write_context(context, node.root / "serving-context", with_model=False)
+    containers.build_image(path, name)
+    archive = node.root / "images" / "serving.tar"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["docker", "save", "--output", str(archive), name], check=True, timeout=900)
+    node.import_image(archive)
+    archive.unlink()
+
+
+def serving_images(sdeps: list[dict[str, Any]]) -> dict[str, str]:
+    """Each serving image the SeldonDeployments run, by the s3:// model URI it serves (one image per environment)."""
+    images: dict[str, str] = {}
+    for sdep in sdeps:
+        for predictor in sdep["spec"]["predictors"]:
+            graph = predictor["graph"]
+            for spec in predictor["componentSpecs"]:
+                for container in spec["spec"]["containers"]:
+                    if container["name"] != graph["name"]:
+                        continue
+                    if "modelUri" not in graph:
+                        raise ClusterError(
+                            f"{sdep['metadata']['name']}/{predictor['name']} bakes its model into the image "
+                            "(serving.bake): --up builds images without models; set bake: false to serve it here"
+                        )
+                    images.setdefault(container["image"], graph["modelUri"])
+    return images
+
+
+@dataclass
+class ServedStack:
+    """A stack `up` on the node: the copy of the project that holds its pinned stack file, and how to run it."""
+
+    stack: str
+    settings: Settings
+    project: Path
+    sdeps: list[dict[str, Any]]  # as planned
+    env: dict[str, str]  # the engine's: tools, KUBECONFIG, state backend, the store's client keys
+    images_seconds: float  # building (cached) and loading the images
+    up_started: float  # time.monotonic() at `up`'s start
+    up_seconds: float
+
+    def up(self, timeout: float = 1200) -> subprocess.CompletedProcess:
+        """`ml-serving up` of the copy (again, e.g. after editing its stack file)."""
+        command = [sys.executable, "-m", "ml_serving.cli", "--project-dir", str(self.project), "up", self.stack]
+        return subprocess.run(command, cwd=self.project, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+
+def serve_stack(
+    project_dir: Path,
+    stack: str,
+    node: LocalNode,
+    operator_env: dict[str, str],
+    operator_config_map: dict[str, Any],
+    store: S3Store,
+    work: Path,
+    tools: Path,
+    tracking_uri: str | None = None,
+    say: Callable[[str], None] = lambda line: None,
+) -> ServedStack:
+    """Pin `stack` to `store`, load what its pods run into `node`, and `up` it with the real engine from a copy of
+    the project in `work` (its state there too). The passphrase comes from the caller's environment."""
+    from ml_serving.plan import revealed, run_program
+
+    if not any(os.environ.get(k) for k in ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE")):
+        raise ClusterError(
+            "PULUMI_CONFIG_PASSPHRASE is not set: the stack file's secrets are encrypted with it (the sample "
+            "stacks' is `ml-serving-example`; README, 'Secrets')"
+        )
+    path = stack_file(project_dir, stack)
+    config, _ = read_config(path)
+    settings = parse_settings(config, path.name)
+    uri = tracking_uri or (settings.registry.tracking_uri if settings.registry else None)
+    if uri is None:
+        raise ClusterError(f"{path.name} has no ml-serving:registry.trackingUri: --up serves the registry's models")
+    try:
+        pinned = on_store(config, settings, RegistryResolver(absolute_tracking_uri(uri, project_dir)), store)
+    except RegistryError as exc:
+        raise ClusterError(f"{path.name}: {exc}") from None
+
+    project = copy_project(project_dir, work / "project")
+    edit(stack_file(project, stack), lambda document: document["config"].update({k: pinned[k] for k in PINNED}))
+    with environ(store.client_env()):
+        sdeps = [revealed(s) for s in run_program(project, stack).find("SeldonDeployment")]
+
+    started = time.monotonic()
+    images = seldon_images(operator_env, operator_config_map)
+    node.import_image(initializer_image(node.bin_dir, node.root / "images", images.initializer))
+    for name, model_uri in serving_images(sdeps).items():
+        say(f"building (cached) and loading {name} into the node")
+        load_serving_image(node, name, store.root / model_uri.split("://", 1)[1])
+    images_seconds = time.monotonic() - started
+
+    (work / "state").mkdir(exist_ok=True)
+    env = {**os.environ, **tools_env(tools), **store.client_env(), "KUBECONFIG": str(node.cluster.kubeconfig),
+           "PULUMI_BACKEND_URL": (work / "state").as_uri()}  # fmt: skip
+    served = ServedStack(stack, parse_settings(pinned, path.name), project, sdeps, env, images_seconds, 0.0, 0.0)
+    say(f"ml-serving up {stack} (log: {work / 'up.log'})")
+    served.up_started = time.monotonic()
+    done = served.up()
+    served.up_seconds = time.monotonic() - served.up_started
+    (work / "up.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise ClusterError(f"`ml-serving up {stack}` failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    return served
+
+
+def predictor_urls(api_client: Any, served: ServedStack) -> dict[str, str]:
+    """`/invocations` of each predictor's Service (the ClusterIP kube-proxy answers on this host), by variant."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    urls = {}
+    for sdep in served.sdeps:
+        for predictor in sdep["spec"]["predictors"]:
+            name = f"{sdep['metadata']['name']}-{predictor['name']}"
+            service = core.read_namespaced_service(name, sdep["metadata"]["namespace"])
+            port = next(p.port for p in service.spec.ports if p.name == "http")
+            urls[f"{sdep['metadata']['name']}/{predictor['name']}"] = f"http://{service.spec.cluster_ip}:{port}"
+    return urls
+
+
+def ready_model_pods(api_client: Any, served: ServedStack) -> list[Any]:
+    """The stack's Ready model pods (the operator labels each with the model key)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    pods = core.list_namespaced_pod(served.settings.namespace, label_selector=labels.MODEL).items
+    return [
+        p
+        for p in pods
+        if p.metadata.deletion_timestamp is None
+        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+    ]

@@ -1,0 +1,86 @@
+"""`ml-serving cluster --node --up`'s pure part (ml_serving/devserve.py): the stack pinned to the local S3 store,
+without editing the team's stack file. The run itself is `tests/test_pods_serving.py`'s `dev_stack` (marker `pods`)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from ml_serving.artifactstore import S3Store
+from ml_serving.cli import main
+from ml_serving.devserve import LOCAL_REPOSITORY, on_store, registry_root, serving_images
+from ml_serving.localcluster import ClusterError
+from ml_serving.registry import RegistryResolver
+from ml_serving.stackfile import parse_settings
+from tests.conftest import PROJECT_DIR, LocalRegistry, stack_config
+
+
+def store_over(root: Path) -> S3Store:
+    return S3Store(Path("bin"), root, "10.244.7.1", root / "rclone.log", port=9000)
+
+
+def dev_config(**variants: dict) -> dict:
+    config = copy.deepcopy(stack_config("dev"))
+    if variants:
+        config["ml-serving:models"]["churn"]["variants"] = variants
+    return config
+
+
+def test_every_variant_is_pinned_to_its_s3_uri_on_the_store_and_the_store_is_the_artifact_store(
+    registry: LocalRegistry,
+) -> None:
+    config = dev_config(champion={"alias": "champion", "weight": 90}, challenger={"version": 2, "weight": 10})
+    store = store_over(registry.root)
+    pinned = on_store(config, parse_settings(config, "Pulumi.dev.yaml"), RegistryResolver(registry.tracking_uri), store)
+
+    variants = pinned["ml-serving:models"]["churn"]["variants"]
+    assert variants["champion"]["version"] == "1" and "alias" not in variants["champion"]
+    assert variants["challenger"]["version"] == "2"
+    assert [v["weight"] for v in variants.values()] == [90, 10]
+    for variant in variants.values():
+        assert variant["modelUri"].startswith("s3://"), variant
+        assert (registry.root / variant["modelUri"].removeprefix("s3://") / "MLmodel").exists()
+    assert pinned["ml-serving:artifactStore"] == {"rclone": store.rclone_env()}
+    assert pinned["ml-serving:servingImage"]["repository"] == LOCAL_REPOSITORY
+    assert config["ml-serving:models"]["churn"]["variants"]["champion"] == {"alias": "champion", "weight": 90}
+
+    settings = parse_settings(pinned, "Pulumi.dev.yaml")  # a valid stack; the plan of it needs the store running
+    assert settings.artifact_store is not None and settings.artifact_store.rclone == store.rclone_env()
+
+
+def test_a_model_outside_the_registry_folder_is_refused_naming_the_variant(registry: LocalRegistry, tmp_path) -> None:
+    config = dev_config()
+    settings = parse_settings(config, "Pulumi.dev.yaml")
+    with pytest.raises(ClusterError, match=r"models\.churn\.variants\.champion: .* is not in the registry's folder"):
+        on_store(config, settings, RegistryResolver(registry.tracking_uri), store_over(tmp_path))
+
+
+def test_the_registry_root_is_the_folder_of_a_local_registry_only(tmp_path: Path) -> None:
+    assert registry_root("sqlite:///.mlflow/registry.db", tmp_path) == (tmp_path / ".mlflow").resolve()
+    assert registry_root(f"sqlite:///{tmp_path}/r/registry.db", Path("/elsewhere")) == tmp_path / "r"
+    with pytest.raises(ClusterError, match="trackingUri is http://mlflow:5000: --up serves a local registry"):
+        registry_root("http://mlflow:5000", tmp_path)
+
+
+def test_a_baked_model_is_refused_since_the_images_are_built_without_models() -> None:
+    sdep = {"metadata": {"name": "churn"}, "spec": {"predictors": [{"name": "champion", "graph": {"name": "churn"},
+            "componentSpecs": [{"spec": {"containers": [{"name": "churn", "image": "localhost/x:1"}]}}]}]}}  # fmt: skip
+    with pytest.raises(ClusterError, match="churn/champion bakes its model into the image"):
+        serving_images([sdep])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--up"], "--up serves the stack from pods: add --node"),
+        (["--node", "--up", "--no-operator"], "--up serves the stack through the Seldon operator"),
+        (["--monitoring"], "--monitoring runs Prometheus as a pod: add --node"),
+    ],
+)
+def test_cluster_flags_that_need_others_are_refused_before_anything_starts(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--project-dir", str(PROJECT_DIR), "cluster", *flags]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
