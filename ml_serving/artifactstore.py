@@ -8,13 +8,12 @@ the model over S3 exactly as from a cloud bucket, with the stack's `artifactStor
 from __future__ import annotations
 
 import secrets
-import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ml_serving.localcluster import ClusterError, wait_ready
-from ml_serving.processes import free_port, stop_group
+from ml_serving.localcluster import ClusterError
+from ml_serving.processes import LoggedProcess, free_port, listening
 
 RCLONE_BINARY = "rclone"
 REMOTE = "s3"  # the URIs' scheme: the initializer copies s3://b/k from rclone's remote `s3:b/k`
@@ -29,7 +28,7 @@ def s3_uri(root: Path, path: Path | str) -> str:
 
 
 @dataclass
-class S3Store:
+class S3Store(LoggedProcess):
     """`rclone serve s3 root` on `host` (e.g. the node's gateway IP) with one generated key pair."""
 
     bin_dir: Path
@@ -40,6 +39,7 @@ class S3Store:
     access_key: str = field(default_factory=lambda: secrets.token_hex(8))
     secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
     process: subprocess.Popen | None = None
+    error = ClusterError
 
     @property
     def endpoint(self) -> str:
@@ -71,30 +71,12 @@ class S3Store:
         if not binary.exists():
             raise ClusterError(f"{binary} is not built: run `tools/build.sh rclone` (or `./run tools`)")
         self.port = self.port or free_port(self.host)
-        with self.log.open("w") as out:
-            self.process = subprocess.Popen(
-                [str(binary), "serve", "s3", str(self.root), "--addr", f"{self.host}:{self.port}",
-                 "--auth-key", f"{self.access_key},{self.secret_key}", "--config", "/dev/null", "-v",
-                 # A model version registered after the start is there at once, as on S3 (rclone's VFS keeps a
-                 # folder's listing for 5 minutes by default).
-                 "--dir-cache-time", "1s"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-
-        def listening() -> bool:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=1):
-                    return True
-            except OSError:
-                return False
-
-        try:
-            wait_ready(listening, self.process, self.log, "rclone serve s3", seconds)
-        except BaseException:
-            self.stop()
-            raise
+        self.spawn(
+            [str(binary), "serve", "s3", str(self.root), "--addr", f"{self.host}:{self.port}",
+             "--auth-key", f"{self.access_key},{self.secret_key}", "--config", "/dev/null", "-v",
+             # A model version registered after the start is there at once, as on S3 (rclone's VFS keeps a
+             # folder's listing for 5 minutes by default).
+             "--dir-cache-time", "1s"],
+            "rclone serve s3", lambda: listening(self.host, self.port), seconds,
+        )  # fmt: skip
         return self
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        stop_group(process)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ml_serving.processes import free_port, stop_group
+from ml_serving.processes import LoggedProcess, free_port, http_ok, stop_group
 from ml_serving.tools import tool_binary
 
 CACHE_DIR = Path(os.environ.get("ML_SERVING_CACHE_DIR") or Path.home() / ".cache" / "ml-serving")
@@ -216,21 +216,24 @@ def registry_binary() -> Path | None:
 
 
 @dataclass
-class LocalRegistry:
+class LocalRegistry(LoggedProcess):
     """An OCI registry (distribution v3) on 127.0.0.1, storing under `root`; `address` is `127.0.0.1:PORT`."""
 
     binary: Path
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ml-serving-oci-")))
     port: int = 0
     process: subprocess.Popen | None = None
+    error = ContainerError
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, seconds: float = 60) -> LocalRegistry:
-        import requests
+    @property
+    def log(self) -> Path:
+        return self.root / "registry.log"
 
+    def start(self, seconds: float = 60) -> LocalRegistry:
         self.port = self.port or free_port()
         config = self.root / "config.yml"
         config.write_text(
@@ -243,24 +246,11 @@ class LocalRegistry:
                 }
             )
         )  # YAML is a superset of JSON
-        log = self.root / "registry.log"
-        with log.open("w") as out:
-            env = {**os.environ, "OTEL_TRACES_EXPORTER": "none"}
-            self.process = subprocess.Popen(
-                [str(self.binary), "serve", str(config)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env=env,
-            )  # fmt: skip
-        deadline = time.monotonic() + seconds
-        while True:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise ContainerError(f"the OCI registry did not come up:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"http://{self.address}/v2/", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
+        self.spawn(
+            [str(self.binary), "serve", str(config)], "the OCI registry",
+            lambda: http_ok(f"http://{self.address}/v2/"), seconds, env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
+        )  # fmt: skip
+        return self
 
     def digest(self, repository: str, tag: str) -> str:
         """What the registry holds under `repository:tag` (repository without the address)."""
@@ -280,11 +270,6 @@ class LocalRegistry:
         if answer.status_code != 200:
             raise ContainerError(f"the registry has no {repository}:{tag} (HTTP {answer.status_code})")
         return answer.headers["Docker-Content-Digest"]
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_group(self.process)
-            self.process = None
 
 
 # --- build and push -------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from ml_serving.processes import free_port, http_ok, stop_group
+from ml_serving.processes import free_port, http_ok, stop_group, wait_until
 from ml_serving.tools import TOOLS_SCRIPT, tools_folder  # noqa: F401  (TOOLS_SCRIPT: its old home)
 
 # The upstream CRDs the team keeps beside the checkout (../shared/crds), or where ML_SERVING_CRD_DIR says.
@@ -64,14 +64,7 @@ def tools_env(folder: Path) -> dict[str, str]:
 
 
 def wait_ready(ready: Callable[[], bool], process: subprocess.Popen, log: Path, what: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ClusterError(f"{what} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        if ready():
-            return
-        time.sleep(0.2)
-    raise ClusterError(f"{what} not ready after {seconds:.0f} s:\n{log.read_text()[-3000:]}")
+    wait_until(ready, process, log, what, seconds, ClusterError)
 
 
 @dataclass

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from ml_serving.localcluster import ClusterError, wait_ready
-from ml_serving.processes import free_port, http_ok, stop_group
+from ml_serving.localcluster import ClusterError
+from ml_serving.processes import LoggedProcess, free_port, http_ok
 from ml_serving.specs.platform import HelmChart
 
 OPERATOR_BINARY = "seldon-operator"
@@ -80,7 +80,7 @@ def _self_signed(folder: Path) -> None:
 
 
 @dataclass
-class LocalOperator:
+class LocalOperator(LoggedProcess):
     """The operator process for one API server (`kubeconfig`), configured by `chart` (its values and namespace)."""
 
     bin_dir: Path
@@ -90,6 +90,7 @@ class LocalOperator:
     process: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
     config_map: dict[str, Any] = field(default_factory=dict)  # the chart's `seldon-config`, as applied
+    error = ClusterError
 
     @property
     def log(self) -> Path:
@@ -120,31 +121,13 @@ class LocalOperator:
         metrics = free_port()
         self.env = {**env, "POD_NAMESPACE": self.chart.namespace}
         process_env = {**os.environ, **self.env, "TMPDIR": str(self.root), "KUBECONFIG": str(self.kubeconfig)}
-        with self.log.open("w") as out:
-            self.process = subprocess.Popen(
-                [str(self.bin_dir / OPERATOR_BINARY), f"--webhook-port={free_port()}",
-                 f"--metrics-addr=127.0.0.1:{metrics}", f"--operator-namespace={self.chart.namespace}",
-                 "--create-resources=false", f"--log-level={env.get('MANAGER_LOG_LEVEL') or 'INFO'}"],
-                stdout=out, stderr=subprocess.STDOUT, env=process_env, start_new_session=True,
-            )  # fmt: skip
-
-        def serving() -> bool:
-            return http_ok(f"http://127.0.0.1:{metrics}/metrics")
-
-        try:
-            wait_ready(serving, self.process, self.log, "seldon-operator", seconds)
-        except BaseException:
-            self.stop()
-            raise
+        self.spawn(
+            [str(self.bin_dir / OPERATOR_BINARY), f"--webhook-port={free_port()}",
+             f"--metrics-addr=127.0.0.1:{metrics}", f"--operator-namespace={self.chart.namespace}",
+             "--create-resources=false", f"--log-level={env.get('MANAGER_LOG_LEVEL') or 'INFO'}"],
+            "seldon-operator", lambda: http_ok(f"http://127.0.0.1:{metrics}/metrics"), seconds, env=process_env,
+        )  # fmt: skip
         return self
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        """Stop the operator by its PID (it runs in its own process group)."""
-        process, self.process = self.process, None
-        stop_group(process)
 
 
 def wait_for(found: Any, what: str, seconds: float = 60, log: Path | None = None) -> Any:

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ml_serving.localcluster import ClusterError, apply_crds, wait_ready
+from ml_serving.localcluster import ClusterError, apply_crds
 from ml_serving.localoperator import CHARTS_ARCHIVE, wait_for
 from ml_serving.ociimage import write_image
-from ml_serving.processes import free_port, http_ok, stop_group
+from ml_serving.processes import LoggedProcess, free_port, http_ok, listening
 from ml_serving.settings import Settings
 
 if TYPE_CHECKING:
@@ -199,7 +199,7 @@ def prometheus_object(
 
 
 @dataclass
-class ApiRelay:
+class ApiRelay(LoggedProcess):
     """socat from `host:port` (the node's gateway, which pods reach) to the API server on loopback."""
 
     host: str
@@ -207,6 +207,7 @@ class ApiRelay:
     log: Path
     port: int = 0
     process: subprocess.Popen | None = None
+    error = ClusterError
 
     @property
     def url(self) -> str:
@@ -215,28 +216,15 @@ class ApiRelay:
     def start(self) -> ApiRelay:
         self.port = free_port(self.host)
         target = self.target.split("://", 1)[-1]
-        with self.log.open("w") as out:
-            self.process = subprocess.Popen(
-                ["socat", f"TCP-LISTEN:{self.port},bind={self.host},fork,reuseaddr", f"TCP:{target}"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        wait_ready(self._listening, self.process, self.log, "socat relay to the API server", 30)
+        self.spawn(
+            ["socat", f"TCP-LISTEN:{self.port},bind={self.host},fork,reuseaddr", f"TCP:{target}"],
+            "socat relay to the API server", lambda: listening(self.host, self.port), 30,
+        )  # fmt: skip
         return self
-
-    def _listening(self) -> bool:
-        import socket
-
-        with socket.socket() as sock:
-            sock.settimeout(1)
-            return sock.connect_ex((self.host, self.port)) == 0
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        stop_group(process)
 
 
 @dataclass
-class LocalPrometheusOperator:
+class LocalPrometheusOperator(LoggedProcess):
     """The operator process for one API server (`kubeconfig`), naming `reloader_image` for the pods it makes."""
 
     bin_dir: Path
@@ -244,6 +232,7 @@ class LocalPrometheusOperator:
     reloader_image: str
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ml-serving-prometheus-operator-")))
     process: subprocess.Popen | None = None
+    error = ClusterError
 
     @property
     def log(self) -> Path:
@@ -252,24 +241,12 @@ class LocalPrometheusOperator:
     def start(self, seconds: float = 120) -> LocalPrometheusOperator:
         web = free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        with self.log.open("w") as out:
-            self.process = subprocess.Popen(
-                [str(self.bin_dir / OPERATOR_BINARY), f"--web.listen-address=127.0.0.1:{web}",
-                 f"--prometheus-config-reloader={self.reloader_image}", "--log-level=info"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.root,
-            )  # fmt: skip
-        try:
-            wait_ready(
-                lambda: http_ok(f"http://127.0.0.1:{web}/healthz"), self.process, self.log, OPERATOR_BINARY, seconds
-            )
-        except BaseException:
-            self.stop()
-            raise
+        self.spawn(
+            [str(self.bin_dir / OPERATOR_BINARY), f"--web.listen-address=127.0.0.1:{web}",
+             f"--prometheus-config-reloader={self.reloader_image}", "--log-level=info"],
+            OPERATOR_BINARY, lambda: http_ok(f"http://127.0.0.1:{web}/healthz"), seconds, env=env, cwd=self.root,
+        )  # fmt: skip
         return self
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        stop_group(process)
 
 
 @dataclass

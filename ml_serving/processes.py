@@ -7,6 +7,10 @@ import os
 import signal
 import socket
 import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,3 +40,56 @@ def stop_group(process: subprocess.Popen | None, seconds: float = 20) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def listening(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on `host:port` now: readiness for servers without a health URL."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(
+    ready: Callable[[], bool], process: subprocess.Popen, log: Path, what: str, seconds: float,
+    error: type[Exception] = RuntimeError,
+) -> None:  # fmt: skip
+    """Poll `ready()` until it holds; `error` (with the log's tail) if the process exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise error(f"{what} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        if ready():
+            return
+        time.sleep(0.2)
+    raise error(f"{what} not ready after {seconds:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+class LoggedProcess:
+    """A server the project runs beside a cluster (operator, store, registry, relay): its own process group, its
+    output in `log`, ready when a check passes, stopped by PID. Subclasses are dataclasses with `log` and `process`;
+    `error` is the exception their callers catch."""
+
+    log: Path
+    process: subprocess.Popen | None
+    error: type[Exception] = RuntimeError
+
+    def spawn(self, command: list[str], what: str, ready: Callable[[], bool], seconds: float, **popen: Any) -> None:
+        """Start `command` and wait for `ready()`; on any failure (or Ctrl-C) stop it before raising."""
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen
+            )
+        try:
+            wait_until(ready, self.process, self.log, what, seconds, self.error)
+        except BaseException:
+            self.stop()
+            raise
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        stop_group(process)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 from collections.abc import Iterator
-from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,10 +30,10 @@ from ml_serving.nodeimages import full_reference, seldon_images
 from ml_serving.registry import RegistryResolver
 from ml_serving.seed import CHURN_MODEL
 from ml_serving.specs import platform, seldon
-from ml_serving.specs.monitoring import METRICS_PATH as MLSERVER_METRICS_PATH  # where the PodMonitor scrapes MLServer
-from ml_serving.stackfile import parse_settings
-from tests import container_fixtures, processes
+from ml_serving.stackfile import load_settings, parse_settings
+from tests import container_fixtures
 from tests.conftest import PROJECT_DIR, LocalRegistry, stack_config
+from tests.monitoring_fixtures import operator_prometheus
 from tests.node_fixtures import crd_node  # noqa: F401  (the module's node, with the CRDs)
 from tests.operator_fixtures import SELDON_ID
 from tests.test_node import poll
@@ -298,40 +296,6 @@ def _memory(node: LocalNode, namespace: str, pod: str) -> int:
 # --- item 6: a rollout on real pods --------------------------------------------------------------------------------
 
 
-class PodTargets(threading.Thread):
-    """Prometheus' targets for the model pods, written as file_sd each half second: what the stack's PodMonitor
-    selects (the model container's `metrics` port) and relabels (pod labels -> model, variant, version). The
-    operator-run Prometheus is the monitoring test's; this one runs on the host so the rollout reads it."""
-
-    def __init__(self, node: LocalNode, stack: DevStack, path: Path) -> None:
-        super().__init__(daemon=True)
-        self.node, self.stack, self.path, self.stop = node, stack, path, threading.Event()
-
-    def targets(self) -> list[dict[str, Any]]:
-        found = []
-        for pod in operator_pods(self.node, self.stack.namespace, self.stack.name):
-            if pod.status.pod_ip is None or pod.metadata.deletion_timestamp is not None:
-                continue
-            (spec,) = [c for c in pod.spec.containers if c.name == self.stack.model_key]
-            port = next(p.container_port for p in spec.ports if p.name == "metrics")
-            pod_labels = pod.metadata.labels
-            found.append({
-                "targets": [f"{pod.status.pod_ip}:{port}"],
-                # prometheus-operator's own target labels, then the PodMonitor's relabellings.
-                "labels": {"namespace": pod.metadata.namespace, "pod": pod.metadata.name, "container": spec.name,
-                           metrics.MODEL: pod_labels[labels.MODEL], metrics.VARIANT: pod_labels[labels.VARIANT],
-                           metrics.MODEL_VERSION: pod_labels[labels.MODEL_VERSION]},
-            })  # fmt: skip
-        return found
-
-    def run(self) -> None:
-        while not self.stop.wait(0.5):
-            with suppress(Exception):  # the API server is busy this instant: the last targets stand
-                partial = self.path.with_suffix(".partial")
-                partial.write_text(json.dumps(self.targets()))
-                partial.replace(self.path)
-
-
 def warm_up(urls: dict[str, str], requests_each: int = 100) -> None:
     """What a pre-rollout load test does (Flagger's webhook): a new pod's first requests are its slowest (imports,
     caches), and a 25 % window of ~100 requests would judge that, not the model."""
@@ -376,7 +340,6 @@ def test_a_rollout_on_real_pods_promotes_a_healthy_challenger_and_rolls_a_faulty
     dev_stack: DevStack,
     store: S3Store,
     registry: LocalRegistry,
-    tmp_path: Path,
 ) -> None:
     """Each stage is a real `pulumi up` of dev (its stack file edited by the rollout), the operator moves the
     VirtualService's weights, and the gates read the pods' own metrics. No Envoy runs here, so the split is the
@@ -418,7 +381,8 @@ def test_a_rollout_on_real_pods_promotes_a_healthy_challenger_and_rolls_a_faulty
         churn["rollout"] = {"stages": [25, 50, 100], "intervalSeconds": 8, "minRequests": 10,
                             "failureThreshold": 2, "maxP95VsChampion": 2.0,
                             "inconclusiveThreshold": 2, "onInconclusive": "rollback"}  # fmt: skip
-        document["config"]["ml-serving:monitoring"] = {"stack": "existing", "prometheusUrl": prometheus}
+        document["config"]["ml-serving:monitoring"] = {"stack": "existing", "prometheusUrl": prometheus,
+                                                       "scrapeInterval": "1s"}  # fmt: skip
         stack_file.write_text(yaml.safe_dump(document))
         for stale in (project / "rollouts").glob("*"):
             stale.unlink()
@@ -444,50 +408,44 @@ def test_a_rollout_on_real_pods_promotes_a_healthy_challenger_and_rolls_a_faulty
             watcher.join()
         log = (project / "rollouts" / f"dev-{dev_stack.model_key}.jsonl").read_text().splitlines()
         if run.returncode not in (0, 1):
-            print("targets written:", targets.read_text(), "\nPrometheus:", scrape_health(prometheus))
+            print("Prometheus:", scrape_health(prometheus))
         return run, watcher.seen, [json.loads(line) for line in log]
 
-    targets = tmp_path / "targets.json"
-    targets.write_text("[]")
-    discovery = PodTargets(crd_node, dev_stack, targets)
-    discovery.start()
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "model-pods", "metrics_path": MLSERVER_METRICS_PATH,
-                            "file_sd_configs": [{"files": [str(targets)],
-                                                                          "refresh_interval": "1s"}]}],
-    }  # fmt: skip
-    try:
-        with processes.prometheus_server(config, tmp_path) as prometheus:
-            # A healthy challenger (the registry's version 2 of the same model) walks every stage and is promoted.
-            from mlflow.tracking import MlflowClient
+    # The gates read the Prometheus prometheus-operator runs on the node from the stack's PodMonitor (as in
+    # tests/test_pods_monitoring.py), scraping every second; the interval is in the PodMonitor before Prometheus
+    # starts, since a changed configuration reaches the pod only when the kubelet next syncs its Secret.
+    document = yaml.safe_load(stack_file.read_text())
+    document["config"]["ml-serving:monitoring"] = {"stack": "existing", "scrapeInterval": "1s"}
+    stack_file.write_text(yaml.safe_dump(document))
+    up = subprocess.run([*CLI, "--project-dir", str(project), "up", "dev"], cwd=project, env=dev_stack.env,
+                        capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    with operator_prometheus(crd_node, load_settings(project, "dev")) as running:
+        prometheus = running.url
+        # A healthy challenger (the registry's version 2 of the same model) walks every stage and is promoted.
+        from mlflow.tracking import MlflowClient
 
-            mlflow_client = MlflowClient(registry.tracking_uri, registry_uri=registry.tracking_uri)
-            source = Path(urlsplit(mlflow_client.get_model_version_download_uri(CHURN_MODEL, "2")).path)
-            run, seen, records = rollout_of(s3_uri(store.root, source), "2")
-            why = (
-                f"{run.stdout[-4000:]}{run.stderr[-4000:]}\ntargets: {targets.read_text()}\n{scrape_health(prometheus)}"
-            )
-            assert run.returncode == 0, why
-            judged = [r for r in records if r["event"] == "judgement"]
-            assert {r["stage"] for r in judged if r["verdict"] == "passed"} == {0, 1, 2}, "every stage passed"
-            applied = [r["weights"] for r in records if r["event"] == "apply"]
-            assert in_order(applied, seen), f"each stage reached the VirtualService in order: {seen}"
-            assert weights(project, "dev") == {"champion": 100, "challenger": 0}
-            (champion,) = [v for n, v in yaml.safe_load(stack_file.read_text())["config"]["ml-serving:models"][
-                dev_stack.model_key]["variants"].items() if n == "champion"]  # fmt: skip
-            assert champion["version"] == "2", "the promotion made version 2 the champion"
+        mlflow_client = MlflowClient(registry.tracking_uri, registry_uri=registry.tracking_uri)
+        source = Path(urlsplit(mlflow_client.get_model_version_download_uri(CHURN_MODEL, "2")).path)
+        run, seen, records = rollout_of(s3_uri(store.root, source), "2")
+        why = f"{run.stdout[-4000:]}{run.stderr[-4000:]}\n{scrape_health(prometheus)}"
+        assert run.returncode == 0, why
+        judged = [r for r in records if r["event"] == "judgement"]
+        assert {r["stage"] for r in judged if r["verdict"] == "passed"} == {0, 1, 2}, "every stage passed"
+        applied = [r["weights"] for r in records if r["event"] == "apply"]
+        assert in_order(applied, seen), f"each stage reached the VirtualService in order: {seen}"
+        assert weights(project, "dev") == {"champion": 100, "challenger": 0}
+        (champion,) = [v for n, v in yaml.safe_load(stack_file.read_text())["config"]["ml-serving:models"][
+            dev_stack.model_key]["variants"].items() if n == "champion"]  # fmt: skip
+        assert champion["version"] == "2", "the promotion made version 2 the champion"
 
-            # A challenger whose every prediction fails (500s from its pod) is rolled back at the first stage.
-            run, seen, records = rollout_of(s3_uri(store.root, faulty), "3")
-            assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-4000:]
-            judged = [r for r in records if r["event"] == "judgement"]
-            assert judged[-1]["verdict"] == "failed", judged
-            error = next(c for c in judged[-1]["checks"] if c["name"] == "error_ratio")
-            assert error["challenger"] > 0.5 and error["champion"] == 0, error
-            assert seen[-1] == {"champion": 100, "challenger": 0}, f"the rollback reached the VirtualService: {seen}"
-            assert {"champion": 75, "challenger": 25} in seen
-            assert weights(project, "dev") == {"champion": 100, "challenger": 0}
-    finally:
-        discovery.stop.set()
-        discovery.join()
+        # A challenger whose every prediction fails (500s from its pod) is rolled back at the first stage.
+        run, seen, records = rollout_of(s3_uri(store.root, faulty), "3")
+        assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-4000:]
+        judged = [r for r in records if r["event"] == "judgement"]
+        assert judged[-1]["verdict"] == "failed", judged
+        error = next(c for c in judged[-1]["checks"] if c["name"] == "error_ratio")
+        assert error["challenger"] > 0.5 and error["champion"] == 0, error
+        assert seen[-1] == {"champion": 100, "challenger": 0}, f"the rollback reached the VirtualService: {seen}"
+        assert {"champion": 75, "challenger": 25} in seen
+        assert weights(project, "dev") == {"champion": 100, "challenger": 0}

@@ -1,0 +1,58 @@
+"""`LoggedProcess` (ml_serving/processes.py), the start-wait-stop every server beside the one-machine cluster uses
+(the Seldon operator, prometheus-operator, the S3 store, the OCI registry, the API relay): real processes on
+127.0.0.1, stopped by PID."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ml_serving.processes import LoggedProcess, free_port, listening
+
+
+class Refused(RuntimeError):
+    pass
+
+
+@dataclass
+class Server(LoggedProcess):
+    log: Path
+    port: int = 0
+    process: subprocess.Popen | None = None
+    error = Refused
+
+    def start(self, command: list[str] | None = None, seconds: float = 60) -> Server:
+        self.port = free_port()
+        default = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(self.port)]
+        self.spawn(command or default, "http.server", lambda: listening("127.0.0.1", self.port), seconds)
+        return self
+
+
+def test_a_started_server_answers_and_is_gone_after_stop(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server.log").start()
+    process = server.process
+    assert server.running() and listening("127.0.0.1", server.port)
+    server.stop()
+    assert process is not None and process.poll() is not None
+    assert server.process is None and not server.running()
+    server.stop()  # a second stop is harmless
+
+
+def test_a_server_that_exits_raises_the_callers_error_with_its_log(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server.log")
+    failing = [sys.executable, "-c", "import sys; print('port taken'); sys.exit(3)"]
+    with pytest.raises(Refused, match=r"(?s)http.server exited with 3:.*port taken"):
+        server.start(failing)
+    assert server.process is None
+
+
+def test_a_server_that_never_gets_ready_is_stopped_before_the_error(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server.log")
+    silent = [sys.executable, "-c", "import time; time.sleep(600)"]  # never listens
+    with pytest.raises(Refused, match=r"http\.server not ready after 1 s"):
+        server.start(silent, seconds=1)
+    assert server.process is None
