@@ -7,17 +7,15 @@ Compare figures only within one run. Run (needs Debian's `wrk`):
     .venv/bin/python bench/ab_front.py [--rounds 4] [--duration 5] [--workers 2] [--before REF ...] [--stock]
         [--tree NAME=FOLDER ...]
 
-`--before REF` runs the server as of git commit REF (exported with `git archive`); `--tree NAME=FOLDER` a server
+`--before REF` runs the server as of git commit REF (a git worktree of it); `--tree NAME=FOLDER` a server
 from any folder holding `ml_serving/` (e.g. a variant being tried).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -26,30 +24,8 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
-from bench.serving import start_ours, start_stock, v2_body, wrk  # noqa: E402
+from bench.serving import checkout, start_ours, start_stock, tree_cpu_seconds, v2_body, wrk  # noqa: E402
 from tests import processes  # noqa: E402
-
-
-def export(ref: str, workdir: Path) -> Path:
-    """This repository's files at commit `ref`, in a folder of the bench's (no worktree)."""
-    folder = workdir / f"at-{ref}"
-    folder.mkdir()
-    archive = subprocess.run(["git", "-C", str(PROJECT_DIR), "archive", ref], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder
-
-
-def session_cpu(session: int) -> float:
-    """CPU seconds used so far by the live processes of a session (the server and its replicas)."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session:  # after the name: state, ppid, pgrp, session, ...
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -76,7 +52,7 @@ def main() -> None:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         model = Path(client.get_model_version_download_uri("churn-classifier", version).removeprefix("file://"))
     projects = {"ours": PROJECT_DIR}
-    projects.update({ref: export(ref, workdir) for ref in args.before})
+    projects.update({ref: checkout(ref, workdir) for ref in args.before})
     projects.update(dict(tree.split("=", 1) for tree in args.tree))
     body = v2_body(1)
     ports: dict[str, str] = {}
@@ -102,9 +78,9 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = list(ports) if round_ % 2 == 0 else list(reversed(ports))
             for name in order:
-                before = session_cpu(sessions[name])
+                before = tree_cpu_seconds(sessions[name])
                 result = wrk(ports[name], body, args.connections, args.duration, workdir)
-                used = session_cpu(sessions[name]) - before
+                used = tree_cpu_seconds(sessions[name]) - before
                 cpu[name].append(1000 * used / (result["rps"] * args.duration))
                 if result["errors"]:
                     raise SystemExit(f"{name}: {result['errors']} non-2xx answers")

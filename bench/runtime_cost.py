@@ -26,31 +26,11 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.serving import tree_cpu_seconds
 from tests import processes
 from tests.test_rollout_e2e import ROW, flaky_model
 
 CLI = shutil.which("ml-serving") or str(Path(sys.executable).parent / "ml-serving")
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """User plus system CPU of `root` and every live descendant (BentoML's workers are its grandchildren)."""
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # the fields after the name: state, ppid, ..., utime (11), stime (12)
-        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
-    tree, grew = {root}, True
-    while grew:
-        children = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
-        tree |= children
-        grew = bool(children)
-    return sum(stats[pid][1] for pid in tree if pid in stats)
 
 
 def histogram(text: str, name: str, path_label: str, path: str) -> dict[float, float]:

@@ -90,6 +90,26 @@ def start_ours(model: Path, workers: int, workdir: Path, env_extra: dict | None 
     return processes.running(command, workdir / f"ours-{http}.log", env=env, cwd=project), http
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User plus system CPU of `root` and every live descendant (BentoML's workers are its grandchildren)."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # the fields after the name: state, ppid, ..., utime (11), stime (12)
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    tree, grew = {root}, True
+    while grew:
+        children = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return sum(stats[pid][1] for pid in tree if pid in stats)
+
+
 def checkout(ref: str, workdir: Path) -> Path:
     """This repository at commit `ref`, in a worktree of its own (removed with the bench's folder)."""
     folder = workdir / f"before-{ref}"

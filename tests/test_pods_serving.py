@@ -232,6 +232,7 @@ def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
 
     core.delete_namespaced_pod(first.metadata.name, dev_stack.namespace)
     loading: set[str] = set()  # the new pod's states seen while its server ran without its model answering
+    early: set[str] = set()  # a Ready pod whose server said its model is not ready: readiness ahead of the model
 
     def replaced() -> Any:
         (pod,) = [p for p in operator_pods(crd_node, dev_stack.namespace, dev_stack.name)
@@ -240,27 +241,35 @@ def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
             return None
         ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
         running = [c for c in pod.status.container_statuses or [] if c.name == container["name"] and c.state.running]
-        if running and not ready and not _model_ready(pod, container, dev_stack.model_key):
+        model_ready = _model_answer(pod, container, dev_stack.model_key)
+        if running and not ready and not model_ready:
             loading.add("running, model not loaded, not Ready")
-        return ready and pod
+        if ready and model_ready is False:  # the server answered that its model is not ready (a timeout is no answer)
+            early.add(pod.metadata.name)
+        return ready and model_ready and pod
 
-    second = poll(replaced, "a new Ready pod after the first was deleted", seconds=600)
-    assert _model_ready(second, container, dev_stack.model_key), "Ready means the model answers"
+    poll(replaced, "a new Ready pod after the first was deleted", seconds=600)
+    assert not early, f"Ready before its model answered: {early} (readiness must follow the model)"
     assert loading, "the pod was not Ready while its server ran without the model (readiness follows the model)"
     v2, invocations = poll(answers, "answers from the new pod through the Service", seconds=120)
     assert v2["outputs"][0]["data"] == expected and invocations["predictions"] == expected
 
 
-def _model_ready(pod: Any, container: dict[str, Any], model_key: str) -> bool:
-    """The model's own ready route on the pod's IP, at the port the operator gave the container as `http`."""
+def _model_answer(pod: Any, container: dict[str, Any], model_key: str) -> bool | None:
+    """The model's own ready route on the pod's IP, at the port the operator gave the container as `http`: whether
+    the server says its model is ready, or None when the server does not answer (not up, or too busy)."""
     import requests
 
     (spec,) = [c for c in pod.spec.containers if c.name == container["name"]]
     port = next(p.container_port for p in spec.ports if p.name == "http")
     try:
-        return requests.get(f"http://{pod.status.pod_ip}:{port}/v2/models/{model_key}/ready", timeout=2).ok
+        return requests.get(f"http://{pod.status.pod_ip}:{port}/v2/models/{model_key}/ready", timeout=5).ok
     except requests.RequestException:
-        return False
+        return None
+
+
+def _model_ready(pod: Any, container: dict[str, Any], model_key: str) -> bool:
+    return bool(_model_answer(pod, container, model_key))
 
 
 def describe(node: LocalNode, stack: DevStack) -> str:
