@@ -85,10 +85,11 @@ def tools() -> Path:
 
 
 @pytest.fixture(scope="session")
-def cluster(tools: Path):
-    """One real API server on loopback for every engine test (each test uses its own namespace)."""
+def cluster(tools: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real API server on loopback for every engine test (each test uses its own namespace); its folder is
+    pytest's, so old runs' etcd data does not pile up on a CI machine."""
     from ml_serving.localcluster import LocalCluster
 
-    cluster = LocalCluster(tools / "bin").start()
+    cluster = LocalCluster(tools / "bin", root=tmp_path_factory.mktemp("cluster")).start()
     yield cluster
     cluster.stop()

@@ -32,11 +32,12 @@ def node_bin_dir() -> Path:
     return bin_dir
 
 
-def running_node(crds: bool = False) -> Iterator[LocalNode]:
-    """A fresh API server (with the CRDs when `crds`) and one node; stopped, its host state removed, afterwards."""
+def running_node(root: Path, crds: bool = False) -> Iterator[LocalNode]:
+    """A fresh API server (with the CRDs when `crds`; its folder `root`) and one node; stopped, its host state
+    removed, afterwards."""
     bin_dir = node_bin_dir()
     started = time.monotonic()
-    cluster = LocalCluster(bin_dir).start(**({} if crds else {"crd_dir": None, "namespaces": ()}))
+    cluster = LocalCluster(bin_dir, root=root).start(**({} if crds else {"crd_dir": None, "namespaces": ()}))
     try:
         node = LocalNode(cluster, bin_dir).start()
         node.cluster_started = started  # for the "cluster start -> first Ready pod" figure
@@ -50,15 +51,15 @@ def running_node(crds: bool = False) -> Iterator[LocalNode]:
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[LocalNode]:
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
     """A fresh API server and one node for the module."""
-    yield from running_node()
+    yield from running_node(tmp_path_factory.mktemp("cluster"))
 
 
 @pytest.fixture(scope="module")
-def crd_node() -> Iterator[LocalNode]:
+def crd_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
     """A fresh API server with the project's CRDs (SeldonDeployment, ...) and one node, for the operator's pods."""
-    yield from running_node(crds=True)
+    yield from running_node(tmp_path_factory.mktemp("cluster"), crds=True)
 
 
 def chart_images(bin_dir: Path, work: Path) -> SeldonImages:

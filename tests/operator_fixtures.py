@@ -39,7 +39,7 @@ def seldon_operator_beside(tools: Path, cluster: Any) -> Iterator[LocalOperator]
             pytest.fail(f"ML_SERVING_REQUIRE_ENGINE is set but {problem}")
         pytest.skip(problem)
     settings = parse_settings(stack_config("prod"), "Pulumi.prod.yaml")
-    operator = LocalOperator(tools / "bin", cluster.kubeconfig, platform.seldon_operator(settings))
+    operator = LocalOperator(tools / "bin", cluster.kubeconfig, platform.seldon_operator(settings), root=cluster.root)
     operator.start(cluster.api_client())
     try:
         yield operator

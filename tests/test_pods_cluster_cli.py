@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tests.test_serving import ROWS
 
 pytestmark = pytest.mark.pods
 
+CLUSTER_LINE = re.compile(r"export KUBECONFIG=(?P<root>/\S+ml-serving-cluster-[^/\s]+)/kubeconfig")
 NODE_LINE = re.compile(r"logs in (?P<root>/\S+ml-serving-node-[^\s)]+)")
 URL_LINE = re.compile(r"^(?P<sdep>[\w-]+)/(?P<predictor>[\w-]+) answers on (?P<url>http://[\d.]+:\d+):")
 
@@ -93,6 +95,8 @@ def test_cluster_up_serves_the_dev_model_from_pods_and_stops_cleanly(
     (node_root,) = {m["root"] for m in map(NODE_LINE.search, seen) if m}
     assert not processes_under(node_root), "every process the command started is stopped"
     assert not (Path(node_root) / "containerd").exists(), "the node's images are removed (over 1 GB each)"
+    for folder in {node_root, *(m["root"] for m in map(CLUSTER_LINE.search, seen) if m)}:
+        shutil.rmtree(folder)  # the logs a newcomer reads; a CI machine would keep every run's
 
 
 def processes_under(folder: str) -> list[str]:

@@ -49,7 +49,9 @@ def operator(crd_node: LocalNode) -> Iterator[LocalOperator]:  # noqa: F811
     """The real operator on the node's API server, set up by the chart with dev's values."""
     settings = parse_settings(stack_config("dev"), "Pulumi.dev.yaml")
     cluster = crd_node.cluster
-    operator = LocalOperator(crd_node.bin_dir, cluster.kubeconfig, platform.seldon_operator(settings))
+    operator = LocalOperator(
+        crd_node.bin_dir, cluster.kubeconfig, platform.seldon_operator(settings), root=cluster.root
+    )
     operator.start(cluster.api_client())
     yield operator
     operator.stop()

@@ -40,6 +40,7 @@ def empty_cluster_fixture(tools: Path, tmp_path_factory):
             shutil.copy(path, crds)
     cluster = LocalCluster(
         tools / "bin",
+        root=tmp_path_factory.mktemp("cluster"),
         apiserver_flags=("--disable-admission-plugins", "ValidatingAdmissionWebhook,MutatingAdmissionWebhook"),
     ).start(crd_dir=crds, namespaces=BEFORE)
     yield cluster
