@@ -223,5 +223,5 @@ else
   wait $cluster || status=$?
   [ $status -eq 0 ] || { say "a build failed (its output is above)"; exit $status; }
 fi
-say "all tools ready in $((SECONDS - start)) s (cold on 2 cores: about 35 min; warm: about 1 s)"
+say "all tools ready in $((SECONDS - start)) s (cold on 2 cores: about 28 min; warm: about 1 s)"
 echo "$OUT"
