@@ -33,9 +33,9 @@ from ml_serving.stackfile import edit, parse_settings, read_config, stack_file
 # The stack's serving image under a name on loopback: a pull the node tries for an image it lacks never leaves
 # the machine.
 LOCAL_REPOSITORY = "localhost/ml-serving-dev"
-# What a copy of the project leaves out: environments, outputs, the registry itself (served from where it is).
 # The stack config keys `on_store` rewrites; the rest of the stack file (secrets too) is copied as it is.
 PINNED = ("ml-serving:registry", "ml-serving:models", "ml-serving:artifactStore", "ml-serving:servingImage")
+# What a copy of the project leaves out: environments, outputs, the registry itself (served from where it is).
 NOT_COPIED = (".venv", ".git", "rendered", ".mlflow", ".pulumi-state", "__pycache__", "*.egg-info", ".*_cache")
 
 
