@@ -4,6 +4,7 @@ HTTP, and a stop by process group (each is started with `start_new_session=True`
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,12 +13,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Ports for the servers we start are drawn from below the kernel's ephemeral range (32768-60999 on Linux), and below
+# Kubernetes' NodePort range (30000-32767): a port the kernel hands out (bind to 0) can be taken by any outgoing
+# connection between our check and the server's own bind, and then the server fails with EADDRINUSE.
+PORT_RANGE = range(20000, 30000)
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on `host` now (the caller binds it next)."""
+
+def free_port(host: str = "127.0.0.1", choose: Callable[[range], int] = random.choice) -> int:
+    """A port free on `host` and on every address now (the caller binds it next), outside the ephemeral range."""
+    for _ in range(200):
+        port = choose(PORT_RANGE)
+        if all(_bindable(address, port) for address in {host, "0.0.0.0"}):
+            return port
+    raise RuntimeError(f"no free port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1} after 200 tries")
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def http_ok(url: str) -> bool:

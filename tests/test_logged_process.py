@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -56,3 +57,18 @@ def test_a_server_that_never_gets_ready_is_stopped_before_the_error(tmp_path: Pa
     with pytest.raises(Refused, match=r"http\.server not ready after 1 s"):
         server.start(silent, seconds=1)
     assert server.process is None
+
+
+def test_free_ports_come_from_outside_the_kernels_ephemeral_range() -> None:
+    """An ephemeral port can be taken by any outgoing connection before our server binds it (EADDRINUSE)."""
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {free_port() for _ in range(50)}
+    assert not {port for port in ports if low <= port <= high}
+    assert all(port < 30000 for port in ports)  # nor in Kubernetes' NodePort range
+
+
+def test_a_taken_port_is_never_handed_out() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        picks = iter([taken.getsockname()[1], 24680])
+        assert free_port("127.0.0.1", choose=lambda _: next(picks)) == 24680
