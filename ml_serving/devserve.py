@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from ml_serving import labels
 from ml_serving.artifactstore import S3Store, s3_uri
 from ml_serving.localcluster import ClusterError, tools_env
-from ml_serving.localnode import LocalNode
+from ml_serving.localnode import LocalNode, ready_pods
 from ml_serving.nodeimages import initializer_image, seldon_images
 from ml_serving.registry import RegistryError, RegistryResolver, resolve_model
 from ml_serving.settings import Settings
@@ -227,13 +227,4 @@ def predictor_urls(api_client: Any, served: ServedStack) -> dict[str, str]:
 
 def ready_model_pods(api_client: Any, served: ServedStack) -> list[Any]:
     """The stack's Ready model pods (the operator labels each with the model key)."""
-    from kubernetes import client
-
-    core = client.CoreV1Api(api_client)
-    pods = core.list_namespaced_pod(served.settings.namespace, label_selector=labels.MODEL).items
-    return [
-        p
-        for p in pods
-        if p.metadata.deletion_timestamp is None
-        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-    ]
+    return ready_pods(api_client, served.settings.namespace, labels.MODEL)

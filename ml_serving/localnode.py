@@ -328,7 +328,7 @@ class LocalNode:
             node = client.CoreV1Api(self.cluster.api_client()).read_node(self.name)
         except ApiException:
             return False
-        return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
+        return has_ready_condition(node)
 
     def pod_memory(self, namespace: str, pod: str) -> int:
         """A pod's working-set memory in bytes as the kubelet reports it (stats summary, through the API server)."""
@@ -434,3 +434,17 @@ class LocalNode:
     def remove_root(self) -> None:
         """Delete the node's folder (logs included): only once its mounts are gone."""
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def has_ready_condition(obj: Any) -> bool:
+    """Whether a node's or a pod's `Ready` condition is True."""
+    return any(c.type == "Ready" and c.status == "True" for c in obj.status.conditions or [])
+
+
+def ready_pods(api_client: Any, namespace: str, selector: str) -> list[Any]:
+    """The pods matching `selector` that are Ready and not being deleted (a deleted pod stays Ready for its grace
+    period, and must not count as the one that serves)."""
+    from kubernetes import client
+
+    pods = client.CoreV1Api(api_client).list_namespaced_pod(namespace, label_selector=selector).items
+    return [p for p in pods if p.metadata.deletion_timestamp is None and has_ready_condition(p)]

@@ -19,18 +19,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from ml_serving.localcluster import ClusterError, apply_crds
+from ml_serving.localnode import LocalNode, ready_pods
 from ml_serving.localoperator import CHARTS_ARCHIVE, wait_for
 from ml_serving.ociimage import write_image
 from ml_serving.processes import LoggedProcess, free_port, http_ok, listening
 from ml_serving.settings import Settings
-
-if TYPE_CHECKING:
-    from ml_serving.localnode import LocalNode
 
 OPERATOR_BINARY = "prometheus-operator"
 RELOADER_BINARY = "prometheus-config-reloader"
@@ -307,16 +305,8 @@ class NodePrometheus:
         return bool((core.read_namespaced_secret(TOKEN_SECRET, self.namespace).data or {}).get("token"))
 
     def _ready_pod(self) -> Any:
-        from kubernetes import client
-
-        core = client.CoreV1Api(self.node.cluster.api_client())
-        for pod in core.list_namespaced_pod(self.namespace, label_selector=f"prometheus={PROMETHEUS_NAME}").items:
-            conditions = pod.status.conditions or []
-            if pod.metadata.deletion_timestamp is None and any(
-                c.type == "Ready" and c.status == "True" for c in conditions
-            ):
-                return pod
-        return None
+        api = self.node.cluster.api_client()
+        return next(iter(ready_pods(api, self.namespace, f"prometheus={PROMETHEUS_NAME}")), None)
 
     def describe(self) -> str:
         """What to look at when Prometheus does not come up: the StatefulSet's and its pods' states, and events."""

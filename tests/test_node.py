@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from ml_serving.localnode import HELLO_IMAGE, LocalNode, NodeError
+from ml_serving.localnode import HELLO_IMAGE, LocalNode, NodeError, ready_pods
 from ml_serving.ociimage import binary_image
 from tests.node_fixtures import node  # noqa: F401  (the module's node)
 
@@ -43,16 +43,6 @@ def hello_container() -> dict:
     }
 
 
-def ready_pods(api: Any, selector: str) -> list:
-    pods = api.list_namespaced_pod(NAMESPACE, label_selector=selector).items
-    return [
-        p
-        for p in pods
-        if p.metadata.deletion_timestamp is None
-        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-    ]
-
-
 @pytest.fixture(scope="module")
 def core(node: LocalNode) -> Any:  # noqa: F811
     from kubernetes import client
@@ -67,7 +57,7 @@ def test_a_pod_runs_is_ready_and_answers_on_its_pod_ip(node: LocalNode, core: An
         NAMESPACE,
         {"metadata": {"name": "hello", "labels": {"app": "hello-pod"}}, "spec": {"containers": [hello_container()]}},
     )
-    pod = poll(lambda: ready_pods(core, "app=hello-pod"), "pod hello Ready")[0]
+    pod = poll(lambda: ready_pods(core.api_client, NAMESPACE, "app=hello-pod"), "pod hello Ready")[0]
     print(f"cluster start -> first Ready pod: {time.monotonic() - node.cluster_started:.1f} s")
     assert pod.spec.node_name == node.name  # the scheduler bound it to the node
     assert ipaddress.ip_address(pod.status.pod_ip) in node.subnet and pod.status.pod_ip != node.node_ip
@@ -102,7 +92,7 @@ def test_a_deployment_behind_a_service_answers_and_replaces_a_deleted_pod(node: 
         NAMESPACE,
         {"metadata": {"name": "hello"}, "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]}},
     )
-    first = poll(lambda: ready_pods(core, "app=hello-deploy"), "the Deployment's pod Ready")[0]
+    first = poll(lambda: ready_pods(core.api_client, NAMESPACE, "app=hello-deploy"), "the Deployment's pod Ready")[0]
 
     def through_service() -> str:
         try:  # kube-proxy's rules take a moment to follow the endpoints
@@ -113,7 +103,11 @@ def test_a_deployment_behind_a_service_answers_and_replaces_a_deleted_pod(node: 
     assert poll(through_service, "an answer through the Service") == f"hello from {first.metadata.name}\n"
     core.delete_namespaced_pod(first.metadata.name, NAMESPACE, grace_period_seconds=0)
     second = poll(
-        lambda: [p for p in ready_pods(core, "app=hello-deploy") if p.metadata.name != first.metadata.name],
+        lambda: [
+            p
+            for p in ready_pods(core.api_client, NAMESPACE, "app=hello-deploy")
+            if p.metadata.name != first.metadata.name
+        ],
         "a new pod Ready after the first was deleted",
     )[0]
     assert poll(lambda: through_service() == f"hello from {second.metadata.name}\n", "the new pod through the Service")
@@ -151,7 +145,7 @@ def test_the_seldon_executor_image_runs_beside_a_model_as_the_operator_injects_i
         NAMESPACE,
         {"metadata": {"name": "executor", "labels": {"app": "executor"}}, "spec": {"containers": [model, executor]}},
     )
-    pod = poll(lambda: ready_pods(core, "app=executor"), "the executor pod Ready")[0]
+    pod = poll(lambda: ready_pods(core.api_client, NAMESPACE, "app=executor"), "the executor pod Ready")[0]
     metrics = requests.get(f"http://{pod.status.pod_ip}:8000/prometheus", timeout=5)
     assert metrics.status_code == 200 and "go_gc_duration_seconds" in metrics.text
 

@@ -33,8 +33,8 @@ from tests.test_pods_serving import (  # noqa: F401  (module fixtures: the Seldo
     docker_engine,
     operator,
     operator_pods,
-    ready_pods,
     serving_container,
+    stack_ready_pods,
     store,
 )
 from tests.test_serving import ROWS
@@ -230,7 +230,7 @@ def test_the_alert_rules_evaluate_on_the_model_pods_real_series(
     monitored_dev: MonitoredDev,
     model_pods: list,
 ) -> None:
-    ready = poll(lambda: ready_pods(crd_node, monitored_dev), "a Ready dev model pod", seconds=600)
+    ready = poll(lambda: stack_ready_pods(crd_node, monitored_dev), "a Ready dev model pod", seconds=600)
     key, namespace = monitored_dev.model_key, monitored_dev.stack.namespace
     (variant,) = monitored_dev.stack.settings.models[key].variants
     scope = Scope(model=key, variant=variant, namespace=namespace)

@@ -24,7 +24,7 @@ import yaml
 from ml_serving import labels, metrics
 from ml_serving.artifactstore import RCLONE_BINARY, S3Store, s3_uri
 from ml_serving.devserve import environ, on_store, serve_stack
-from ml_serving.localnode import LocalNode
+from ml_serving.localnode import LocalNode, has_ready_condition, ready_pods
 from ml_serving.localoperator import LocalOperator
 from ml_serving.nodeimages import full_reference, seldon_images
 from ml_serving.registry import RegistryResolver
@@ -182,13 +182,8 @@ def serving_container(sdep: dict[str, Any]) -> dict[str, Any]:
     return container
 
 
-def ready_pods(node: LocalNode, stack: DevStack) -> list:
-    return [
-        p
-        for p in operator_pods(node, stack.namespace, stack.name)
-        if p.metadata.deletion_timestamp is None
-        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-    ]
+def stack_ready_pods(node: LocalNode, stack: DevStack) -> list:
+    return ready_pods(node.cluster.api_client(), stack.namespace, f"{SELDON_ID}={stack.name}")
 
 
 def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
@@ -203,7 +198,7 @@ def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
     from kubernetes import client
 
     try:
-        first = poll(lambda: ready_pods(crd_node, dev_stack), "a Ready pod of the dev model", seconds=600)[0]
+        first = poll(lambda: stack_ready_pods(crd_node, dev_stack), "a Ready pod of the dev model", seconds=600)[0]
     except BaseException:
         print(describe(crd_node, dev_stack))
         raise
@@ -241,7 +236,7 @@ def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
                   if p.metadata.name != first.metadata.name] or [None]  # fmt: skip
         if pod is None or pod.status.pod_ip is None:
             return None
-        ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+        ready = has_ready_condition(pod)
         running = [c for c in pod.status.container_statuses or [] if c.name == container["name"] and c.state.running]
         model_ready = _model_answer(pod, container, dev_stack.model_key)
         if running and not ready and not model_ready:
@@ -369,7 +364,7 @@ def test_a_rollout_on_real_pods_promotes_a_healthy_challenger_and_rolls_a_faulty
     core = client.CoreV1Api(crd_node.cluster.api_client())
 
     def ready_variant(variant: str, version: str) -> list:
-        return [p for p in ready_pods(crd_node, dev_stack) if p.metadata.labels[labels.VARIANT] == variant
+        return [p for p in stack_ready_pods(crd_node, dev_stack) if p.metadata.labels[labels.VARIANT] == variant
                 and p.metadata.labels[labels.MODEL_VERSION] == version]  # fmt: skip
 
     def predictor_urls() -> dict[str, str]:
