@@ -27,6 +27,7 @@ from ml_serving.localcluster import ClusterError, tools_env
 from ml_serving.localnode import LocalNode, ready_pods
 from ml_serving.nodeimages import initializer_image, seldon_images
 from ml_serving.registry import RegistryError, RegistryResolver, resolve_model
+from ml_serving.seed import sqlite_database
 from ml_serving.settings import Settings
 from ml_serving.stackfile import edit, parse_settings, read_config, stack_file
 
@@ -47,19 +48,19 @@ def copy_project(source: Path, destination: Path) -> Path:
 
 def registry_root(tracking_uri: str, project_dir: Path) -> Path:
     """The folder of a local (sqlite) registry, which holds its artifacts (`ml-serving seed` puts them there)."""
-    if not tracking_uri.startswith("sqlite:///"):
+    database = sqlite_database(tracking_uri, project_dir)
+    if database is None:
         raise ClusterError(
             f"ml-serving:registry.trackingUri is {tracking_uri}: --up serves a local registry (sqlite:///…); with a "
             "remote one, point artifactStore at its bucket and run `ml-serving up` yourself"
         )
-    return (project_dir / tracking_uri.removeprefix("sqlite:///")).resolve().parent
+    return database.parent
 
 
 def absolute_tracking_uri(tracking_uri: str, project_dir: Path) -> str:
     """A relative sqlite URI (sqlite:///.mlflow/…) made absolute, so a copy of the project finds the same registry."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return tracking_uri
-    return f"sqlite:///{(project_dir / tracking_uri.removeprefix('sqlite:///')).resolve()}"
+    database = sqlite_database(tracking_uri, project_dir)
+    return tracking_uri if database is None else f"sqlite:///{database}"
 
 
 def on_store(config: dict[str, Any], settings: Settings, resolver: RegistryResolver, store: S3Store) -> dict[str, Any]:

@@ -85,14 +85,21 @@ def model_requirements() -> list[str]:
     ]
 
 
+def sqlite_database(tracking_uri: str, base: Path | None = None) -> Path | None:
+    """The database file of a sqlite registry (a relative one is relative to `base`, by default the working
+    folder); None for any other registry. Its folder is the dev registry's: the artifacts live next to it."""
+    if urlparse(tracking_uri).scheme != "sqlite":
+        return None
+    return ((base or Path.cwd()) / tracking_uri.removeprefix("sqlite:///")).resolve()
+
+
 def _artifact_location(tracking_uri: str) -> str | None:
     """Next to a sqlite registry file, so the whole dev registry lives in one folder."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme != "sqlite":
+    database = sqlite_database(tracking_uri)
+    if database is None:
         return None
-    database = Path(tracking_uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
-    return (database.parent.resolve() / "artifacts").as_uri()
+    return (database.parent / "artifacts").as_uri()
 
 
 def register_churn_model(
