@@ -4,12 +4,15 @@ that runs pods, the Docker engine and OCI registry), until Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
 from ml_serving.cliutil import UsageError, console, find_project_dir
+
+REGISTRY_FOLDER = "oci-registry"  # the OCI registry's folder in the cluster's, with the other processes' logs
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -43,7 +46,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if args.monitoring:
             prometheus = _start_prometheus(args, node)
         if args.images:
-            engine, registry = start_image_services(args.registry_port)
+            engine, registry = start_image_services(args.registry_port, cluster.root / REGISTRY_FOLDER)
         if args.up:
             store = _start_store(args, folder, cluster, node)
             _serve_stack(args, folder, cluster, node, operator, store)
@@ -63,13 +66,16 @@ def cmd_cluster(args: argparse.Namespace) -> int:
                 started.stop()
         if node is not None:
             node.remove_images()
+        if registry is not None:
+            shutil.rmtree(registry.root / "data", ignore_errors=True)  # images pushed for this cluster; the log stays
         if operator is not None:
             operator.stop()
         cluster.stop()
 
 
-def start_image_services(port: int):  # type: ignore[no-untyped-def]
-    """A Docker engine (dockerd, unless one answers) and the local OCI registry, for `servingImage.build: true`."""
+def start_image_services(port: int, root: Path):  # type: ignore[no-untyped-def]
+    """A Docker engine (dockerd, unless one answers) and the local OCI registry, for `servingImage.build: true`;
+    the registry keeps its log and images in `root`."""
     from ml_serving.containers import ContainerError, LocalRegistry, registry_binary, start_engine
 
     binary = registry_binary()
@@ -77,7 +83,8 @@ def start_image_services(port: int):  # type: ignore[no-untyped-def]
         raise UsageError("the OCI registry is not built: run `tools/build.sh registry`, or pass --no-images")
     try:
         engine = start_engine()
-        registry = LocalRegistry(binary, port=port).start()
+        root.mkdir(parents=True, exist_ok=True)
+        registry = LocalRegistry(binary, root=root, port=port).start()
     except ContainerError as exc:
         raise UsageError(f"{exc} (or pass --no-images)") from None
     where = "started here" if engine.started_here else "already running"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from ml_serving.clustercli import REGISTRY_FOLDER
 from ml_serving.devserve import copy_project
 from ml_serving.stackfile import edit, stack_file
 from tests.conftest import LocalRegistry
@@ -95,7 +96,11 @@ def test_cluster_up_serves_the_dev_model_from_pods_and_stops_cleanly(
     (node_root,) = {m["root"] for m in map(NODE_LINE.search, seen) if m}
     assert not processes_under(node_root), "every process the command started is stopped"
     assert not (Path(node_root) / "containerd").exists(), "the node's images are removed (over 1 GB each)"
-    for folder in {node_root, *(m["root"] for m in map(CLUSTER_LINE.search, seen) if m)}:
+    (cluster_root,) = {m["root"] for m in map(CLUSTER_LINE.search, seen) if m}
+    registry = Path(cluster_root) / REGISTRY_FOLDER
+    assert (registry / "registry.log").exists(), "the OCI registry lives in the cluster's folder, not in its own"
+    assert not (registry / "data").exists(), "the images pushed to it are removed with the cluster"
+    for folder in (node_root, cluster_root):
         shutil.rmtree(folder)  # the logs a newcomer reads; a CI machine would keep every run's
 
 
