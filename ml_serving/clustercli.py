@@ -9,8 +9,12 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ml_serving.cliutil import UsageError, console, find_project_dir
+
+if TYPE_CHECKING:
+    from ml_serving.settings import Settings
 
 REGISTRY_FOLDER = "oci-registry"  # the OCI registry's folder in the cluster's, with the other processes' logs
 
@@ -24,6 +28,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag} {needs}: add --node")
     if args.up and not args.operator:
         raise UsageError("--up serves the stack through the Seldon operator: drop --no-operator")
+    settings = _stack_settings(args) if args.operator or args.monitoring or args.up else None
+    served_registry = _served_registry(args, settings) if args.up and settings else None
+    if args.monitoring and settings and settings.monitoring is None:
+        raise UsageError(f"stack {args.stack} has no ml-serving:monitoring: nothing for Prometheus to select")
     folder = tools_dir()
     if folder is None:
         raise UsageError("etcd and kube-apiserver are not built: run `./run tools` first (a cold build takes a while)")
@@ -34,7 +42,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     operator = None
     if args.operator:
-        operator = _start_operator(args, folder, cluster)
+        operator = _start_operator(settings, folder, cluster)
     node = engine = registry = prometheus = store = None
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop etcd and kube-apiserver on SIGTERM too
     try:
@@ -44,11 +52,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             node = LocalNode(cluster, folder / "bin").start()
             console.print(f"node {node.name} is Ready (pods on {node.subnet}, logs in {node.root})")
         if args.monitoring:
-            prometheus = _start_prometheus(args, node)
+            prometheus = _start_prometheus(args, settings, node)
         if args.images:
             engine, registry = start_image_services(args.registry_port, cluster.root / REGISTRY_FOLDER)
         if args.up:
-            store = _start_store(args, folder, cluster, node)
+            store = _start_store(served_registry, folder, cluster, node)
             _serve_stack(args, folder, cluster, node, operator, store)
         console.print(f"API server {cluster.server} is up; in another shell:\n  export KUBECONFIG={cluster.kubeconfig}")
         processes = [*cluster.processes, *(node.processes.values() if node else ())]
@@ -96,14 +104,19 @@ def start_image_services(port: int, root: Path):  # type: ignore[no-untyped-def]
     return engine, registry
 
 
-def _start_operator(args: argparse.Namespace, folder: Path, cluster):  # type: ignore[no-untyped-def]
+def _stack_settings(args: argparse.Namespace) -> Settings:
+    """`--stack`'s settings, read once and before anything starts, so a bad stack file starts nothing."""
+    from ml_serving.stackfile import load_settings
+
+    return load_settings(args.project_dir or find_project_dir(), args.stack)
+
+
+def _start_operator(settings: Settings, folder: Path, cluster):  # type: ignore[no-untyped-def]
     """The Seldon operator, set up by its chart with `--stack`'s values; stops the cluster if it cannot start."""
     from ml_serving.localcluster import ClusterError
     from ml_serving.localoperator import LocalOperator
     from ml_serving.specs.platform import seldon_operator
-    from ml_serving.stackfile import load_settings
 
-    settings = load_settings(args.project_dir or find_project_dir(), args.stack)
     operator = LocalOperator(folder / "bin", cluster.kubeconfig, seldon_operator(settings), root=cluster.root)
     try:
         operator.start(cluster.api_client())
@@ -114,14 +127,10 @@ def _start_operator(args: argparse.Namespace, folder: Path, cluster):  # type: i
     return operator
 
 
-def _start_prometheus(args: argparse.Namespace, node):  # type: ignore[no-untyped-def]
+def _start_prometheus(args: argparse.Namespace, settings: Settings, node):  # type: ignore[no-untyped-def]
     """prometheus-operator and its Prometheus on the node, selecting `--stack`'s PodMonitor and rules."""
     from ml_serving.localprometheus import NodePrometheus
-    from ml_serving.stackfile import load_settings
 
-    settings = load_settings(args.project_dir or find_project_dir(), args.stack)
-    if settings.monitoring is None:
-        raise UsageError(f"stack {args.stack} has no ml-serving:monitoring: nothing for Prometheus to select")
     prometheus = NodePrometheus(node, settings).start()
     console.print(
         f"Prometheus (the StatefulSet prometheus-operator generates) answers on {prometheus.url}; it scrapes the pods "
@@ -130,20 +139,27 @@ def _start_prometheus(args: argparse.Namespace, node):  # type: ignore[no-untype
     return prometheus
 
 
-def _start_store(args: argparse.Namespace, folder: Path, cluster, node):  # type: ignore[no-untyped-def]
-    """`--up`: the stack's local registry over S3 on the node's gateway, and a Docker engine to build images."""
-    from ml_serving.artifactstore import S3Store
-    from ml_serving.containers import ContainerError, start_engine
+def _served_registry(args: argparse.Namespace, settings: Settings) -> Path:
+    """`--up`: the folder of the stack's local registry, checked before anything starts."""
     from ml_serving.devserve import registry_root
-    from ml_serving.stackfile import load_settings
+    from ml_serving.localcluster import ClusterError
 
-    project_dir = args.project_dir or find_project_dir()
-    settings = load_settings(project_dir, args.stack)
     if settings.registry is None:
         raise UsageError(f"Pulumi.{args.stack}.yaml has no ml-serving:registry: --up serves the registry's models")
-    root = registry_root(settings.registry.tracking_uri, project_dir)
+    try:
+        root = registry_root(settings.registry.tracking_uri, args.project_dir or find_project_dir())
+    except ClusterError as exc:
+        raise UsageError(str(exc)) from None
     if not root.is_dir():
         raise UsageError(f"no registry at {root}: run `./run plan {args.stack}` (it seeds the dev registry) first")
+    return root
+
+
+def _start_store(root: Path, folder: Path, cluster, node):  # type: ignore[no-untyped-def]
+    """`--up`: the registry folder `root` over S3 on the node's gateway, and a Docker engine to build images."""
+    from ml_serving.artifactstore import S3Store
+    from ml_serving.containers import ContainerError, start_engine
+
     try:
         start_engine()  # builds the serving images; an engine that answers is used as it is
     except ContainerError as exc:

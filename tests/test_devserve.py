@@ -4,6 +4,8 @@ without editing the team's stack file. The run itself is `tests/test_pods_servin
 from __future__ import annotations
 
 import copy
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from ml_serving.cli import main
 from ml_serving.devserve import LOCAL_REPOSITORY, on_store, registry_root, serving_images
 from ml_serving.localcluster import ClusterError
 from ml_serving.registry import RegistryResolver
-from ml_serving.stackfile import parse_settings
+from ml_serving.stackfile import edit, parse_settings, stack_file
 from tests.conftest import PROJECT_DIR, LocalRegistry, stack_config
 
 
@@ -83,4 +85,33 @@ def test_cluster_flags_that_need_others_are_refused_before_anything_starts(
     flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["--project-dir", str(PROJECT_DIR), "cluster", *flags]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
+def _dev_project(tmp_path: Path, change: Callable[[dict], None]) -> Path:
+    for name in ("Pulumi.yaml", "Pulumi.dev.yaml"):
+        shutil.copy(PROJECT_DIR / name, tmp_path / name)
+    edit(stack_file(tmp_path, "dev"), lambda document: change(document["config"]))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("flags", "change", "message"),
+    [
+        (["--node", "--up"], lambda c: c["ml-serving:registry"].update(trackingUri="http://mlflow:5000"),
+         "trackingUri is http://mlflow:5000: --up serves a local registry"),
+        (["--node", "--up"], lambda c: c["ml-serving:registry"].update(trackingUri="sqlite:///nowhere/registry.db"),
+         "no registry at"),
+        (["--node", "--monitoring"], lambda c: c.pop("ml-serving:monitoring"), "has no ml-serving:monitoring"),
+    ],
+)  # fmt: skip
+def test_a_stack_cluster_cannot_serve_is_refused_before_anything_starts(
+    flags: list[str], change: Callable[[dict], None], message: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    def nothing_starts() -> None:
+        raise AssertionError("the cluster was about to start")
+
+    monkeypatch.setattr("ml_serving.localcluster.tools_dir", nothing_starts)
+    assert main(["--project-dir", str(_dev_project(tmp_path, change)), "cluster", *flags]) == 2
     assert message in " ".join(capsys.readouterr().err.split())
