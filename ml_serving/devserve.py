@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ml_serving import labels
@@ -29,7 +29,10 @@ from ml_serving.nodeimages import initializer_image, seldon_images
 from ml_serving.registry import RegistryError, RegistryResolver, resolve_model
 from ml_serving.seed import sqlite_database
 from ml_serving.settings import Settings
-from ml_serving.stackfile import edit, parse_settings, read_config, stack_file
+from ml_serving.stackfile import edit, load_settings, parse_settings, read_config, stack_file
+
+if TYPE_CHECKING:
+    from ml_serving.plan import Plan
 
 # The stack's serving image under a name on loopback: a pull the node tries for an image it lacks never leaves
 # the machine.
@@ -140,6 +143,7 @@ class ServedStack:
     stack: str
     settings: Settings
     project: Path
+    plan: Plan  # what `up` applied: the SeldonDeployments, and the monitors and rules the node's Prometheus selects
     sdeps: list[dict[str, Any]]  # as planned
     env: dict[str, str]  # the engine's: tools, KUBECONFIG, state backend, the store's client keys
     images_seconds: float  # building (cached) and loading the images
@@ -162,10 +166,12 @@ def serve_stack(
     work: Path,
     tools: Path,
     tracking_uri: str | None = None,
+    change: Callable[[dict[str, Any]], None] = lambda config: None,
     say: Callable[[str], None] = lambda line: None,
 ) -> ServedStack:
     """Pin `stack` to `store`, load what its pods run into `node`, and `up` it with the real engine from a copy of
-    the project in `work` (its state there too). The passphrase comes from the caller's environment."""
+    the project in `work` (its state there too). `change` edits the copy's config too (a test's scrape interval).
+    The passphrase comes from the caller's environment."""
     from ml_serving.plan import revealed, run_program
 
     if not any(os.environ.get(k) for k in ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE")):
@@ -185,9 +191,15 @@ def serve_stack(
         raise ClusterError(f"{path.name}: {exc}") from None
 
     project = copy_project(project_dir, work / "project")
-    edit(stack_file(project, stack), lambda document: document["config"].update({k: pinned[k] for k in PINNED}))
+
+    def pin(document: Any) -> None:
+        document["config"].update({k: pinned[k] for k in PINNED})
+        change(document["config"])
+
+    edit(stack_file(project, stack), pin)
     with environ(store.client_env()):
-        sdeps = [revealed(s) for s in run_program(project, stack).find("SeldonDeployment")]
+        plan = run_program(project, stack)
+    sdeps = [revealed(s) for s in plan.find("SeldonDeployment")]
 
     started = time.monotonic()
     images = seldon_images(operator_env, operator_config_map)
@@ -200,7 +212,8 @@ def serve_stack(
     (work / "state").mkdir(exist_ok=True)
     env = {**os.environ, **tools_env(tools), **store.client_env(), "KUBECONFIG": str(node.cluster.kubeconfig),
            "PULUMI_BACKEND_URL": (work / "state").as_uri()}  # fmt: skip
-    served = ServedStack(stack, parse_settings(pinned, path.name), project, sdeps, env, images_seconds, 0.0, 0.0)
+    settings = load_settings(project, stack)
+    served = ServedStack(stack, settings, project, plan, sdeps, env, images_seconds, 0.0, 0.0)
     say(f"ml-serving up {stack} (log: {work / 'up.log'})")
     served.up_started = time.monotonic()
     done = served.up()

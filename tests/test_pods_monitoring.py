@@ -7,33 +7,25 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import requests
 
 from ml_serving import labels, metrics
-from ml_serving.devserve import load_serving_image
 from ml_serving.localnode import LocalNode
-from ml_serving.localoperator import LocalOperator
-from ml_serving.localprometheus import apply_object
 from ml_serving.metrics import Scope
-from ml_serving.nodeimages import initializer_image, seldon_images
-from ml_serving.plan import revealed, run_program
-from tests.conftest import PROJECT_DIR, LocalRegistry
+from ml_serving.plan import revealed
 from tests.monitoring_fixtures import RunningPrometheus, operator_prometheus
 from tests.node_fixtures import crd_node  # noqa: F401  (the module's node, with the CRDs)
-from tests.operator_fixtures import Reconciled
 from tests.test_node import poll
-from tests.test_pods_serving import (  # noqa: F401  (module fixtures: the Seldon operator and the S3 store)
-    champion,
-    dev_on_store,
+from tests.test_pods_serving import (  # noqa: F401  (module fixtures: the operator, the S3 store, dev `up`)
+    DevStack,
+    dev_stack,
     docker_engine,
     operator,
     operator_pods,
-    serving_container,
     stack_ready_pods,
     store,
 )
@@ -44,66 +36,27 @@ pytestmark = pytest.mark.pods
 SCRAPE_INTERVAL = "2s"  # dev's scrape interval here, so a rate has two samples within seconds
 
 
-@dataclass
-class MonitoredDev:
-    """dev's plan applied to the node's API server (its monitors and rules too), as the operator reconciled it."""
-
-    stack: Reconciled
-    sdep: dict[str, Any]
-    model_key: str
-    folder: Path  # the model's artifacts in the registry (what the store serves)
-
-    @property
-    def name(self) -> str:
-        return self.sdep["metadata"]["name"]
-
-    @property
-    def namespace(self) -> str:
-        return self.stack.namespace
+@pytest.fixture(scope="module")
+def dev_change() -> Callable[[dict[str, Any]], None]:
+    """dev scraped every 2 s here: `dev_stack` (what `ml-serving cluster --node --up` does, a real `up` that makes
+    the stack's PodMonitor and PrometheusRule) takes this change before its `up`."""
+    return lambda config: config["ml-serving:monitoring"].update(scrapeInterval=SCRAPE_INTERVAL)
 
 
 @pytest.fixture(scope="module")
-def monitored_dev(
-    crd_node: LocalNode,  # noqa: F811
-    operator: LocalOperator,  # noqa: F811
-    store: Any,  # noqa: F811
-    registry: LocalRegistry,
-    docker_engine: Any,  # noqa: F811
-) -> MonitoredDev:
-    """dev on the node (model on the S3 store) with its PodMonitor and PrometheusRule applied, as `up dev` makes
-    them; scraped every 2 s. The images are in the node before any pod asks for them: a pod that found its image
-    missing waits out the kubelet's pull back-off (up to 5 min) after the image arrives."""
-    config = dev_on_store(registry, store)
-    config["ml-serving:monitoring"] = {**config["ml-serving:monitoring"], "scrapeInterval": SCRAPE_INTERVAL}
-    images = seldon_images(operator.env, operator.config_map)
-    crd_node.import_image(initializer_image(crd_node.bin_dir, crd_node.root / "images", images.initializer))
-    (planned,) = [revealed(s) for s in run_program(PROJECT_DIR, "dev", config=config).find("SeldonDeployment")]
-    started = time.monotonic()
-    load_serving_image(crd_node, serving_container(planned)["image"], champion(registry)[1])
-    print(f"serving image built (cached) and loaded into the node: {time.monotonic() - started:.0f} s")
-    stack = Reconciled(crd_node.cluster, operator, config, "dev")
-    for kind in ("PodMonitor", "PrometheusRule"):
-        for obj in stack.plan.find(kind):
-            apply_object(crd_node.cluster.api_client(), revealed(obj))
-    (sdep,) = [revealed(s) for s in stack.plan.find("SeldonDeployment")]
-    (model_key,) = stack.settings.models
-    return MonitoredDev(stack, sdep, model_key, champion(registry)[1])
-
-
-@pytest.fixture(scope="module")
-def prometheus(crd_node: LocalNode, monitored_dev: MonitoredDev) -> Any:  # noqa: F811
-    with operator_prometheus(crd_node, monitored_dev.stack.settings) as running:
+def prometheus(crd_node: LocalNode, dev_stack: DevStack) -> Any:  # noqa: F811
+    with operator_prometheus(crd_node, dev_stack.settings) as running:
         print(f"Prometheus object -> its pod Ready: {time.monotonic() - running.created:.1f} s")
         yield running
 
 
-def pod_monitor(stack: MonitoredDev) -> dict[str, Any]:
-    (monitor,) = [revealed(o) for o in stack.stack.plan.find("PodMonitor")]
+def pod_monitor(stack: DevStack) -> dict[str, Any]:
+    (monitor,) = [revealed(o) for o in stack.plan.find("PodMonitor")]
     return monitor
 
 
-def rule_groups(stack: MonitoredDev) -> list[dict[str, Any]]:
-    (rule,) = [revealed(o) for o in stack.stack.plan.find("PrometheusRule")]
+def rule_groups(stack: DevStack) -> list[dict[str, Any]]:
+    (rule,) = [revealed(o) for o in stack.plan.find("PrometheusRule")]
     return rule["spec"]["groups"]
 
 
@@ -113,9 +66,10 @@ def job_prefix(monitor: dict[str, Any]) -> str:
 
 
 def test_the_operator_writes_one_scrape_job_per_pod_monitor_endpoint_and_the_stack_rules(
-    prometheus: RunningPrometheus, monitored_dev: MonitoredDev
+    prometheus: RunningPrometheus,
+    dev_stack: DevStack,  # noqa: F811
 ) -> None:
-    monitor = pod_monitor(monitored_dev)
+    monitor = pod_monitor(dev_stack)
     endpoints = monitor["spec"]["podMetricsEndpoints"]
     expected = [f"{job_prefix(monitor)}{i}" for i in range(len(endpoints))]
     config = prometheus.generated_config()
@@ -124,12 +78,12 @@ def test_the_operator_writes_one_scrape_job_per_pod_monitor_endpoint_and_the_sta
     for job, endpoint in zip(sorted(config["scrape_configs"], key=lambda j: j["job_name"]), endpoints, strict=True):
         (discovery,) = job["kubernetes_sd_configs"]
         assert discovery["role"] == "pod"
-        assert discovery["namespaces"]["names"] == [monitored_dev.stack.namespace]
+        assert discovery["namespaces"]["names"] == [dev_stack.namespace]
         assert job["metrics_path"] == endpoint["path"]
     # the rule files hold the stack's groups, one per model
     files = prometheus.rule_files()
     assert sorted(g["name"] for f in files.values() for g in f["groups"]) == sorted(
-        g["name"] for g in rule_groups(monitored_dev)
+        g["name"] for g in rule_groups(dev_stack)
     )
 
     # and the Prometheus in the pod runs exactly that configuration (the config reloader put it there)
@@ -155,9 +109,10 @@ def evaluated_rules(prometheus: RunningPrometheus, groups: list[dict[str, Any]])
 
 
 def test_the_stack_alert_rules_evaluate_without_error_in_the_operator_prometheus(
-    prometheus: RunningPrometheus, monitored_dev: MonitoredDev
+    prometheus: RunningPrometheus,
+    dev_stack: DevStack,  # noqa: F811
 ) -> None:
-    groups = rule_groups(monitored_dev)
+    groups = rule_groups(dev_stack)
     found = poll(lambda: evaluated_rules(prometheus, groups), "every stack rule evaluated once", seconds=90)
     for group in groups:
         reported = found[group["name"]]
@@ -170,49 +125,49 @@ def test_the_stack_alert_rules_evaluate_without_error_in_the_operator_prometheus
 
 
 @pytest.fixture(scope="module")
-def model_pods(crd_node: LocalNode, monitored_dev: MonitoredDev) -> list:  # noqa: F811
+def model_pods(crd_node: LocalNode, dev_stack: DevStack) -> list:  # noqa: F811
     """The operator's dev model pods, once each has a pod IP."""
 
     def with_ip() -> list:
-        pods = operator_pods(crd_node, monitored_dev.stack.namespace, monitored_dev.name)
+        pods = operator_pods(crd_node, dev_stack.namespace, dev_stack.name)
         live = [p for p in pods if p.metadata.deletion_timestamp is None]
         return live if live and all(p.status.pod_ip for p in live) else []
 
     return poll(with_ip, "the dev model's pods with an IP", seconds=240)
 
 
-def model_targets(prometheus: RunningPrometheus, monitored_dev: MonitoredDev) -> list[dict[str, Any]]:
-    prefix = job_prefix(pod_monitor(monitored_dev))
+def model_targets(prometheus: RunningPrometheus, stack: DevStack) -> list[dict[str, Any]]:
+    prefix = job_prefix(pod_monitor(stack))
     return [t for t in prometheus.api("targets", state="active")["activeTargets"] if t["scrapePool"].startswith(prefix)]
 
 
 def test_each_dev_model_pod_is_one_target_with_its_model_variant_and_version(
     crd_node: LocalNode,  # noqa: F811
     prometheus: RunningPrometheus,
-    monitored_dev: MonitoredDev,
+    dev_stack: DevStack,  # noqa: F811
     model_pods: list,
 ) -> None:
     names = {p.metadata.name for p in model_pods}
 
     def all_discovered() -> list[dict[str, Any]]:
-        targets = model_targets(prometheus, monitored_dev)
+        targets = model_targets(prometheus, dev_stack)
         return targets if {t["labels"].get("pod") for t in targets} >= names else []
 
     targets = poll(all_discovered, f"a target for each of {sorted(names)}", seconds=60)
     per_pod = Counter(t["labels"]["pod"] for t in targets)
     assert all(per_pod[name] == 1 for name in names), per_pod
-    settings = monitored_dev.stack.settings
+    settings = dev_stack.settings
     for pod in model_pods:
         (target,) = [t for t in targets if t["labels"]["pod"] == pod.metadata.name]
         variant = pod.metadata.labels[labels.VARIANT]
-        assert target["labels"][metrics.MODEL] == monitored_dev.model_key
-        assert variant in settings.models[monitored_dev.model_key].variants
+        assert target["labels"][metrics.MODEL] == dev_stack.model_key
+        assert variant in settings.models[dev_stack.model_key].variants
         assert target["labels"][metrics.VARIANT] == variant
         assert target["labels"][metrics.MODEL_VERSION] == pod.metadata.labels[labels.MODEL_VERSION]
         assert target["labels"][metrics.MODEL_VERSION] == str(
-            settings.models[monitored_dev.model_key].variants[variant].version
+            settings.models[dev_stack.model_key].variants[variant].version
         )
-        assert target["discoveredLabels"]["__meta_kubernetes_pod_container_name"] == monitored_dev.model_key
+        assert target["discoveredLabels"]["__meta_kubernetes_pod_container_name"] == dev_stack.model_key
 
 
 def send_traffic(pod: Any, count: int = 20) -> None:
@@ -227,12 +182,12 @@ def send_traffic(pod: Any, count: int = 20) -> None:
 def test_the_alert_rules_evaluate_on_the_model_pods_real_series(
     crd_node: LocalNode,  # noqa: F811
     prometheus: RunningPrometheus,
-    monitored_dev: MonitoredDev,
+    dev_stack: DevStack,  # noqa: F811
     model_pods: list,
 ) -> None:
-    ready = poll(lambda: stack_ready_pods(crd_node, monitored_dev), "a Ready dev model pod", seconds=600)
-    key, namespace = monitored_dev.model_key, monitored_dev.stack.namespace
-    (variant,) = monitored_dev.stack.settings.models[key].variants
+    ready = poll(lambda: stack_ready_pods(crd_node, dev_stack), "a Ready dev model pod", seconds=600)
+    key, namespace = dev_stack.model_key, dev_stack.namespace
+    (variant,) = dev_stack.settings.models[key].variants
     scope = Scope(model=key, variant=variant, namespace=namespace)
 
     def scraped() -> bool:
@@ -245,7 +200,7 @@ def test_the_alert_rules_evaluate_on_the_model_pods_real_series(
     try:
         replicas = poll(scraped, "the model pods' series (up, request rate) in Prometheus", seconds=120)
     except BaseException:
-        for target in model_targets(prometheus, monitored_dev):
+        for target in model_targets(prometheus, dev_stack):
             url = target["scrapeUrl"]
             try:
                 direct = requests.get(url, timeout=5)
@@ -257,7 +212,7 @@ def test_the_alert_rules_evaluate_on_the_model_pods_real_series(
     assert float(replicas[0]["value"][1]) == len(ready)
 
     def settled() -> dict[str, dict[str, Any]]:
-        groups = evaluated_rules(prometheus, rule_groups(monitored_dev))
+        groups = evaluated_rules(prometheus, rule_groups(dev_stack))
         rules = {(r["name"], r["labels"].get(metrics.VARIANT, "")): r for rs in groups.values() for r in rs}
         below = rules.get(("ModelReplicasBelowMinimum", variant))
         idle = rules.get(("ModelVariantNoTraffic", variant))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,12 +23,13 @@ import yaml
 
 from ml_serving import labels, metrics
 from ml_serving.artifactstore import RCLONE_BINARY, S3Store, s3_uri
-from ml_serving.devserve import environ, on_store, serve_stack
+from ml_serving.devserve import environ, serve_stack
 from ml_serving.localnode import LocalNode, has_ready_condition, ready_pods
 from ml_serving.localoperator import LocalOperator
 from ml_serving.nodeimages import full_reference, seldon_images
-from ml_serving.registry import RegistryResolver
+from ml_serving.plan import Plan
 from ml_serving.seed import CHURN_MODEL
+from ml_serving.settings import Settings
 from ml_serving.specs import platform, seldon
 from ml_serving.stackfile import load_settings, parse_settings
 from tests import container_fixtures
@@ -83,12 +84,6 @@ def champion(registry: LocalRegistry) -> tuple[str, Path]:
     return version, Path(urlsplit(client.get_model_version_download_uri(CHURN_MODEL, version)).path)
 
 
-def dev_on_store(registry: LocalRegistry, store: S3Store) -> dict[str, Any]:
-    """dev's stack config with its model pinned to the s3:// URI of the store and `artifactStore` pointing there."""
-    config = stack_config("dev")
-    return on_store(config, parse_settings(config, "Pulumi.dev.yaml"), RegistryResolver(registry.tracking_uri), store)
-
-
 def operator_pods(node: LocalNode, namespace: str, sdep: str) -> list:
     from kubernetes import client
 
@@ -114,6 +109,8 @@ class DevStack:
     up_started: float  # time.monotonic() when `up` started
     project: Path  # the copy of the project whose Pulumi.dev.yaml is the stack
     env: dict[str, str]  # the engine's environment (tools, KUBECONFIG, state backend)
+    settings: Settings  # the copy's, as `up` ran it
+    plan: Plan  # what `up` applied (the monitors and rules too)
 
     @property
     def name(self) -> str:
@@ -121,7 +118,14 @@ class DevStack:
 
 
 @pytest.fixture(scope="module")
+def dev_change() -> Callable[[dict[str, Any]], None]:
+    """A change to dev's config before its `up` (none here; a module that needs one defines this fixture)."""
+    return lambda config: None
+
+
+@pytest.fixture(scope="module")
 def dev_stack(
+    dev_change: Callable[[dict[str, Any]], None],
     tools: Path,
     crd_node: LocalNode,  # noqa: F811
     operator: LocalOperator,
@@ -138,12 +142,12 @@ def dev_stack(
     work = tmp_path_factory.mktemp("dev-on-node")
     with environ({"PULUMI_CONFIG_PASSPHRASE": PASSPHRASE}):
         served = serve_stack(PROJECT_DIR, "dev", crd_node, operator.env, operator.config_map, store, work, tools,
-                             tracking_uri=registry.tracking_uri)  # fmt: skip
+                             tracking_uri=registry.tracking_uri, change=dev_change)  # fmt: skip
     print(f"serving image built (cached) and loaded into the node: {served.images_seconds:.0f} s")
     (sdep,) = served.sdeps
     (model_key,) = served.settings.models
     return DevStack(sdep, served.settings.namespace, model_key, champion(registry)[1], served.up_seconds,
-                    served.up_started, served.project, served.env)  # fmt: skip
+                    served.up_started, served.project, served.env, served.settings, served.plan)  # fmt: skip
 
 
 def test_the_operator_pod_downloads_the_model_over_s3_from_the_store(
