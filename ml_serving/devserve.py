@@ -144,11 +144,17 @@ class ServedStack:
     settings: Settings
     project: Path
     plan: Plan  # what `up` applied: the SeldonDeployments, and the monitors and rules the node's Prometheus selects
-    sdeps: list[dict[str, Any]]  # as planned
     env: dict[str, str]  # the engine's: tools, KUBECONFIG, state backend, the store's client keys
-    images_seconds: float  # building (cached) and loading the images
-    up_started: float  # time.monotonic() at `up`'s start
-    up_seconds: float
+    images_seconds: float = 0.0  # building (cached) and loading the images
+    up_started: float = 0.0  # time.monotonic() at `up`'s start
+    up_seconds: float = 0.0
+
+    @property
+    def sdeps(self) -> list[dict[str, Any]]:
+        """The SeldonDeployments as planned."""
+        from ml_serving.plan import revealed
+
+        return [revealed(s) for s in self.plan.find("SeldonDeployment")]
 
     def up(self, timeout: float = 1200) -> subprocess.CompletedProcess:
         """`ml-serving up` of the copy (again, e.g. after editing its stack file)."""
@@ -172,7 +178,7 @@ def serve_stack(
     """Pin `stack` to `store`, load what its pods run into `node`, and `up` it with the real engine from a copy of
     the project in `work` (its state there too). `change` edits the copy's config too (a test's scrape interval).
     The passphrase comes from the caller's environment."""
-    from ml_serving.plan import revealed, run_program
+    from ml_serving.plan import run_program
 
     if not any(os.environ.get(k) for k in ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE")):
         raise ClusterError(
@@ -199,21 +205,19 @@ def serve_stack(
     edit(stack_file(project, stack), pin)
     with environ(store.client_env()):
         plan = run_program(project, stack)
-    sdeps = [revealed(s) for s in plan.find("SeldonDeployment")]
+    (work / "state").mkdir(exist_ok=True)
+    env = {**os.environ, **tools_env(tools), **store.client_env(), "KUBECONFIG": str(node.cluster.kubeconfig),
+           "PULUMI_BACKEND_URL": (work / "state").as_uri()}  # fmt: skip
+    served = ServedStack(stack, load_settings(project, stack), project, plan, env)
 
     started = time.monotonic()
     images = seldon_images(operator_env, operator_config_map)
     node.import_image(initializer_image(node.bin_dir, node.root / "images", images.initializer))
-    for name, model_uri in serving_images(sdeps).items():
+    for name, model_uri in serving_images(served.sdeps).items():
         say(f"building (cached) and loading {name} into the node")
         load_serving_image(node, name, store.root / model_uri.split("://", 1)[1])
-    images_seconds = time.monotonic() - started
+    served.images_seconds = time.monotonic() - started
 
-    (work / "state").mkdir(exist_ok=True)
-    env = {**os.environ, **tools_env(tools), **store.client_env(), "KUBECONFIG": str(node.cluster.kubeconfig),
-           "PULUMI_BACKEND_URL": (work / "state").as_uri()}  # fmt: skip
-    settings = load_settings(project, stack)
-    served = ServedStack(stack, settings, project, plan, sdeps, env, images_seconds, 0.0, 0.0)
     say(f"ml-serving up {stack} (log: {work / 'up.log'})")
     served.up_started = time.monotonic()
     done = served.up()

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,11 @@ import yaml
 
 from ml_serving import labels, metrics
 from ml_serving.artifactstore import RCLONE_BINARY, S3Store, s3_uri
-from ml_serving.devserve import environ, serve_stack
+from ml_serving.devserve import ServedStack, environ, serve_stack
 from ml_serving.localnode import LocalNode, has_ready_condition, ready_pods
 from ml_serving.localoperator import LocalOperator
 from ml_serving.nodeimages import full_reference, seldon_images
-from ml_serving.plan import Plan
 from ml_serving.seed import CHURN_MODEL
-from ml_serving.settings import Settings
 from ml_serving.specs import platform, seldon
 from ml_serving.stackfile import load_settings, parse_settings
 from tests import container_fixtures
@@ -98,23 +96,28 @@ def test_the_chart_names_the_initializer_the_stack_declares(crd_node: LocalNode,
 
 
 @dataclass
-class DevStack:
+class DevStack(ServedStack):
     """dev brought up by `ml-serving up dev` on the node's API server (the real engine; model on the S3 store)."""
 
-    sdep: dict[str, Any]  # the SeldonDeployment as planned
-    namespace: str
-    model_key: str
-    folder: Path  # the model's artifacts in the registry (what the store serves)
-    up_seconds: float  # `ml-serving up dev` (start) -> the command's end
-    up_started: float  # time.monotonic() when `up` started
-    project: Path  # the copy of the project whose Pulumi.dev.yaml is the stack
-    env: dict[str, str]  # the engine's environment (tools, KUBECONFIG, state backend)
-    settings: Settings  # the copy's, as `up` ran it
-    plan: Plan  # what `up` applied (the monitors and rules too)
+    folder: Path = field(kw_only=True)  # the model's artifacts in the registry (what the store serves)
+
+    @property
+    def sdep(self) -> dict[str, Any]:
+        (sdep,) = self.sdeps
+        return sdep
 
     @property
     def name(self) -> str:
         return self.sdep["metadata"]["name"]
+
+    @property
+    def namespace(self) -> str:
+        return self.settings.namespace
+
+    @property
+    def model_key(self) -> str:
+        (key,) = self.settings.models
+        return key
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +147,7 @@ def dev_stack(
         served = serve_stack(PROJECT_DIR, "dev", crd_node, operator.env, operator.config_map, store, work, tools,
                              tracking_uri=registry.tracking_uri, change=dev_change)  # fmt: skip
     print(f"serving image built (cached) and loaded into the node: {served.images_seconds:.0f} s")
-    (sdep,) = served.sdeps
-    (model_key,) = served.settings.models
-    return DevStack(sdep, served.settings.namespace, model_key, champion(registry)[1], served.up_seconds,
-                    served.up_started, served.project, served.env, served.settings, served.plan)  # fmt: skip
+    return DevStack(**{f.name: getattr(served, f.name) for f in fields(ServedStack)}, folder=champion(registry)[1])
 
 
 def test_the_operator_pod_downloads_the_model_over_s3_from_the_store(
@@ -227,7 +227,7 @@ def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
 
     v2, invocations = poll(answers, "answers through the predictor's Service", seconds=120)
     assert v2["outputs"][0]["data"] == expected and invocations["predictions"] == expected
-    assert _model_ready(first, container, dev_stack.model_key), "Ready means the model answers"
+    assert _model_answer(first, container, dev_stack.model_key), "Ready means the model answers"
     memory = poll(lambda: _memory(crd_node, dev_stack.namespace, first.metadata.name), "kubelet memory")
     print(f"one dev model replica's working set (kubelet): {memory / 2**20:.0f} MiB")
 
@@ -267,10 +267,6 @@ def _model_answer(pod: Any, container: dict[str, Any], model_key: str) -> bool |
         return requests.get(f"http://{pod.status.pod_ip}:{port}/v2/models/{model_key}/ready", timeout=5).ok
     except requests.RequestException:
         return None
-
-
-def _model_ready(pod: Any, container: dict[str, Any], model_key: str) -> bool:
-    return bool(_model_answer(pod, container, model_key))
 
 
 def describe(node: LocalNode, stack: DevStack) -> str:
