@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from ml_serving.cliutil import UsageError, console, find_project_dir
 
@@ -53,8 +54,10 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             console.print(f"node {node.name} is Ready (pods on {node.subnet}, logs in {node.root})")
         if args.monitoring:
             prometheus = _start_prometheus(args, settings, node)
+        if args.images or args.up:
+            engine = _start_engine(cluster.root, args.up)
         if args.images:
-            engine, registry = start_image_services(args.registry_port, cluster.root / REGISTRY_FOLDER)
+            registry = start_registry(args.registry_port, cluster.root / REGISTRY_FOLDER)
         if args.up:
             store = _start_store(served_registry, folder, cluster, node)
             _serve_stack(args, folder, cluster, node, operator, store)
@@ -81,27 +84,37 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         cluster.stop()
 
 
-def start_image_services(port: int, root: Path):  # type: ignore[no-untyped-def]
-    """A Docker engine (dockerd, unless one answers) and the local OCI registry, for `servingImage.build: true`;
-    the registry keeps its log and images in `root`."""
-    from ml_serving.containers import ContainerError, LocalRegistry, registry_binary, start_engine
+def _start_engine(log_dir: Path, up: bool):  # type: ignore[no-untyped-def]
+    """The Docker engine that builds the serving images (`--images`, `--up`): one that answers is used as it is,
+    else `dockerd` is started here (its log in `log_dir`) and stopped with the cluster."""
+    from ml_serving.containers import ContainerError, start_engine
+
+    try:
+        engine = start_engine(log_dir=log_dir)
+    except ContainerError as exc:
+        raise UsageError(f"{exc} (it builds the serving images{'' if up else '; or pass --no-images'})") from None
+    console.print(f"Docker engine {'started here' if engine.started_here else 'already running'}")
+    return engine
+
+
+def start_registry(port: int, root: Path):  # type: ignore[no-untyped-def]
+    """The local OCI registry for `servingImage.build: true`, keeping its log and images in `root`."""
+    from ml_serving.containers import ContainerError, LocalRegistry, registry_binary
 
     binary = registry_binary()
     if binary is None:
         raise UsageError("the OCI registry is not built: run `tools/build.sh registry`, or pass --no-images")
+    root.mkdir(parents=True, exist_ok=True)
     try:
-        engine = start_engine()
-        root.mkdir(parents=True, exist_ok=True)
         registry = LocalRegistry(binary, root=root, port=port).start()
     except ContainerError as exc:
         raise UsageError(f"{exc} (or pass --no-images)") from None
-    where = "started here" if engine.started_here else "already running"
     console.print(
-        f"Docker engine {where}; OCI registry on {registry.address}. To build, push and deploy by digest, set in "
-        f"the stack file:\n  ml-serving:servingImage: {{repository: {registry.address}/ml-serving-dev, build: true, "
+        f"OCI registry on {registry.address}. To build, push and deploy by digest, set in the stack file:\n"
+        f"  ml-serving:servingImage: {{repository: {registry.address}/ml-serving-dev, build: true, "
         "builder: dynamic, push: true}"
     )
-    return engine, registry
+    return registry
 
 
 def _stack_settings(args: argparse.Namespace) -> Settings:
@@ -156,14 +169,9 @@ def _served_registry(args: argparse.Namespace, settings: Settings) -> Path:
 
 
 def _start_store(root: Path, folder: Path, cluster, node):  # type: ignore[no-untyped-def]
-    """`--up`: the registry folder `root` over S3 on the node's gateway, and a Docker engine to build images."""
+    """`--up`: the registry folder `root` over S3 on the node's gateway."""
     from ml_serving.artifactstore import S3Store
-    from ml_serving.containers import ContainerError, start_engine
 
-    try:
-        start_engine()  # builds the serving images; an engine that answers is used as it is
-    except ContainerError as exc:
-        raise UsageError(str(exc)) from None
     store = S3Store(folder / "bin", root, node.node_ip, cluster.root / "rclone-s3.log").start()
     console.print(f"the registry's artifacts ({root}) over S3 on {store.endpoint}")
     return store
@@ -173,6 +181,7 @@ def _serve_stack(args: argparse.Namespace, folder: Path, cluster, node, operator
     """`--up`: `up` of a copy of the stack pinned to `store`, its images in the node; waits for Ready model pods and
     prints where each predictor answers."""
     from ml_serving.devserve import predictor_urls, ready_model_pods, serve_stack
+    from ml_serving.processes import listening
 
     served = serve_stack(args.project_dir or find_project_dir(), args.stack, node, operator.env, operator.config_map,
                          store, cluster.root / "up", folder, say=console.print)  # fmt: skip
@@ -183,7 +192,11 @@ def _serve_stack(args: argparse.Namespace, folder: Path, cluster, node, operator
         time.sleep(2)
     if not ready_model_pods(api, served):
         console.print(f"[red]no Ready model pod after 900 s[/]: `kubectl get pods -n {served.settings.namespace}`")
-    for name, url in predictor_urls(api, served).items():
+    urls = predictor_urls(api, served)
+    # A Ready pod reaches its Service only once kube-proxy has synced the endpoints (until then: refused).
+    while not all(listening(u.hostname, u.port) for u in map(urlsplit, urls.values())) and time.monotonic() < deadline:
+        time.sleep(1)
+    for name, url in urls.items():
         model = name.split("/", 1)[0]
         console.print(f"{name} answers on {url}: curl -s {url}/v2/models/{model}  (and POST {url}/invocations)")
     console.print(

@@ -4,6 +4,7 @@ URL answers the model's prediction; SIGTERM then stops everything it started."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import re
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
 import requests
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.pods
 
 CLUSTER_LINE = re.compile(r"export KUBECONFIG=(?P<root>/\S+ml-serving-cluster-[^/\s]+)/kubeconfig")
 NODE_LINE = re.compile(r"logs in (?P<root>/\S+ml-serving-node-[^\s)]+)")
+REGISTRY_LINE = re.compile(r"OCI registry on (?P<address>127\.0\.0\.1:\d+)")
 URL_LINE = re.compile(r"^(?P<sdep>[\w-]+)/(?P<predictor>[\w-]+) answers on (?P<url>http://[\d.]+:\d+):")
 
 
@@ -80,6 +83,16 @@ def test_cluster_up_serves_the_dev_model_from_pods_and_stops_cleanly(
         version = client.get_model_version_by_alias("churn-classifier", "champion").version
         model = mlflow.pyfunc.load_model(client.get_model_version_download_uri("churn-classifier", version))
         assert answer.json()["predictions"] == [int(x) for x in model.predict(pd.DataFrame(ROWS))]
+
+        (address,) = {m["address"] for m in map(REGISTRY_LINE.search, seen) if m}
+        blob = b"pushed while the cluster ran"  # what a build with `push: true` leaves in the registry
+        digest = f"sha256:{hashlib.sha256(blob).hexdigest()}"
+        upload = requests.post(f"http://{address}/v2/probe/blobs/uploads/", timeout=30)
+        assert upload.status_code == 202, upload.text
+        location = urljoin(f"http://{address}/", upload.headers["Location"])
+        pushed = requests.put(location, params={"digest": digest}, data=blob, timeout=30,
+                              headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        assert pushed.status_code == 201, pushed.text
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)  # the command's own clean-up, as Ctrl-C in a shell
@@ -99,6 +112,7 @@ def test_cluster_up_serves_the_dev_model_from_pods_and_stops_cleanly(
     (cluster_root,) = {m["root"] for m in map(CLUSTER_LINE.search, seen) if m}
     registry = Path(cluster_root) / REGISTRY_FOLDER
     assert (registry / "registry.log").exists(), "the OCI registry lives in the cluster's folder, not in its own"
+    assert (registry / "config.yml").read_text().count(str(registry / "data")) == 1, "it stores its images there"
     assert not (registry / "data").exists(), "the images pushed to it are removed with the cluster"
     for folder in (node_root, cluster_root):
         shutil.rmtree(folder)  # the logs a newcomer reads; a CI machine would keep every run's
