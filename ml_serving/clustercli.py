@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from ml_serving.cliutil import UsageError, console, find_project_dir
 
@@ -180,8 +179,7 @@ def _start_store(root: Path, folder: Path, cluster, node):  # type: ignore[no-un
 def _serve_stack(args: argparse.Namespace, folder: Path, cluster, node, operator, store) -> None:  # type: ignore[no-untyped-def]
     """`--up`: `up` of a copy of the stack pinned to `store`, its images in the node; waits for Ready model pods and
     prints where each predictor answers."""
-    from ml_serving.devserve import predictor_urls, ready_model_pods, serve_stack
-    from ml_serving.processes import listening
+    from ml_serving.devserve import predictor_urls, ready_model_pods, refusing, serve_stack
 
     served = serve_stack(args.project_dir or find_project_dir(), args.stack, node, operator.env, operator.config_map,
                          store, cluster.root / "up", folder, say=console.print)  # fmt: skip
@@ -193,12 +191,13 @@ def _serve_stack(args: argparse.Namespace, folder: Path, cluster, node, operator
     if not ready_model_pods(api, served):
         console.print(f"[red]no Ready model pod after 900 s[/]: `kubectl get pods -n {served.settings.namespace}`")
     urls = predictor_urls(api, served)
-    # A Ready pod reaches its Service only once kube-proxy has synced the endpoints (until then: refused).
-    while not all(listening(u.hostname, u.port) for u in map(urlsplit, urls.values())) and time.monotonic() < deadline:
-        time.sleep(1)
+    closed = refusing(urls, max(deadline - time.monotonic(), 0))
     for name, url in urls.items():
         model = name.split("/", 1)[0]
-        console.print(f"{name} answers on {url}: curl -s {url}/v2/models/{model}  (and POST {url}/invocations)")
+        if name in closed:
+            console.print(f"[red]{name}'s Service {url} refuses connections[/]: see kube-proxy's log in {node.root}")
+        else:
+            console.print(f"{name} answers on {url}: curl -s {url}/v2/models/{model}  (and POST {url}/invocations)")
     console.print(
         f"the stack file `up` ran is {served.project / f'Pulumi.{args.stack}.yaml'} (pinned to the store); "
         f"state in {served.env['PULUMI_BACKEND_URL']}"

@@ -26,6 +26,7 @@ from ml_serving.artifactstore import S3Store, s3_uri
 from ml_serving.localcluster import ClusterError, tools_env
 from ml_serving.localnode import LocalNode, ready_pods
 from ml_serving.nodeimages import initializer_image, seldon_images
+from ml_serving.processes import listening
 from ml_serving.registry import RegistryError, RegistryResolver, resolve_model
 from ml_serving.seed import sqlite_database
 from ml_serving.settings import Settings
@@ -241,6 +242,20 @@ def predictor_urls(api_client: Any, served: ServedStack) -> dict[str, str]:
             port = next(p.port for p in service.spec.ports if p.name == "http")
             urls[f"{sdep['metadata']['name']}/{predictor['name']}"] = f"http://{service.spec.cluster_ip}:{port}"
     return urls
+
+
+def refusing(
+    urls: Mapping[str, str], seconds: float, *, clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[str]:  # fmt: skip
+    """Waits until every URL's host and port accept TCP and returns the names still refusing when `seconds` run out:
+    kube-proxy writes a Service's rules a moment after its pod is Ready, and until then the ClusterIP refuses."""
+    deadline = clock() + seconds
+    while True:
+        closed = [name for name, url in urls.items() if not listening(urlsplit(url).hostname, urlsplit(url).port)]
+        if not closed or clock() >= deadline:
+            return closed
+        sleep(1)
 
 
 def ready_model_pods(api_client: Any, served: ServedStack) -> list[Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from ml_serving.artifactstore import S3Store
 from ml_serving.cli import main
-from ml_serving.devserve import LOCAL_REPOSITORY, on_store, registry_root, serving_images
+from ml_serving.devserve import LOCAL_REPOSITORY, on_store, refusing, registry_root, serving_images
 from ml_serving.localcluster import ClusterError
 from ml_serving.registry import RegistryResolver
 from ml_serving.stackfile import edit, parse_settings, stack_file
@@ -115,3 +116,29 @@ def test_a_stack_cluster_cannot_serve_is_refused_before_anything_starts(
     monkeypatch.setattr("ml_serving.localcluster.tools_dir", nothing_starts)
     assert main(["--project-dir", str(_dev_project(tmp_path, change)), "cluster", *flags]) == 2
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_predictor_url_is_given_only_once_its_service_accepts_connections() -> None:
+    """kube-proxy writes a Service's rules a moment after the pod is Ready: `cluster --up` waits for a ClusterIP
+    that refuses (here a loopback port that starts listening at the third poll) and names one that never answers."""
+    unbound = socket.socket()
+    unbound.bind(("127.0.0.1", 0))  # reserved, not listening: a connection is refused
+    late, never = unbound.getsockname()[1], socket.socket()
+    never.bind(("127.0.0.1", 0))
+    now, polls = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        polls.append(seconds)
+        now[0] += seconds
+        if len(polls) == 3:
+            unbound.listen()
+
+    with unbound, never:
+        urls = {"churn/champion": f"http://127.0.0.1:{late}"}
+        assert refusing(urls, 60, clock=lambda: now[0], sleep=sleep) == []
+        assert len(polls) == 3, "it polled until the port listened, and no longer"
+
+        urls["churn/challenger"] = f"http://127.0.0.1:{never.getsockname()[1]}"
+        polls.clear()
+        assert refusing(urls, 10, clock=lambda: now[0], sleep=sleep) == ["churn/challenger"]
+        assert now[0] >= 10 + 3, "it gave up only when the time ran out"
