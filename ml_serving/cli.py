@@ -464,14 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--up",
         action="store_true",
-        help="with --node: serve --stack's models from pods: its registry over S3, its images loaded, then `up` of "
+        help="with --node: serve --stack's models from pods: its registry over S3, its images pushed, then `up` of "
         "a copy pinned to them (your stack file is not edited)",
     )
     cluster.add_argument(
         "--images",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also a Docker engine (unless one runs) and a local OCI registry (default: on)",
+        help="also a Docker engine (unless one runs) and a local OCI registry, which a --node pulls images from "
+        "(default: on)",
     )
     cluster.add_argument("--registry-port", type=int, default=5001, help="the OCI registry's port (default 5001)")
     cluster.set_defaults(func=cmd_cluster)

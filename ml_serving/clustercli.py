@@ -28,6 +28,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag} {needs}: add --node")
     if args.up and not args.operator:
         raise UsageError("--up serves the stack through the Seldon operator: drop --no-operator")
+    if args.up and not args.images:
+        raise UsageError("--up builds the serving image and the node pulls it from the OCI registry: drop --no-images")
     settings = _stack_settings(args) if args.operator or args.monitoring or args.up else None
     served_registry = _served_registry(args, settings) if args.up and settings else None
     if args.monitoring and settings and settings.monitoring is None:
@@ -46,17 +48,17 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     node = engine = registry = prometheus = store = None
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop etcd and kube-apiserver on SIGTERM too
     try:
+        if args.images:
+            engine = _start_engine(cluster.root)
+            registry = start_registry(args.registry_port, cluster.root / REGISTRY_FOLDER)
         if args.node:
-            from ml_serving.localnode import LocalNode
+            from ml_serving.localnode import MIRRORED_REGISTRIES, LocalNode
 
-            node = LocalNode(cluster, folder / "bin").start()
-            console.print(f"node {node.name} is Ready (pods on {node.subnet}, logs in {node.root})")
+            node = LocalNode(cluster, folder / "bin", mirror=registry.address if registry else None).start()
+            pulls = f"{'/, '.join(MIRRORED_REGISTRIES)}/ images from {registry.address}, " if registry else ""
+            console.print(f"node {node.name} is Ready (pods on {node.subnet}, {pulls}logs in {node.root})")
         if args.monitoring:
             prometheus = _start_prometheus(args, settings, node)
-        if args.images or args.up:
-            engine = _start_engine(cluster.root, args.up)
-        if args.images:
-            registry = start_registry(args.registry_port, cluster.root / REGISTRY_FOLDER)
         if args.up:
             store = _start_store(served_registry, folder, cluster, node)
             _serve_stack(args, folder, cluster, node, operator, store)
@@ -83,15 +85,15 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         cluster.stop()
 
 
-def _start_engine(log_dir: Path, up: bool):  # type: ignore[no-untyped-def]
-    """The Docker engine that builds the serving images (`--images`, `--up`): one that answers is used as it is,
-    else `dockerd` is started here (its log in `log_dir`) and stopped with the cluster."""
+def _start_engine(log_dir: Path):  # type: ignore[no-untyped-def]
+    """The Docker engine that builds the serving images (`--images`): one that answers is used as it is, else
+    `dockerd` is started here (its log in `log_dir`) and stopped with the cluster."""
     from ml_serving.containers import ContainerError, start_engine
 
     try:
         engine = start_engine(log_dir=log_dir)
     except ContainerError as exc:
-        raise UsageError(f"{exc} (it builds the serving images{'' if up else '; or pass --no-images'})") from None
+        raise UsageError(f"{exc} (it builds the serving images; or pass --no-images)") from None
     console.print(f"Docker engine {'started here' if engine.started_here else 'already running'}")
     return engine
 

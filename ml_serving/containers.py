@@ -254,22 +254,25 @@ class LocalRegistry(LoggedProcess):
 
     def digest(self, repository: str, tag: str) -> str:
         """What the registry holds under `repository:tag` (repository without the address)."""
-        import requests
+        return manifest_digest(self.address, repository, tag)
 
-        accept = ", ".join(
-            [
-                "application/vnd.oci.image.index.v1+json",
-                "application/vnd.oci.image.manifest.v1+json",
-                "application/vnd.docker.distribution.manifest.v2+json",
-                "application/vnd.docker.distribution.manifest.list.v2+json",
-            ]
-        )
-        answer = requests.head(
-            f"http://{self.address}/v2/{repository}/manifests/{tag}", headers={"Accept": accept}, timeout=10
-        )
-        if answer.status_code != 200:
-            raise ContainerError(f"the registry has no {repository}:{tag} (HTTP {answer.status_code})")
-        return answer.headers["Docker-Content-Digest"]
+
+def manifest_digest(address: str, repository: str, tag: str) -> str:
+    """The digest of what the registry at `address` holds under `repository:tag`."""
+    import requests
+
+    accept = ", ".join(
+        [
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+        ]
+    )
+    answer = requests.head(f"http://{address}/v2/{repository}/manifests/{tag}", headers={"Accept": accept}, timeout=10)
+    if answer.status_code != 200:
+        raise ContainerError(f"the registry has no {repository}:{tag} (HTTP {answer.status_code})")
+    return answer.headers["Docker-Content-Digest"]
 
 
 # --- build and push -------------------------------------------------------------------------------------------

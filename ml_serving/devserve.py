@@ -1,9 +1,10 @@
 """A stack served by the one-machine cluster the way a cloud cluster serves it (`ml-serving cluster --node --up`).
 
 The registry's artifacts sit behind a real S3 endpoint (`rclone serve s3` on the node's gateway), each variant is
-pinned to its s3:// URI there with `artifactStore` pointing at the store, the images the pods run are loaded into
-the node (nothing can be pulled here), and the real engine runs `up` on a copy of the project. The team's own
-stack file is never edited: the store's keys are made per run.
+pinned to its s3:// URI there with `artifactStore` pointing at the store, the images the pods run are pushed under
+their own names to the local OCI registry the node pulls from (nothing beyond this machine can be pulled), and the
+real engine runs `up` on a copy of the project. The team's own stack file is never edited: the store's keys are
+made per run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ml_serving import labels
 from ml_serving.artifactstore import S3Store, s3_uri
 from ml_serving.localcluster import ClusterError, tools_env
 from ml_serving.localnode import LocalNode, ready_pods
-from ml_serving.nodeimages import initializer_image, seldon_images
+from ml_serving.nodeimages import SeldonImages, executor_image, initializer_image, on_mirror, seldon_images
+from ml_serving.ocipush import PushError, push_archive, push_uncompressed
 from ml_serving.processes import listening
 from ml_serving.registry import RegistryError, RegistryResolver, resolve_model
 from ml_serving.seed import sqlite_database
@@ -103,19 +105,46 @@ def environ(values: Mapping[str, str]) -> Iterator[None]:
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
-def load_serving_image(node: LocalNode, name: str, model_folder: Path) -> None:
+def push_serving_image(node: LocalNode, name: str, model_folder: Path) -> None:
     """Build a model's serving image from the context the program writes (plain `docker build`, cached layers
-    reused) and load it into the node's containerd under the name the SeldonDeployment runs."""
+    reused) and push it to the node's registry under the name the SeldonDeployment runs: the kubelet pulls it."""
     from ml_serving import containers, image
 
     context = image.build_context(image.read_environment(model_folder))
     path = image.write_context(context, node.root / "serving-context", with_model=False)
-    containers.build_image(path, name)
-    archive = node.root / "images" / "serving.tar"
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["docker", "save", "--output", str(archive), name], check=True, timeout=900)
-    node.import_image(archive)
-    archive.unlink()
+    try:
+        containers.build_image(path, name)
+    except containers.ContainerError as exc:
+        raise ClusterError(str(exc)) from None
+    mirrored = on_mirror(name, mirror_of(node))
+    tagged = subprocess.run(["docker", "tag", name, mirrored], capture_output=True, text=True)
+    if tagged.returncode != 0:
+        raise ClusterError(f"`docker tag {name} {mirrored}` failed: {tagged.stderr.strip()}")
+    try:
+        push_uncompressed(mirrored, work_dir=node.root)
+    except PushError as exc:
+        raise ClusterError(f"pushing {name} to the node's registry: {exc}") from None
+    finally:
+        subprocess.run(["docker", "rmi", "--no-prune", mirrored], check=False, capture_output=True)  # only the tag
+
+
+def push_seldon_images(node: LocalNode, images: SeldonImages) -> None:
+    """The executor and the storage initializer, made here, into the node's registry as the chart names them."""
+    for archive, name in (
+        (executor_image(node.bin_dir, node.root / "images", images.executor), images.executor),
+        (initializer_image(node.bin_dir, node.root / "images", images.initializer), images.initializer),
+    ):
+        try:
+            push_archive(archive, on_mirror(name, mirror_of(node)))
+        except PushError as exc:
+            raise ClusterError(f"pushing {name} to the node's registry: {exc}") from None
+
+
+def mirror_of(node: LocalNode) -> str:
+    """The registry `node` pulls from; a node started without one can only run imported images."""
+    if node.mirror is None:
+        raise ClusterError("the node has no registry to pull the stack's images from: start it with `mirror=`")
+    return node.mirror
 
 
 def serving_images(sdeps: list[dict[str, Any]]) -> dict[str, str]:
@@ -146,7 +175,7 @@ class ServedStack:
     project: Path
     plan: Plan  # what `up` applied: the SeldonDeployments, and the monitors and rules the node's Prometheus selects
     env: dict[str, str]  # the engine's: tools, KUBECONFIG, state backend, the store's client keys
-    images_seconds: float = 0.0  # building (cached) and loading the images
+    images_seconds: float = 0.0  # building (cached) and pushing the images
     up_started: float = 0.0  # time.monotonic() at `up`'s start
     up_seconds: float = 0.0
 
@@ -176,9 +205,9 @@ def serve_stack(
     change: Callable[[dict[str, Any]], None] = lambda config: None,
     say: Callable[[str], None] = lambda line: None,
 ) -> ServedStack:
-    """Pin `stack` to `store`, load what its pods run into `node`, and `up` it with the real engine from a copy of
-    the project in `work` (its state there too). `change` edits the copy's config too (a test's scrape interval).
-    The passphrase comes from the caller's environment."""
+    """Pin `stack` to `store`, push what its pods run to `node`'s registry, and `up` it with the real engine from a
+    copy of the project in `work` (its state there too). `change` edits the copy's config too (a test's scrape
+    interval). The passphrase comes from the caller's environment."""
     from ml_serving.plan import run_program
 
     if not any(os.environ.get(k) for k in ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE")):
@@ -212,11 +241,10 @@ def serve_stack(
     served = ServedStack(stack, load_settings(project, stack), project, plan, env)
 
     started = time.monotonic()
-    images = seldon_images(operator_env, operator_config_map)
-    node.import_image(initializer_image(node.bin_dir, node.root / "images", images.initializer))
+    push_seldon_images(node, seldon_images(operator_env, operator_config_map))
     for name, model_uri in serving_images(served.sdeps).items():
-        say(f"building (cached) and loading {name} into the node")
-        load_serving_image(node, name, store.root / model_uri.split("://", 1)[1])
+        say(f"building (cached) {name} and pushing it to the node's registry {node.mirror}")
+        push_serving_image(node, name, store.root / model_uri.split("://", 1)[1])
     served.images_seconds = time.monotonic() - started
 
     say(f"ml-serving up {stack} (log: {work / 'up.log'})")

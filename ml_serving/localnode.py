@@ -37,6 +37,9 @@ PAUSE_IMAGE = "localhost/ml-serving/pause:1"
 HELLO_IMAGE = "localhost/ml-serving/hello:1"
 # containerd's namespace for everything the CRI plugin (the kubelet's runtime) sees.
 CRI_NAMESPACE = "k8s.io"
+# The registries whose names a node's pods run, which its containerd pulls from the local OCI registry instead
+# (`LocalNode.mirror`): the Seldon chart's images (docker.io/seldonio/…) and the project's own (localhost/…).
+MIRRORED_REGISTRIES = ("docker.io", "localhost")
 # The controllers a node's workloads need, beside the cluster's own garbage collector and namespace controllers.
 NODE_CONTROLLERS = (
     "deployment-controller",
@@ -95,9 +98,11 @@ def pick_subnet(seed: int | None = None) -> ipaddress.IPv4Network:
     raise NodeError("no free /24 in 10.244.0.0/16 for the pod network: remove some bridges or routes")
 
 
-def containerd_config(root: Path, socket: Path, cni_conf_dir: Path) -> str:
-    """containerd 1.6's config (version 2): the node's own folders and socket, the CRI plugin as the kubelet needs."""
+def containerd_config(root: Path, socket: Path, cni_conf_dir: Path, hosts_dir: Path | None = None) -> str:
+    """containerd 1.6's config (version 2): the node's own folders and socket, the CRI plugin as the kubelet needs;
+    with `hosts_dir`, registries are configured there (`mirror_hosts`)."""
     cri = 'plugins."io.containerd.grpc.v1.cri"'
+    registry = f'[{cri}.registry]\n  config_path = "{hosts_dir}"\n' if hosts_dir else ""
     return f"""version = 2
 root = "{root / "root"}"
 state = "{root / "state"}"
@@ -128,7 +133,16 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
       [{cri}.containerd.runtimes.runc.options]
         SystemdCgroup = false
         Root = "{root / "runc"}"
-"""
+{registry}"""
+
+
+def mirror_hosts(mirror: str) -> dict[str, str]:
+    """containerd's `hosts.toml` per mirrored registry: pull and resolve from the OCI registry `mirror` (plain HTTP
+    on loopback); the upstream server stays the fallback, which nothing here can reach."""
+    return {
+        registry: f'[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+        for registry in MIRRORED_REGISTRIES
+    }
 
 
 def cni_conflist(bridge: str, subnet: ipaddress.IPv4Network, ipam_dir: Path) -> dict[str, Any]:
@@ -177,7 +191,7 @@ def kubelet_config(node: LocalNode) -> dict[str, Any]:
         "podLogsDir": str(node.root / "pod-logs"),
         "resolvConf": "",
         "clusterDomain": "cluster.local",
-        # Images are imported, never pulled: GC would delete an image no pod uses yet.
+        # Imported images have no registry to come back from: GC would delete one no pod uses yet.
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
@@ -217,6 +231,8 @@ class LocalNode:
     cluster: LocalCluster
     bin_dir: Path
     name: str = "ml-serving-node"
+    # The local OCI registry (HOST:PORT) the node pulls MIRRORED_REGISTRIES' images from, as a cluster pulls.
+    mirror: str | None = None
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ml-serving-node-")))
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -290,7 +306,12 @@ class LocalNode:
         folder = self.root / "containerd"
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "config.toml"
-        config.write_text(containerd_config(folder, self.socket, self.root / "cni" / "net.d"))
+        hosts_dir = folder / "certs.d" if self.mirror else None
+        if self.mirror and hosts_dir:
+            for registry, hosts in mirror_hosts(self.mirror).items():
+                (hosts_dir / registry).mkdir(parents=True)
+                (hosts_dir / registry / "hosts.toml").write_text(hosts)
+        config.write_text(containerd_config(folder, self.socket, self.root / "cni" / "net.d", hosts_dir))
         process, log = self._spawn("containerd", ["containerd", "--config", str(config), "--log-level", "info"])
         wait_ready(lambda: self.ctr("version", check=False).returncode == 0, process, log, "containerd", seconds)
 
@@ -330,16 +351,23 @@ class LocalNode:
             return False
         return has_ready_condition(node)
 
-    def pod_memory(self, namespace: str, pod: str) -> int:
-        """A pod's working-set memory in bytes as the kubelet reports it (stats summary, through the API server)."""
+    def pod_memory(self, namespace: str, pod: str, container: str | None = None) -> int:
+        """A pod's (or one of its containers') working-set memory in bytes as the kubelet reports it (the stats
+        summary, through the API server). A container the kubelet has not sampled yet is a NodeError, not 0: the
+        pod's own figure can hold only its sandbox for a while after the container starts."""
         from kubernetes import client
 
         api = client.CoreV1Api(self.cluster.api_client())
         text = api.connect_get_node_proxy_with_path(self.name, "stats/summary", _preload_content=False).data
         for entry in json.loads(text)["pods"]:
-            if entry["podRef"]["namespace"] == namespace and entry["podRef"]["name"] == pod:
+            if entry["podRef"]["namespace"] != namespace or entry["podRef"]["name"] != pod:
+                continue
+            if container is None:
                 return int(entry.get("memory", {}).get("workingSetBytes", 0))
-        raise NodeError(f"the kubelet reports no stats for pod {namespace}/{pod} yet")
+            for stats in entry.get("containers", []):
+                if stats["name"] == container and stats.get("memory", {}).get("workingSetBytes"):
+                    return int(stats["memory"]["workingSetBytes"])
+        raise NodeError(f"the kubelet reports no memory for {namespace}/{pod} {container or ''} yet")
 
     def _start_control_plane(self) -> None:
         """The scheduler and the workload controllers (the cluster's own manager runs GC and namespaces)."""

@@ -37,6 +37,17 @@ def full_reference(image: str) -> str:
     return f"docker.io/{image}"
 
 
+def repository_path(image: str) -> str:
+    """`image` without its registry: the repository and tag a mirror holds it under (`seldonio/x:1`)."""
+    return full_reference(image).partition("/")[2]
+
+
+def on_mirror(image: str, mirror: str) -> str:
+    """Where `image` sits in the registry `mirror` (HOST:PORT) that the node's containerd pulls every name from:
+    the same repository and tag (`docker.io/seldonio/x:1` -> `127.0.0.1:5001/seldonio/x:1`)."""
+    return f"{mirror}/{repository_path(image)}"
+
+
 def seldon_images(manager_env: dict[str, str], config_map: dict[str, Any]) -> SeldonImages:
     """The images the operator puts in pods, from its chart's output (`localoperator.manager_settings`)."""
     initializer = json.loads(config_map["data"][INITIALIZER_KEY])["image"]

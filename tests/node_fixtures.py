@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ml_serving.containers import LocalRegistry, registry_binary
 from ml_serving.localcluster import LocalCluster
 from ml_serving.localnode import LocalNode, missing_prerequisites
 from ml_serving.localoperator import manager_settings, operator_ready, render_chart
@@ -24,6 +26,7 @@ def node_bin_dir() -> Path:
     bin_dir = (tools_folder() or Path("tools-not-built")) / "bin"
     missing = [f"{bin_dir / n}: run `./run tools`" for n in ("etcd", "kube-apiserver") if not (bin_dir / n).exists()]
     missing += missing_prerequisites(bin_dir)
+    missing += [] if registry_binary() else ["the OCI registry the node pulls from: run `tools/build.sh registry`"]
     if missing:
         why = "a node cannot start here:\n  " + "\n  ".join(missing)
         if os.environ.get("ML_SERVING_REQUIRE_ENGINE"):
@@ -33,19 +36,25 @@ def node_bin_dir() -> Path:
 
 
 def running_node(root: Path, crds: bool = False) -> Iterator[LocalNode]:
-    """A fresh API server (with the CRDs when `crds`; its folder `root`) and one node; stopped, its host state
-    removed, afterwards."""
+    """A fresh API server (with the CRDs when `crds`; its folder `root`) and one node pulling from an OCI registry
+    of its own, as `ml-serving cluster --node` runs them; stopped, their host state removed, afterwards."""
     bin_dir = node_bin_dir()
     started = time.monotonic()
+    registry = LocalRegistry(registry_binary(), root=root / "oci-registry")  # type: ignore[arg-type]
+    registry.root.mkdir(parents=True)
     cluster = LocalCluster(bin_dir, root=root).start(**({} if crds else {"crd_dir": None, "namespaces": ()}))
     try:
-        node = LocalNode(cluster, bin_dir).start()
+        registry.start()
+        node = LocalNode(cluster, bin_dir, mirror=registry.address).start()
         node.cluster_started = started  # for the "cluster start -> first Ready pod" figure
     except BaseException:
+        registry.stop()
         cluster.stop()
         raise
     yield node
     node.stop()
+    registry.stop()
+    shutil.rmtree(registry.root / "data", ignore_errors=True)  # the images pushed (a serving image is over 1 GB)
     cluster.stop()
     node.remove_root()
 

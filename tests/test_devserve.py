@@ -79,6 +79,7 @@ def test_a_baked_model_is_refused_since_the_images_are_built_without_models() ->
     [
         (["--up"], "--up serves the stack from pods: add --node"),
         (["--node", "--up", "--no-operator"], "--up serves the stack through the Seldon operator"),
+        (["--node", "--up", "--no-images"], "the node pulls it from the OCI registry: drop --no-images"),
         (["--monitoring"], "--monitoring runs Prometheus as a pod: add --node"),
     ],
 )

@@ -114,16 +114,20 @@ def test_a_deployment_behind_a_service_answers_and_replaces_a_deleted_pod(node: 
 
 
 def test_the_seldon_executor_image_runs_beside_a_model_as_the_operator_injects_it(node: LocalNode, core: Any) -> None:  # noqa: F811
-    """The executor image made here (nodeimages.py) starts as user 8888 with the operator's arguments and is Ready
-    once its graph's model answers on localhost:9000 (here the node's test server stands in for the model)."""
+    """The executor image made here (nodeimages.py), pushed to the node's registry under the name the chart gives
+    it, is pulled by the kubelet, starts as user 8888 with the operator's arguments and is Ready once its graph's
+    model answers on localhost:9000 (here the node's test server stands in for the model)."""
     import base64
     import json
 
-    from ml_serving.nodeimages import executor_image
+    from ml_serving.nodeimages import executor_image, on_mirror
+    from ml_serving.ocipush import push_archive
     from tests.node_fixtures import chart_images
 
     image = chart_images(node.bin_dir, node.root / "chart").executor
-    node.import_image(executor_image(node.bin_dir, node.root / "images", image))
+    assert image.startswith("docker.io/seldonio/"), image
+    assert node.mirror and image not in node.ctr("images", "list", "--quiet").stdout.split()
+    push_archive(executor_image(node.bin_dir, node.root / "images", image), on_mirror(image, node.mirror))
     graph = {
         "name": "m",
         "type": "MODEL",
@@ -148,6 +152,7 @@ def test_the_seldon_executor_image_runs_beside_a_model_as_the_operator_injects_i
     pod = poll(lambda: ready_pods(core.api_client, NAMESPACE, "app=executor"), "the executor pod Ready")[0]
     metrics = requests.get(f"http://{pod.status.pod_ip}:8000/prometheus", timeout=5)
     assert metrics.status_code == 200 and "go_gc_duration_seconds" in metrics.text
+    assert image in node.ctr("images", "list", "--quiet").stdout.split(), "the kubelet pulled it from the registry"
 
 
 def test_tear_down_leaves_nothing_behind(node: LocalNode) -> None:  # noqa: F811

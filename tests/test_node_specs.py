@@ -56,3 +56,35 @@ def test_a_binary_image_is_an_oci_layout_containerd_can_name(tmp_path: Path) -> 
     with tarfile.open(fileobj=__import__("io").BytesIO(layer)) as inner:
         member = inner.getmember("node-pause")
         assert member.mode == 0o755 and inner.extractfile(member).read() == b"\x7fELF fake"
+
+
+def test_the_node_pulls_the_chart_and_project_images_from_its_own_registry(tmp_path: Path) -> None:
+    """The kubelet pulls the names the chart and the plan give (docker.io/seldonio/…, localhost/…) from the local
+    OCI registry: containerd's hosts files map each registry to it, and the image is pushed where they look."""
+    import tomllib
+
+    from ml_serving.nodeimages import on_mirror
+
+    hosts = localnode.mirror_hosts("127.0.0.1:5001")
+    assert set(hosts) == {"docker.io", "localhost"}
+    for text in hosts.values():
+        assert tomllib.loads(text) == {"host": {"http://127.0.0.1:5001": {"capabilities": ["pull", "resolve"]}}}
+    config = tomllib.loads(localnode.containerd_config(tmp_path, tmp_path / "s.sock", tmp_path / "cni", tmp_path / "d"))
+    assert config["plugins"]["io.containerd.grpc.v1.cri"]["registry"] == {"config_path": str(tmp_path / "d")}
+    assert (
+        "registry"
+        not in tomllib.loads(localnode.containerd_config(tmp_path, tmp_path / "s.sock", tmp_path / "cni"))["plugins"][
+            "io.containerd.grpc.v1.cri"
+        ]
+    )
+
+    assert on_mirror("seldonio/rclone-storage-initializer:1.18.2", "127.0.0.1:5001") == (
+        "127.0.0.1:5001/seldonio/rclone-storage-initializer:1.18.2"
+    )
+    assert on_mirror("docker.io/seldonio/seldon-core-executor:1.18.2", "127.0.0.1:5001") == (
+        "127.0.0.1:5001/seldonio/seldon-core-executor:1.18.2"
+    )
+    assert (
+        on_mirror("localhost/ml-serving-dev/churn:abc", "127.0.0.1:5001") == "127.0.0.1:5001/ml-serving-dev/churn:abc"
+    )
+    assert on_mirror("python:3.11", "127.0.0.1:5001") == "127.0.0.1:5001/library/python:3.11"

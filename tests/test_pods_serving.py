@@ -26,7 +26,7 @@ from ml_serving.artifactstore import RCLONE_BINARY, S3Store, s3_uri
 from ml_serving.devserve import ServedStack, environ, serve_stack
 from ml_serving.localnode import LocalNode, has_ready_condition, ready_pods
 from ml_serving.localoperator import LocalOperator
-from ml_serving.nodeimages import full_reference, seldon_images
+from ml_serving.nodeimages import full_reference, repository_path, seldon_images
 from ml_serving.seed import CHURN_MODEL
 from ml_serving.specs import platform, seldon
 from ml_serving.stackfile import load_settings, parse_settings
@@ -137,16 +137,16 @@ def dev_stack(
     docker_engine: Any,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> DevStack:
-    """What `ml-serving cluster --node --up` does (ml_serving/devserve.py): dev pinned to the store, the
-    initializer and serving images loaded into the node as the chart and the plan name them, then `ml-serving up
-    dev` of that copy with the real engine."""
+    """What `ml-serving cluster --node --up` does (ml_serving/devserve.py): dev pinned to the store, the executor,
+    initializer and serving images pushed to the node's registry as the chart and the plan name them (the kubelet
+    pulls them), then `ml-serving up dev` of that copy with the real engine."""
     from tests.test_engine import PASSPHRASE
 
     work = tmp_path_factory.mktemp("dev-on-node")
     with environ({"PULUMI_CONFIG_PASSPHRASE": PASSPHRASE}):
         served = serve_stack(PROJECT_DIR, "dev", crd_node, operator.env, operator.config_map, store, work, tools,
                              tracking_uri=registry.tracking_uri, change=dev_change)  # fmt: skip
-    print(f"serving image built (cached) and loaded into the node: {served.images_seconds:.0f} s")
+    print(f"images built (cached) and pushed to the node's registry: {served.images_seconds:.0f} s")
     return DevStack(**{f.name: getattr(served, f.name) for f in fields(ServedStack)}, folder=champion(registry)[1])
 
 
@@ -174,6 +174,29 @@ def test_the_operator_pod_downloads_the_model_over_s3_from_the_store(
     for name in ("MLmodel", "model.skops", "requirements.txt"):
         assert (dev_stack.folder / name).exists()
         assert f"{name}: Copied" in log, log
+
+
+def test_the_pods_run_the_images_the_kubelet_pulled_from_the_nodes_registry(
+    crd_node: LocalNode,  # noqa: F811
+    operator: LocalOperator,
+    dev_stack: DevStack,
+) -> None:
+    """Item 2: the executor, the initializer and the serving image sit in the node's OCI registry under the names
+    the chart and the plan give them, and a model pod's containers run what the kubelet pulled from there (an
+    imported image would have no repository digest)."""
+    from ml_serving.containers import manifest_digest
+
+    def in_registry(image: str) -> str:
+        repository, _, tag = repository_path(image).rpartition(":")
+        return f"{full_reference(image).rpartition(':')[0]}@{manifest_digest(crd_node.mirror, repository, tag)}"
+
+    images = seldon_images(operator.env, operator.config_map)
+    assert in_registry(images.executor), "the executor is there, though no-engine predictors do not run it"
+    pod = poll(lambda: stack_ready_pods(crd_node, dev_stack), "a Ready pod of the dev model", seconds=600)[0]
+    ran = {s.name: s.image_id for s in [*pod.status.init_container_statuses, *pod.status.container_statuses]}
+    serving = serving_container(dev_stack.sdep)
+    assert ran[seldon.initializer_name(dev_stack.model_key)] == in_registry(images.initializer)
+    assert ran[serving["name"]] == in_registry(serving["image"])
 
 
 # --- item 4: the dev stack serves through the predictor's Service -------------------------------------------------
@@ -228,8 +251,10 @@ def test_up_dev_ends_with_ready_pods_that_serve_through_the_predictor_service(
     v2, invocations = poll(answers, "answers through the predictor's Service", seconds=120)
     assert v2["outputs"][0]["data"] == expected and invocations["predictions"] == expected
     assert _model_answer(first, container, dev_stack.model_key), "Ready means the model answers"
-    memory = poll(lambda: _memory(crd_node, dev_stack.namespace, first.metadata.name), "kubelet memory")
-    print(f"one dev model replica's working set (kubelet): {memory / 2**20:.0f} MiB")
+    memory = poll(lambda: _memory(crd_node, dev_stack.namespace, first.metadata.name, container["name"]),
+                  "the kubelet's memory figure of the model server")  # fmt: skip
+    print(f"one dev model replica's working set (kubelet, its model server): {memory / 2**20:.0f} MiB")
+    assert memory > 50 * 2**20, "the server holds the model and its libraries, not only a sandbox"
 
     core.delete_namespaced_pod(first.metadata.name, dev_stack.namespace)
     loading: set[str] = set()  # the new pod's states seen while its server ran without its model answering
@@ -290,11 +315,11 @@ def describe(node: LocalNode, stack: DevStack) -> str:
     return "\n".join(lines)
 
 
-def _memory(node: LocalNode, namespace: str, pod: str) -> int:
+def _memory(node: LocalNode, namespace: str, pod: str, container: str) -> int:
     from ml_serving.localnode import NodeError
 
     try:
-        return node.pod_memory(namespace, pod)
+        return node.pod_memory(namespace, pod, container)
     except NodeError:
         return 0
 
