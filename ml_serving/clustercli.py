@@ -37,6 +37,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     folder = tools_dir()
     if folder is None:
         raise UsageError("etcd and kube-apiserver are not built: run `./run tools` first (a cold build takes a while)")
+    if args.up:
+        from ml_serving.devserve import missing_binaries
+
+        missing = missing_binaries(folder / "bin")
+        if missing:
+            raise UsageError(f"--up needs {', '.join(missing)}, which `./run tools` builds: run it first")
     cluster = LocalCluster(folder / "bin")
     try:
         cluster.start(crd_dir=args.crds, namespaces=tuple(args.namespace))
@@ -49,10 +55,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # stop etcd and kube-apiserver on SIGTERM too
     try:
         if args.images:
-            engine = _start_engine(cluster.root)
-            registry = start_registry(args.registry_port, cluster.root / REGISTRY_FOLDER)
+            # Without them: --no-images; --up cannot go without them (it builds the image the node pulls).
+            instead = "--up needs it: the node pulls the serving image from it" if args.up else "or pass --no-images"
+            engine = _start_engine(cluster.root, instead)
+            registry = start_registry(args.registry_port, cluster.root / REGISTRY_FOLDER, instead)
         if args.node:
-            from ml_serving.localnode import MIRRORED_REGISTRIES, LocalNode
+            from ml_serving.localnode import LocalNode
+            from ml_serving.nodeimages import MIRRORED_REGISTRIES
 
             node = LocalNode(cluster, folder / "bin", mirror=registry.address if registry else None).start()
             pulls = f"{'/, '.join(MIRRORED_REGISTRIES)}/ images from {registry.address}, " if registry else ""
@@ -85,7 +94,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         cluster.stop()
 
 
-def _start_engine(log_dir: Path):  # type: ignore[no-untyped-def]
+def _start_engine(log_dir: Path, instead: str):  # type: ignore[no-untyped-def]
     """The Docker engine that builds the serving images (`--images`): one that answers is used as it is, else
     `dockerd` is started here (its log in `log_dir`) and stopped with the cluster."""
     from ml_serving.containers import ContainerError, start_engine
@@ -93,23 +102,24 @@ def _start_engine(log_dir: Path):  # type: ignore[no-untyped-def]
     try:
         engine = start_engine(log_dir=log_dir)
     except ContainerError as exc:
-        raise UsageError(f"{exc} (it builds the serving images; or pass --no-images)") from None
+        raise UsageError(f"{exc} (it builds the serving images; {instead})") from None
     console.print(f"Docker engine {'started here' if engine.started_here else 'already running'}")
     return engine
 
 
-def start_registry(port: int, root: Path):  # type: ignore[no-untyped-def]
-    """The local OCI registry for `servingImage.build: true`, keeping its log and images in `root`."""
+def start_registry(port: int, root: Path, instead: str):  # type: ignore[no-untyped-def]
+    """The local OCI registry, keeping its log and images in `root`: a node's pods pull from it, and
+    `servingImage.build: true` pushes to it. `instead` says what to do without it."""
     from ml_serving.containers import ContainerError, LocalRegistry, registry_binary
 
     binary = registry_binary()
     if binary is None:
-        raise UsageError("the OCI registry is not built: run `tools/build.sh registry`, or pass --no-images")
+        raise UsageError(f"the OCI registry is not built: run `tools/build.sh registry` ({instead})")
     root.mkdir(parents=True, exist_ok=True)
     try:
         registry = LocalRegistry(binary, root=root, port=port).start()
     except ContainerError as exc:
-        raise UsageError(f"{exc} (or pass --no-images)") from None
+        raise UsageError(f"{exc} ({instead})") from None
     console.print(
         f"OCI registry on {registry.address}. To build, push and deploy by digest, set in the stack file:\n"
         f"  ml-serving:servingImage: {{repository: {registry.address}/ml-serving-dev, build: true, "
@@ -179,8 +189,8 @@ def _start_store(root: Path, folder: Path, cluster, node):  # type: ignore[no-un
 
 
 def _serve_stack(args: argparse.Namespace, folder: Path, cluster, node, operator, store) -> None:  # type: ignore[no-untyped-def]
-    """`--up`: `up` of a copy of the stack pinned to `store`, its images in the node; waits for Ready model pods and
-    prints where each predictor answers."""
+    """`--up`: `up` of a copy of the stack pinned to `store`, its images in the registry the node pulls from; waits
+    for Ready model pods and prints where each predictor answers."""
     from ml_serving.devserve import predictor_urls, ready_model_pods, refusing, serve_stack
 
     served = serve_stack(args.project_dir or find_project_dir(), args.stack, node, operator.env, operator.config_map,

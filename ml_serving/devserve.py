@@ -23,10 +23,17 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ml_serving import labels
-from ml_serving.artifactstore import S3Store, s3_uri
+from ml_serving.artifactstore import RCLONE_BINARY, S3Store, s3_uri
 from ml_serving.localcluster import ClusterError, tools_env
 from ml_serving.localnode import LocalNode, ready_pods
-from ml_serving.nodeimages import SeldonImages, executor_image, initializer_image, on_mirror, seldon_images
+from ml_serving.nodeimages import (
+    EXECUTOR_BINARY,
+    SeldonImages,
+    executor_image,
+    initializer_image,
+    on_mirror,
+    seldon_images,
+)
 from ml_serving.ocipush import PushError, push_archive, push_uncompressed
 from ml_serving.processes import listening
 from ml_serving.registry import RegistryError, RegistryResolver, resolve_model
@@ -116,16 +123,10 @@ def push_serving_image(node: LocalNode, name: str, model_folder: Path) -> None:
         containers.build_image(path, name)
     except containers.ContainerError as exc:
         raise ClusterError(str(exc)) from None
-    mirrored = on_mirror(name, mirror_of(node))
-    tagged = subprocess.run(["docker", "tag", name, mirrored], capture_output=True, text=True)
-    if tagged.returncode != 0:
-        raise ClusterError(f"`docker tag {name} {mirrored}` failed: {tagged.stderr.strip()}")
     try:
-        push_uncompressed(mirrored, work_dir=node.root)
-    except PushError as exc:
+        push_uncompressed(on_mirror(name, mirror_of(node)), work_dir=node.root, source=name)
+    except (PushError, OSError) as exc:  # requests' errors are OSErrors: the registry stopped answering
         raise ClusterError(f"pushing {name} to the node's registry: {exc}") from None
-    finally:
-        subprocess.run(["docker", "rmi", "--no-prune", mirrored], check=False, capture_output=True)  # only the tag
 
 
 def push_seldon_images(node: LocalNode, images: SeldonImages) -> None:
@@ -136,8 +137,14 @@ def push_seldon_images(node: LocalNode, images: SeldonImages) -> None:
     ):
         try:
             push_archive(archive, on_mirror(name, mirror_of(node)))
-        except PushError as exc:
+        except (PushError, OSError) as exc:
             raise ClusterError(f"pushing {name} to the node's registry: {exc}") from None
+
+
+def missing_binaries(bin_dir: Path) -> list[str]:
+    """What serving a stack needs beyond the cluster and the node: the executor and the initializer's rclone (the
+    images made here) and the S3 store's rclone."""
+    return [str(bin_dir / name) for name in (EXECUTOR_BINARY, RCLONE_BINARY) if not (bin_dir / name).exists()]
 
 
 def mirror_of(node: LocalNode) -> str:

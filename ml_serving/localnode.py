@@ -1,11 +1,12 @@
 """A real node beside the local API server: containerd, kubelet, kube-scheduler, kube-proxy and the controllers
 a Deployment needs, so the pods the operator generates actually run on this machine.
 
-Everything is the node's own: a containerd with its own root/state/socket (dockerd's is left alone), a pause
-image built here (nothing can be pulled), a bridge made by the run (pods talk to this host only: no masquerade,
-no route out), and a cgroup root of its own. `stop()` deletes the pods, stops every process by PID, then
-`nodehost` removes whatever is left (shims, mounts, netns, veths, KUBE-/CNI- rules, cgroups, sysctls).
-Needs root, Debian's containerd/runc and containernetworking-plugins, and the binaries `./run tools` builds.
+Everything is the node's own: a containerd with its own root/state/socket (dockerd's is left alone) that pulls
+from the cluster's OCI registry, a pause image built here (registry.k8s.io cannot be reached), a bridge made by the
+run (pods talk to this host only: no masquerade, no route out), and a cgroup root of its own. `stop()` deletes the
+pods, stops every process by PID, then `nodehost` removes whatever is left (shims, mounts, netns, veths,
+KUBE-/CNI- rules, cgroups, sysctls). Needs root, Debian's containerd/runc and containernetworking-plugins, and the
+binaries `./run tools` builds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 
 from ml_serving import nodehost
 from ml_serving.localcluster import ClusterError, LocalCluster, wait_ready
+from ml_serving.nodeimages import MIRRORED_REGISTRIES
 from ml_serving.ociimage import binary_image
 from ml_serving.processes import free_port, stop_group
 
@@ -37,9 +39,6 @@ PAUSE_IMAGE = "localhost/ml-serving/pause:1"
 HELLO_IMAGE = "localhost/ml-serving/hello:1"
 # containerd's namespace for everything the CRI plugin (the kubelet's runtime) sees.
 CRI_NAMESPACE = "k8s.io"
-# The registries whose names a node's pods run, which its containerd pulls from the local OCI registry instead
-# (`LocalNode.mirror`): the Seldon chart's images (docker.io/seldonio/…) and the project's own (localhost/…).
-MIRRORED_REGISTRIES = ("docker.io", "localhost")
 # The controllers a node's workloads need, beside the cluster's own garbage collector and namespace controllers.
 NODE_CONTROLLERS = (
     "deployment-controller",
@@ -137,8 +136,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
 
 def mirror_hosts(mirror: str) -> dict[str, str]:
-    """containerd's `hosts.toml` per mirrored registry: pull and resolve from the OCI registry `mirror` (plain HTTP
-    on loopback); the upstream server stays the fallback, which nothing here can reach."""
+    """containerd's `hosts.toml` per mirrored registry: the OCI registry `mirror` (plain HTTP on loopback) is asked
+    first. An image nobody pushed then fails on the upstream server, which cannot be reached: containerd 1.6.20
+    ignored `server = "http://…"` for docker.io and still asked registry-1.docker.io (tried 2026-12-06)."""
     return {
         registry: f'[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
         for registry in MIRRORED_REGISTRIES
@@ -367,7 +367,8 @@ class LocalNode:
             for stats in entry.get("containers", []):
                 if stats["name"] == container and stats.get("memory", {}).get("workingSetBytes"):
                     return int(stats["memory"]["workingSetBytes"])
-        raise NodeError(f"the kubelet reports no memory for {namespace}/{pod} {container or ''} yet")
+        what = f"{namespace}/{pod}" + (f" {container}" if container else "")
+        raise NodeError(f"the kubelet reports no memory for {what} yet")
 
     def _start_control_plane(self) -> None:
         """The scheduler and the workload controllers (the cluster's own manager runs GC and namespaces)."""

@@ -3,8 +3,8 @@
 What a cluster's monitoring stack does, here: the operator (built by `./run tools` from Go modules) turns the stack's
 PodMonitor and PrometheusRule into Prometheus's configuration (Secret `prometheus-<name>`, rule ConfigMaps) and
 a StatefulSet; the node runs that StatefulSet's pod from images made here (Prometheus v3.5.0 and the config
-reloader, both built from Go modules by `./run tools`: nothing can be pulled, and Debian's Prometheus 2.42 is built
-without the Kubernetes service discovery every PodMonitor's scrape job uses). Prometheus
+reloader, both built from Go modules by `./run tools`: nothing beyond this machine can be pulled, and Debian's
+Prometheus 2.42 is built without the Kubernetes service discovery every PodMonitor's scrape job uses). Prometheus
 in its pod reaches the API server through a relay on the node's gateway address (the API server listens on
 loopback only), with a service account token whose ClusterRole lets it read pods and endpoints, nothing more.
 """

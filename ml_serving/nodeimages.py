@@ -1,10 +1,11 @@
-"""The Seldon images a node's pods need, made here from binaries `./run tools` builds (nothing can be pulled).
+"""The Seldon images a node's pods need, made here from binaries `./run tools` builds (nothing beyond this machine
+can be pulled), and where the node's registry holds each image its pods run.
 
 Named as the operator's chart names them (the manager's `EXECUTOR_CONTAINER_IMAGE_AND_VERSION`, `seldon-config`'s
 `storageInitializer.image`: `seldon_images` reads both from the rendered chart), so the pods it generates find them
-with `imagePullPolicy: IfNotPresent`: the executor sidecar (entrypoint `/executor`, user 8888, as upstream's
-Dockerfile.executor) and the rclone storage initializer (entrypoint `rclone copy`, user 8888, the `gs` remote its
-Dockerfile defines).
+in the node's registry with `imagePullPolicy: IfNotPresent`: the executor sidecar (entrypoint `/executor`, user
+8888, as upstream's Dockerfile.executor) and the rclone storage initializer (entrypoint `rclone copy`, user 8888,
+the `gs` remote its Dockerfile defines).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from typing import Any
 from ml_serving.ociimage import write_image
 
 SELDON_USER = "8888"
+EXECUTOR_BINARY = "seldon-executor"  # as `./run tools` names it
+# The registries whose names a node's pods run, which its containerd pulls from the local OCI registry instead
+# (`LocalNode.mirror`): the Seldon chart's images (docker.io/seldonio/…) and the project's own (localhost/…).
+# Both land in one namespace of that registry: `docker.io/x/y` and `localhost/x/y` would be the same repository.
+MIRRORED_REGISTRIES = ("docker.io", "localhost")
 EXECUTOR_ENV = "EXECUTOR_CONTAINER_IMAGE_AND_VERSION"
 INITIALIZER_KEY = "storageInitializer"
 
@@ -38,12 +44,16 @@ def full_reference(image: str) -> str:
 
 
 def repository_path(image: str) -> str:
-    """`image` without its registry: the repository and tag a mirror holds it under (`seldonio/x:1`)."""
-    return full_reference(image).partition("/")[2]
+    """`image` without its registry: the repository and tag a mirror holds it under (`seldonio/x:1`); an image
+    of a registry the node does not mirror is a ValueError (its pull would never reach the mirror)."""
+    registry, _, path = full_reference(image).partition("/")
+    if registry not in MIRRORED_REGISTRIES:
+        raise ValueError(f"{image}: a node pulls only {', '.join(MIRRORED_REGISTRIES)} images from its registry")
+    return path
 
 
 def on_mirror(image: str, mirror: str) -> str:
-    """Where `image` sits in the registry `mirror` (HOST:PORT) that the node's containerd pulls every name from:
+    """Where `image` sits in the registry `mirror` (HOST:PORT) that the node's containerd pulls its names from:
     the same repository and tag (`docker.io/seldonio/x:1` -> `127.0.0.1:5001/seldonio/x:1`)."""
     return f"{mirror}/{repository_path(image)}"
 
@@ -55,7 +65,7 @@ def seldon_images(manager_env: dict[str, str], config_map: dict[str, Any]) -> Se
 
 
 def executor_image(bin_dir: Path, folder: Path, name: str) -> Path:
-    binary = (bin_dir / "seldon-executor").read_bytes()
+    binary = (bin_dir / EXECUTOR_BINARY).read_bytes()
     return write_image(folder / "executor.tar", name, {"executor": (binary, 0o755)}, ["/executor"], SELDON_USER)
 
 

@@ -88,21 +88,25 @@ class _Registry:
         return answer.headers["Docker-Content-Digest"]
 
 
-def push_uncompressed(name: str, work_dir: Path | None = None) -> Pushed:
-    """Push the local image `name` (HOST:PORT/REPOSITORY:TAG) and return what the registry answered."""
+def push_uncompressed(name: str, work_dir: Path | None = None, source: str | None = None) -> Pushed:
+    """Push the local image `source` (default: `name`) as `name` (HOST:PORT/REPOSITORY:TAG) and return what the
+    registry answered. No tag is added to the engine's images."""
     address, repository, _ = split_name(name)
     registry = _Registry(address)
+    source = source or name
     with tempfile.TemporaryDirectory(prefix="ml-serving-push-", dir=work_dir) as folder:
         archive = Path(folder) / "image.tar"
-        saved = subprocess.run(["docker", "save", "--output", str(archive), name], capture_output=True, text=True)
+        saved = subprocess.run(["docker", "save", "--output", str(archive), source], capture_output=True, text=True)
         if saved.returncode != 0:
-            raise PushError(f"`docker save {name}` failed: {saved.stderr.strip()[-2000:]}")
+            raise PushError(f"`docker save {source}` failed: {saved.stderr.strip()[-2000:]}")
         with tarfile.open(archive) as tar:
             (entry,) = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
             config = tar.extractfile(entry["Config"]).read()  # type: ignore[union-attr]
             diff_ids = json.loads(config)["rootfs"]["diff_ids"]
             if len(diff_ids) != len(entry["Layers"]):
-                raise PushError(f"`docker save {name}` lists {len(entry['Layers'])} layers, its config {len(diff_ids)}")
+                raise PushError(
+                    f"`docker save {source}` lists {len(entry['Layers'])} layers, its config {len(diff_ids)}"
+                )
             layers, sent = [], 0
             for member, digest in zip(entry["Layers"], diff_ids, strict=True):
                 size = tar.getmember(member).size

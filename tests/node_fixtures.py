@@ -51,11 +51,13 @@ def running_node(root: Path, crds: bool = False) -> Iterator[LocalNode]:
         registry.stop()
         cluster.stop()
         raise
-    yield node
-    node.stop()
-    registry.stop()
-    shutil.rmtree(registry.root / "data", ignore_errors=True)  # the images pushed (a serving image is over 1 GB)
-    cluster.stop()
+    try:
+        yield node
+        node.stop()
+    finally:
+        registry.stop()
+        shutil.rmtree(registry.root / "data", ignore_errors=True)  # the images pushed (a serving image is over 1 GB)
+        cluster.stop()
     node.remove_root()
 
 

@@ -143,3 +143,19 @@ def test_a_predictor_url_is_given_only_once_its_service_accepts_connections() ->
         polls.clear()
         assert refusing(urls, 10, clock=lambda: now[0], sleep=sleep) == ["churn/challenger"]
         assert now[0] >= 10 + 3, "it gave up only when the time ran out"
+
+
+def test_up_without_the_images_it_makes_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--up makes the executor and initializer images from `./run tools`' binaries: without them it says so before
+    the cluster starts, not with a traceback minutes later."""
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "tools" / "bin").mkdir(parents=True)
+    uri = f"sqlite:///{tmp_path / 'registry' / 'registry.db'}"
+    project = _dev_project(tmp_path, lambda c: c["ml-serving:registry"].update(trackingUri=uri))
+    monkeypatch.setattr("ml_serving.localcluster.tools_dir", lambda: tmp_path / "tools")
+    monkeypatch.setattr("ml_serving.localcluster.LocalCluster.start", lambda *a, **k: pytest.fail("it started"))
+    assert main(["--project-dir", str(project), "cluster", "--node", "--up"]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "--up needs" in error and "seldon-executor" in error and "rclone" in error and "./run tools" in error

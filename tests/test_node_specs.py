@@ -8,6 +8,8 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from ml_serving import localnode, nodehost
 from ml_serving.ociimage import IMAGE_NAME_ANNOTATION, binary_image
 
@@ -88,3 +90,5 @@ def test_the_node_pulls_the_chart_and_project_images_from_its_own_registry(tmp_p
         on_mirror("localhost/ml-serving-dev/churn:abc", "127.0.0.1:5001") == "127.0.0.1:5001/ml-serving-dev/churn:abc"
     )
     assert on_mirror("python:3.11", "127.0.0.1:5001") == "127.0.0.1:5001/library/python:3.11"
+    with pytest.raises(ValueError, match=r"quay\.io/x/y:1: a node pulls only docker\.io, localhost images"):
+        on_mirror("quay.io/x/y:1", "127.0.0.1:5001")  # containerd would never ask the mirror for it
