@@ -123,9 +123,17 @@ def push_serving_image(node: LocalNode, name: str, model_folder: Path) -> None:
         containers.build_image(path, name)
     except containers.ContainerError as exc:
         raise ClusterError(str(exc)) from None
-    try:
+    with pushing(name):
         push_uncompressed(on_mirror(name, mirror_of(node)), work_dir=node.root, source=name)
-    except (PushError, OSError) as exc:  # requests' errors are OSErrors: the registry stopped answering
+
+
+@contextmanager
+def pushing(name: str) -> Iterator[None]:
+    """A failed push of `name` as the ClusterError the CLI reports (requests' errors are OSErrors: the registry
+    stopped answering)."""
+    try:
+        yield
+    except (PushError, OSError) as exc:
         raise ClusterError(f"pushing {name} to the node's registry: {exc}") from None
 
 
@@ -135,10 +143,8 @@ def push_seldon_images(node: LocalNode, images: SeldonImages) -> None:
         (executor_image(node.bin_dir, node.root / "images", images.executor), images.executor),
         (initializer_image(node.bin_dir, node.root / "images", images.initializer), images.initializer),
     ):
-        try:
+        with pushing(name):
             push_archive(archive, on_mirror(name, mirror_of(node)))
-        except (PushError, OSError) as exc:
-            raise ClusterError(f"pushing {name} to the node's registry: {exc}") from None
 
 
 def missing_binaries(bin_dir: Path) -> list[str]:
@@ -287,10 +293,15 @@ def refusing(
     kube-proxy writes a Service's rules a moment after its pod is Ready, and until then the ClusterIP refuses."""
     deadline = clock() + seconds
     while True:
-        closed = [name for name, url in urls.items() if not listening(urlsplit(url).hostname, urlsplit(url).port)]
+        closed = [name for name, url in urls.items() if not listening(*_host_port(url))]
         if not closed or clock() >= deadline:
             return closed
         sleep(1)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or 80
 
 
 def ready_model_pods(api_client: Any, served: ServedStack) -> list[Any]:

@@ -159,3 +159,15 @@ def test_up_without_the_images_it_makes_is_refused_before_anything_starts(
     assert main(["--project-dir", str(project), "cluster", "--node", "--up"]) == 2
     error = " ".join(capsys.readouterr().err.split())
     assert "--up needs" in error and "seldon-executor" in error and "rclone" in error and "./run tools" in error
+
+
+def test_a_failed_push_is_an_error_the_cli_reports_naming_the_image() -> None:
+    from ml_serving.devserve import pushing
+    from ml_serving.ocipush import PushError
+
+    for failure in (PushError("HTTP 500"), ConnectionRefusedError("registry gone")):
+        with (
+            pytest.raises(ClusterError, match="pushing localhost/x:1 to the node's registry"),
+            pushing("localhost/x:1"),
+        ):
+            raise failure
