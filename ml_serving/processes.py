@@ -3,13 +3,17 @@ HTTP, and a stop by process group (each is started with `start_new_session=True`
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import random
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,47 @@ from typing import Any
 PORT_RANGE = range(20000, 30000)
 
 
-def free_port(host: str = "127.0.0.1", choose: Callable[[range], int] = random.choice) -> int:
-    """A port free on `host` and on every address now (the caller binds it next), outside the ephemeral range."""
-    for _ in range(200):
-        port = choose(PORT_RANGE)
-        if all(_bindable(address, port) for address in {host, "0.0.0.0"}):
-            return port
+def free_port(
+    host: str = "127.0.0.1", choose: Callable[[range], int] = random.choice, *, leases: Path | None = None,
+    clock: Callable[[], float] = time.time,
+) -> int:  # fmt: skip
+    """A port free on `host` and on every address now, outside the ephemeral range, and not handed out by any process
+    of this user in the last LEASE_SECONDS: its caller binds it seconds later (MLServer binds its metrics port once
+    its model has loaded), and servers started together, or by parallel test workers, must not draw the same one."""
+    with _port_leases(leases or _default_leases(), clock) as leased:
+        for _ in range(200):
+            port = choose(PORT_RANGE)
+            if port not in leased and all(_bindable(address, port) for address in {host, "0.0.0.0"}):
+                leased[port] = clock() + LEASE_SECONDS
+                return port
     raise RuntimeError(f"no free port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1} after 200 tries")
+
+
+# How long a port handed out by free_port stays reserved for its caller: long enough for a server to load its model
+# and bind, short enough that the file of leases stays small.
+LEASE_SECONDS = 120.0
+
+
+def _default_leases() -> Path:
+    return Path(tempfile.gettempdir()) / f"ml-serving-port-leases-{os.getuid()}.json"
+
+
+@contextmanager
+def _port_leases(path: Path, clock: Callable[[], float]) -> Iterator[dict[int, float]]:
+    """The unexpired leases ({port: expiry}) under an exclusive lock of their file, written back on exit."""
+    with path.open("a+") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        file.seek(0)
+        try:
+            stored = json.loads(file.read() or "{}")
+        except ValueError:  # a writer killed mid-write: its leases are lost, not ours
+            stored = {}
+        now = clock()
+        leased = {int(port): expiry for port, expiry in stored.items() if expiry > now}
+        yield leased
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(leased))
 
 
 def _bindable(host: str, port: int) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_serving.processes import LoggedProcess, free_port, listening
+from ml_serving.processes import LEASE_SECONDS, LoggedProcess, free_port, listening
 
 
 class Refused(RuntimeError):
@@ -67,8 +67,24 @@ def test_free_ports_come_from_outside_the_kernels_ephemeral_range() -> None:
     assert all(port < 30000 for port in ports)  # nor in Kubernetes' NodePort range
 
 
-def test_a_taken_port_is_never_handed_out() -> None:
+def test_a_taken_port_is_never_handed_out(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         picks = iter([taken.getsockname()[1], 24680])
-        assert free_port("127.0.0.1", choose=lambda _: next(picks)) == 24680
+        assert free_port("127.0.0.1", choose=lambda _: next(picks), leases=tmp_path / "leases.json") == 24680
+
+
+def test_a_port_handed_out_is_not_handed_out_again_until_its_lease_ends(tmp_path: Path) -> None:
+    """Servers started together (or by parallel test workers) bind seconds after their ports were drawn: one CI run
+    gave a challenger's metrics port to another server before the first had bound it (EADDRINUSE)."""
+    leases = tmp_path / "leases.json"
+    port = free_port(leases=leases)
+    other = port + 1 if port + 1 < 30000 else port - 1
+    picks = iter([port, other])
+    assert free_port(choose=lambda _: next(picks), leases=leases) == other, "handed out twice"
+
+    now = [1000.0]
+    leases = tmp_path / "clocked.json"
+    first = free_port(choose=lambda _: 24680, leases=leases, clock=lambda: now[0])
+    now[0] += LEASE_SECONDS + 1
+    assert free_port(choose=lambda _: 24680, leases=leases, clock=lambda: now[0]) == first, "an ended lease frees it"

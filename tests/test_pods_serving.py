@@ -329,9 +329,14 @@ def _memory(node: LocalNode, namespace: str, pod: str, container: str) -> int:
 
 def warm_up(urls: dict[str, str], requests_each: int = 100) -> None:
     """What a pre-rollout load test does (Flagger's webhook): a new pod's first requests are its slowest (imports,
-    caches), and a 25 % window of ~100 requests would judge that, not the model."""
+    caches), and a 25 % window of ~100 requests would judge that, not the model. It waits first for each Service to
+    accept connections: kube-proxy writes a Service's rules a moment after its new pod is Ready (one CI run was
+    refused at the ClusterIP of the champion a promotion had just replaced)."""
     import requests
 
+    from ml_serving.devserve import refusing
+
+    assert not (closed := refusing(urls, 120)), f"Services still refusing connections after 120 s: {closed}"
     with requests.Session() as session:
         for url in urls.values():
             for _ in range(requests_each):
