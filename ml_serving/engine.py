@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import runpy
 import shutil
+import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,10 +70,24 @@ def inline_program(project_dir: Path) -> Callable[[], None]:
 
 
 def select(project_dir: Path, stack: str, create: bool = True) -> Any:
-    """The stack (created in the backend on first use, with the stack file's secrets provider and salt)."""
+    """The stack (created in the backend on first use, with the stack file's secrets provider and salt).
+
+    The CLI and its plugins get a temp folder of their own (TMPDIR), removed with the returned stack: the Kubernetes
+    provider writes the kubeconfig it is given, credentials and all, to a new temp file each time it is configured,
+    and never removes it."""
+    scratch = Path(tempfile.mkdtemp(prefix="ml-serving-pulumi-"))
+    try:
+        selected = _select(project_dir, stack, create, {**environment(project_dir), "TMPDIR": str(scratch)})
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    weakref.finalize(selected, shutil.rmtree, scratch, ignore_errors=True)
+    return selected
+
+
+def _select(project_dir: Path, stack: str, create: bool, env: dict[str, str]) -> Any:
     from pulumi import automation as auto
 
-    env = environment(project_dir)
     folder = cli_folder()
     command = auto.PulumiCommand(root=str(folder), skip_version_check=True) if folder is not None else None
     workspace = auto.LocalWorkspace(

@@ -130,6 +130,17 @@ def test_a_weight_edit_is_one_in_place_update_of_the_seldon_deployment(engine, c
     assert traffic(cluster, "models-dev", "churn") == {"champion": 100}
 
 
+def test_a_run_leaves_no_copy_of_the_kubeconfig_in_the_temp_folder(engine, tmp_path):
+    """The Kubernetes provider writes the kubeconfig it is given (KUBECONFIG: the cluster's credentials) to a new temp
+    file each time it is configured, and never removes it; the CLI and its plugins get a temp folder of their own."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    done = subprocess.run([*CLI, "--project-dir", str(engine.project), "preview", "dev"], cwd=engine.project,
+                          env={**engine.env, "TMPDIR": str(temp)}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not [str(p.relative_to(temp)) for p in temp.rglob("*")], "left in the temp folder"
+
+
 def test_secrets_of_the_committed_stack_files_decrypt_and_reach_up(engine):
     committed = (engine.project / "Pulumi.prod.yaml").read_text()
     engine.pulumi("stack", "select", "--create", stack="prod")
