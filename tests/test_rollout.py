@@ -162,13 +162,19 @@ def test_failed_pulumi_up_leaves_the_file_as_last_applied(project):
     assert (project / "Pulumi.canary.yaml").read_text() == applied, "the file still says what was applied"
 
 
+def killed_temp(project: Path) -> dict[str, str]:
+    """A temp folder for a run the test kills with SIGKILL, which cannot remove its engine's temp folder itself."""
+    (project / "tmp").mkdir(exist_ok=True)
+    return {"TMPDIR": str(project / "tmp")}
+
+
 def test_killed_during_up_then_resume_continues_at_the_right_stage(project):
     canary(project, on_inconclusive="pause")
     assert rollout(project, "--step").returncode == 0
     # --step again: judges stage 1 (inconclusive, pauses) ... so move on by hand to stage 2 as a PR would:
     path = project / "Pulumi.canary.yaml"
     path.write_text(path.read_text().replace("weight: 75", "weight: 50").replace("weight: 25}", "weight: 50}"))
-    running = rollout(project, "--resume", env={"STANDIN_SLEEP_UP_AT": "1"}, wait=False)
+    running = rollout(project, "--resume", env={"STANDIN_SLEEP_UP_AT": "1", **killed_temp(project)}, wait=False)
     deadline = time.monotonic() + 60
     while ups(project) < 1 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -188,7 +194,7 @@ def selects(project: Path) -> int:
 
 def test_killed_between_the_file_write_and_up_then_resume(project):
     canary(project, on_inconclusive="pause")
-    running = rollout(project, env={"STANDIN_SLEEP_SELECT_AT": "1"}, wait=False)
+    running = rollout(project, env={"STANDIN_SLEEP_SELECT_AT": "1", **killed_temp(project)}, wait=False)
     deadline = time.monotonic() + 60
     while (not (project / "calls.jsonl").exists() or selects(project) < 1) and time.monotonic() < deadline:
         time.sleep(0.05)
