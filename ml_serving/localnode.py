@@ -306,8 +306,9 @@ class LocalNode:
         folder = self.root / "containerd"
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "config.toml"
-        hosts_dir = folder / "certs.d" if self.mirror else None
-        if self.mirror and hosts_dir:
+        hosts_dir = None
+        if self.mirror:
+            hosts_dir = folder / "certs.d"
             for registry, hosts in mirror_hosts(self.mirror).items():
                 (hosts_dir / registry).mkdir(parents=True)
                 (hosts_dir / registry / "hosts.toml").write_text(hosts)

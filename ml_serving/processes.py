@@ -21,6 +21,9 @@ from typing import Any
 # Kubernetes' NodePort range (30000-32767): a port the kernel hands out (bind to 0) can be taken by any outgoing
 # connection between our check and the server's own bind, and then the server fails with EADDRINUSE.
 PORT_RANGE = range(20000, 30000)
+# How long a port handed out by free_port stays reserved for its caller: long enough for a server to load its model
+# and bind, short enough that the file of leases stays small.
+LEASE_SECONDS = 120.0
 
 
 def free_port(
@@ -37,11 +40,6 @@ def free_port(
                 leased[port] = clock() + LEASE_SECONDS
                 return port
     raise RuntimeError(f"no free port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1} after 200 tries")
-
-
-# How long a port handed out by free_port stays reserved for its caller: long enough for a server to load its model
-# and bind, short enough that the file of leases stays small.
-LEASE_SECONDS = 120.0
 
 
 def _default_leases() -> Path:
